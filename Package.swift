@@ -1,0 +1,102 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+
+let package = Package(
+    name: "Tern",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "tern", targets: ["tern"]),
+        .executable(name: "SMTPFuzzer", targets: ["SMTPFuzzer"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-nio-ssl.git", from: "2.30.0"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
+    ],
+    targets: [
+        // Pure SMTP grammar: commands, replies, addresses, ESMTP parameters. No I/O.
+        .target(name: "SMTPProtocol", swiftSettings: strict),
+
+        // libcrypt (libxcrypt) for crypt(3) password verification.
+        .systemLibrary(
+            name: "CCrypt",
+            pkgConfig: "libcrypt",
+            providers: [.apt(["libcrypt-dev"])]
+        ),
+
+        // Configuration model, shared types, log names.
+        .target(
+            name: "TernCore",
+            dependencies: [
+                "SMTPProtocol",
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+
+        // Durable queue: write, fsync, recover, queue ids.
+        .target(
+            name: "Spool",
+            dependencies: [
+                "TernCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strict
+        ),
+
+        // Listeners, sessions, access policy, AUTH, TLS.
+        .target(
+            name: "Ingress",
+            dependencies: [
+                "SMTPProtocol", "TernCore", "Spool", "CCrypt",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict
+        ),
+
+        .executableTarget(
+            name: "tern",
+            dependencies: [
+                "TernCore", "Spool", "Ingress", "SMTPProtocol",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict
+        ),
+
+        // libFuzzer entry point for the command parser (see scripts/fuzz).
+        .executableTarget(name: "SMTPFuzzer", dependencies: ["SMTPProtocol"], swiftSettings: strict),
+
+        .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
+        .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
+        .testTarget(
+            name: "SpoolTests",
+            dependencies: ["Spool", "TernCore", .product(name: "NIOPosix", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "IngressTests",
+            dependencies: [
+                "Ingress", "SMTPProtocol", "TernCore", "Spool",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOTestUtils", package: "swift-nio"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

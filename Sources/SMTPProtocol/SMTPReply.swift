@@ -1,0 +1,102 @@
+/// A server reply: a three-digit code, an optional enhanced status code, and one or more lines.
+///
+/// The enhanced code, where present, leads each line's text (RFC 2034 §4: every line of a
+/// multi-line reply carries it).
+/// - SeeAlso: RFC 5321 §4.2, RFC 2034
+public struct SMTPReply: Hashable, Sendable, CustomStringConvertible {
+    public var code: Int
+    public var enhanced: EnhancedStatusCode?
+    public var lines: [String]
+
+    public init(_ code: Int, _ enhanced: EnhancedStatusCode? = nil, _ lines: [String]) {
+        precondition((200...599).contains(code), "reply code out of range")
+        precondition(!lines.isEmpty, "a reply has at least one line")
+        self.code = code
+        self.enhanced = enhanced
+        self.lines = lines
+    }
+
+    public init(_ code: Int, _ enhanced: EnhancedStatusCode? = nil, _ text: String) {
+        self.init(code, enhanced, [text])
+    }
+
+    public var isPositive: Bool { code < 400 }
+    public var isTransientFailure: Bool { (400..<500).contains(code) }
+    public var isPermanentFailure: Bool { code >= 500 }
+
+    /// The reply's text as a log wants it: code, enhanced code and lines joined with spaces.
+    public var description: String {
+        let prefix = enhanced.map { "\(code) \($0)" } ?? "\(code)"
+        return prefix + " " + lines.joined(separator: " ")
+    }
+
+    // MARK: - Encoding
+
+    /// The reply as it goes on the wire, CRLF after each line.
+    public var encoded: String {
+        var out = ""
+        for (index, line) in lines.enumerated() {
+            out += String(code)
+            out += index == lines.count - 1 ? " " : "-"
+            if let enhanced { out += enhanced.description + (line.isEmpty ? "" : " ") }
+            // A reply text must not carry a line break: that would let text inject a reply.
+            out += line.filter { $0 != "\r" && $0 != "\n" }
+            out += "\r\n"
+        }
+        return out
+    }
+}
+
+// MARK: - Replies Tern sends in more than one place
+
+extension SMTPReply {
+    public static let ok = SMTPReply(250, .ok, "Ok")
+    public static let badSequence = SMTPReply(503, .invalidCommand, "Bad sequence of commands")
+    public static let unknownCommand = SMTPReply(500, .syntaxError, "Error: command not recognized")
+    public static let lineTooLong = SMTPReply(500, .syntaxError, "Error: line too long")
+    public static let tooManyErrors = SMTPReply(421, .tooManyBadCommands, "Error: too many errors, closing connection")
+    public static let relayDenied = SMTPReply(554, .deliveryNotAuthorized, "Relay access denied")
+    public static let startTLSFirst = SMTPReply(530, .securityPolicy, "Must issue a STARTTLS command first")
+    public static let authRequired = SMTPReply(530, .securityPolicy, "Authentication required")
+}
+
+/// Gathers reply lines from a server into replies.
+///
+/// "Need more lines" is distinct from "bad line": `feed` returns nil until the last line of a
+/// multi-line reply arrives and throws only on a line that is not a reply at all.
+/// - SeeAlso: RFC 5321 §4.2.1
+public struct SMTPReplyParser: Sendable {
+    private var code: Int?
+    private var lines: [String] = []
+    private var enhanced: EnhancedStatusCode?
+
+    public init() {}
+
+    /// Feeds one line, without its CRLF.
+    public mutating func feed(line: Substring) throws(SMTPParseError) -> SMTPReply? {
+        let bytes = Array(line.utf8)
+        guard bytes.count >= 3, bytes[0...2].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
+            let code = Int(String(decoding: bytes[0...2], as: UTF8.self)), (200...599).contains(code)
+        else { throw SMTPParseError(.badReply, "not a reply line") }
+        if let current = self.code, current != code {
+            throw SMTPParseError(.badReply, "code changed inside a multi-line reply")
+        }
+        let separator: UInt8 = bytes.count > 3 ? bytes[3] : 0x20
+        guard separator == 0x20 || separator == 0x2D else {
+            throw SMTPParseError(.badReply, "bad separator after reply code")
+        }
+        var text = bytes.count > 4 ? Substring(String(decoding: bytes[4...], as: UTF8.self)) : ""
+        if let first = text.split(separator: " ", maxSplits: 1).first,
+            let esc = EnhancedStatusCode(parsing: first), esc.klass == code / 100
+        {
+            if self.lines.isEmpty { self.enhanced = esc }
+            text = text.dropFirst(first.count).drop(while: { $0 == " " })
+        }
+        self.code = code
+        self.lines.append(String(text))
+        guard separator == 0x20 else { return nil }
+        let reply = SMTPReply(code, self.enhanced, self.lines)
+        self = SMTPReplyParser()
+        return reply
+    }
+}

@@ -1,0 +1,260 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import TernCore
+
+/// The durable queue. The states, the files in each, and the one rename that moves a message
+/// between them are in `README.md` beside this file.
+///
+/// A message is written to `incoming/<id>`, fsync'd, renamed into `queue/<id>`, and `queue/`
+/// is fsync'd; only then does the client hear 250. Directory syncs are grouped: every commit
+/// that renamed before a sync began is covered by it, so a burst of sessions costs one
+/// directory sync, not one each, while file syncs run in parallel on the thread pool.
+public final class Spool: Sendable {
+    public let root: String
+    let incoming: String
+    let queue: String
+    let pool: NIOThreadPool
+    let ids = QueueIDGenerator()
+    let queueSync: DirectorySyncer
+    let logger: Logger
+
+    /// Data is written to disk in pieces of this size while a message streams in.
+    public static let writeChunk = 64 * 1024
+
+    private init(root: String, pool: NIOThreadPool, queueFD: CInt, logger: Logger) {
+        self.root = root
+        self.incoming = root + "/incoming"
+        self.queue = root + "/queue"
+        self.pool = pool
+        self.queueSync = DirectorySyncer(fd: queueFD, path: root + "/queue", pool: pool)
+        self.logger = logger
+    }
+
+    public struct RecoveryReport: Sendable, Equatable {
+        /// Complete messages found in the queue.
+        public var queued: Int
+        /// Half-written messages from an interrupted session or a crash, removed.
+        public var removedIncomplete: Int
+        /// Files in the queue that are not valid spool files, moved to `corrupt/`.
+        public var corrupt: Int
+    }
+
+    /// Opens the spool, creating its directories, and recovers from whatever a crash left.
+    public static func open(root: String, threadPool: NIOThreadPool, logger: Logger) async throws -> (Spool, RecoveryReport) {
+        try await threadPool.runIfActive {
+            for dir in [root, root + "/incoming", root + "/queue", root + "/corrupt"] {
+                try SpoolFiles.makeDirectory(dir)
+            }
+            let fd = Glibc.open(root + "/queue", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            guard fd >= 0 else { throw SpoolError("open", root + "/queue", errno: errno) }
+            let spool = Spool(root: root, pool: threadPool, queueFD: fd, logger: logger)
+            let report = try spool.recoverSync()
+            return (spool, report)
+        }
+    }
+
+    private func recoverSync() throws -> RecoveryReport {
+        var report = RecoveryReport(queued: 0, removedIncomplete: 0, corrupt: 0)
+        for name in try SpoolFiles.list(incoming) {
+            // Never renamed into the queue: the client never heard 250.
+            unlink(incoming + "/" + name)
+            report.removedIncomplete += 1
+            logger.notice("\(name): removed half-written message from incoming/")
+        }
+        if report.removedIncomplete > 0 { try SpoolFiles.syncDirectory(incoming) }
+        for name in try SpoolFiles.list(queue) {
+            if QueueID(name) != nil, (try? SpoolFiles.readEnvelope(queue + "/" + name)) != nil {
+                report.queued += 1
+            } else {
+                rename(queue + "/" + name, root + "/corrupt/" + name)
+                report.corrupt += 1
+                logger.error("\(name): not a valid spool file, moved to corrupt/")
+            }
+        }
+        if report.corrupt > 0 {
+            try SpoolFiles.syncDirectory(queue)
+            try SpoolFiles.syncDirectory(root + "/corrupt")
+        }
+        return report
+    }
+
+    /// Starts a message. Nothing touches the disk until the first chunk or the commit.
+    public func begin() -> SpoolWriter {
+        SpoolWriter(spool: self, id: ids.next())
+    }
+
+    /// The messages in the queue, oldest first.
+    public func list() throws -> [QueuedMessage] {
+        try SpoolFiles.list(queue).compactMap { name -> QueuedMessage? in
+            guard let id = QueueID(name) else { return nil }
+            let path = queue + "/" + name
+            guard let (envelope, size) = try? SpoolFiles.readEnvelope(path) else { return nil }
+            return QueuedMessage(id: id, size: size, envelope: envelope)
+        }.sorted { $0.id < $1.id }
+    }
+
+    /// Reads the queue without opening the spool for writing (for `tern queue list`).
+    public static func list(root: String) throws -> [QueuedMessage] {
+        try SpoolFiles.list(root + "/queue").compactMap { name -> QueuedMessage? in
+            guard let id = QueueID(name), let (envelope, size) = try? SpoolFiles.readEnvelope(root + "/queue/" + name) else {
+                return nil
+            }
+            return QueuedMessage(id: id, size: size, envelope: envelope)
+        }.sorted { $0.id < $1.id }
+    }
+}
+
+/// A message in the queue, as `tern queue list` shows it.
+public struct QueuedMessage: Sendable, Codable, Hashable {
+    public var id: QueueID
+    /// Size of the message content in bytes (with Tern's `Received:` header).
+    public var size: Int
+    public var envelope: Envelope
+}
+
+extension QueueID: Codable {
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        guard let id = QueueID(text) else {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "bad queue id"))
+        }
+        self = id
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(rawValue)
+    }
+}
+
+/// Writes one message into `incoming/`, then commits it into `queue/`.
+///
+/// Owned by one session at a time; its methods are called one after another.
+public final class SpoolWriter: @unchecked Sendable {
+    public let id: QueueID
+    private let spool: Spool
+    private var fd: CInt = -1
+    private var pending: [UInt8] = []
+    public private(set) var size = 0
+
+    init(spool: Spool, id: QueueID) {
+        self.spool = spool
+        self.id = id
+        pending.reserveCapacity(Spool.writeChunk)
+    }
+
+    private var incomingPath: String { spool.incoming + "/" + id.rawValue }
+
+    /// Adds message bytes; they reach the disk in chunks of `Spool.writeChunk`.
+    public func append(_ bytes: [UInt8]) async throws {
+        pending.append(contentsOf: bytes)
+        size += bytes.count
+        if pending.count >= Spool.writeChunk { try await flush() }
+    }
+
+    private func flush() async throws {
+        let data = pending
+        pending.removeAll(keepingCapacity: true)
+        let path = incomingPath
+        let current = fd
+        fd = try await spool.pool.runIfActive {
+            let f = current >= 0 ? current : try SpoolFiles.create(path)
+            try SpoolFiles.writeAll(f, data, path: path)
+            return f
+        }
+    }
+
+    /// Writes the envelope, syncs the file, renames it into the queue and syncs the queue
+    /// directory. When this returns the message survives a crash.
+    public func commit(_ envelope: Envelope) async throws {
+        let record = try SpoolFiles.envelopeRecord(envelope, contentSize: size)
+        pending.append(contentsOf: record)
+        let data = pending
+        pending = []
+        let path = incomingPath
+        let target = spool.queue + "/" + id.rawValue
+        let current = fd
+        fd = -1
+        try await spool.pool.runIfActive {
+            let f = current >= 0 ? current : try SpoolFiles.create(path)
+            defer { close(f) }
+            try SpoolFiles.writeAll(f, data, path: path)
+            guard fsync(f) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+            guard rename(path, target) == 0 else { throw SpoolError("rename", path, errno: errno) }
+        }
+        try await spool.queueSync.sync()
+    }
+
+    /// Drops the message: nothing of it stays on disk.
+    public func abort() async {
+        pending = []
+        guard fd >= 0 else { return }
+        let f = fd
+        fd = -1
+        let path = incomingPath
+        _ = try? await spool.pool.runIfActive {
+            close(f)
+            unlink(path)
+        }
+    }
+}
+
+/// Group commit for one directory: callers that arrive while a sync runs share the next one.
+actor DirectorySyncer {
+    private let fd: CInt
+    private let path: String
+    private let pool: NIOThreadPool
+    private var running = false
+    private var waiting: [CheckedContinuation<Void, any Error>] = []
+
+    init(fd: CInt, path: String, pool: NIOThreadPool) {
+        self.fd = fd
+        self.path = path
+        self.pool = pool
+    }
+
+    func sync() async throws {
+        try await withCheckedThrowingContinuation { continuation in
+            waiting.append(continuation)
+            if !running { startRound() }
+        }
+    }
+
+    private func startRound() {
+        running = true
+        let batch = waiting
+        waiting = []
+        let fd = self.fd
+        let path = self.path
+        let pool = self.pool
+        Task {
+            let result: Result<Void, any Error>
+            do {
+                try await pool.runIfActive {
+                    guard fsync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+                }
+                result = .success(())
+            } catch {
+                result = .failure(error)
+            }
+            self.finish(batch, result)
+        }
+    }
+
+    private func finish(_ batch: [CheckedContinuation<Void, any Error>], _ result: Result<Void, any Error>) {
+        for c in batch { c.resume(with: result) }
+        running = false
+        if !waiting.isEmpty { startRound() }
+    }
+}

@@ -1,0 +1,23 @@
+/// A spool operation that failed, with the path and the system's reason.
+public struct SpoolError: Error, CustomStringConvertible, Sendable {
+    public var operation: String
+    public var path: String
+    public var errno: Int32?
+
+    public init(_ operation: String, _ path: String, errno: Int32? = nil) {
+        self.operation = operation
+        self.path = path
+        self.errno = errno
+    }
+
+    public var description: String {
+        let reason = errno.map { ": " + String(cString: strerror($0)) } ?? ""
+        return "\(operation) \(path)\(reason)"
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif

@@ -1,0 +1,120 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import TernCore
+
+/// The on-disk format of one spool file and the blocking system calls around it. Called only
+/// from the spool's thread pool or from command-line tools, never from an event loop.
+///
+/// A file is the message content, then the envelope as one line of JSON, then one state byte
+/// per recipient (`-` pending; delivery marks them in place), then a fixed 47-byte trailer
+/// `TERN-SPOOL-1 <envelope offset, 16 hex> <state offset, 16 hex>\n`.
+enum SpoolFiles {
+    static let magic = "TERN-SPOOL-1 "
+    static let trailerLength = 47
+
+    static func envelopeRecord(_ envelope: Envelope, contentSize: Int) throws -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        var json = Array(try encoder.encode(envelope))
+        json.removeAll(where: { $0 == 0x0A })
+        var out = json
+        out.append(0x0A)
+        let stateOffset = contentSize + out.count
+        out.append(contentsOf: [UInt8](repeating: UInt8(ascii: "-"), count: envelope.recipients.count))
+        out.append(0x0A)
+        out.append(contentsOf: Array((magic + hex16(contentSize) + " " + hex16(stateOffset) + "\n").utf8))
+        return out
+    }
+
+    static func hex16(_ n: Int) -> String {
+        let s = String(n, radix: 16)
+        return String(repeating: "0", count: 16 - s.count) + s
+    }
+
+    /// The envelope and the content size of a committed spool file.
+    static func readEnvelope(_ path: String) throws -> (Envelope, Int) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SpoolError("stat", path, errno: errno) }
+        let fileSize = Int(st.st_size)
+        guard fileSize >= trailerLength else { throw SpoolError("short file", path) }
+        let trailer = try pread(fd, count: trailerLength, at: fileSize - trailerLength, path: path)
+        let text = String(decoding: trailer, as: UTF8.self)
+        guard text.hasPrefix(magic), text.hasSuffix("\n") else { throw SpoolError("bad trailer in", path) }
+        let fields = text.dropFirst(magic.count).dropLast().split(separator: " ")
+        guard fields.count == 2, let envelopeOffset = Int(fields[0], radix: 16), let stateOffset = Int(fields[1], radix: 16),
+            envelopeOffset < stateOffset, stateOffset < fileSize
+        else { throw SpoolError("bad trailer in", path) }
+        let json = try pread(fd, count: stateOffset - envelopeOffset - 1, at: envelopeOffset, path: path)
+        let envelope = try JSONDecoder().decode(Envelope.self, from: Data(json))
+        return (envelope, envelopeOffset)
+    }
+
+    static func pread(_ fd: CInt, count: Int, at offset: Int, path: String) throws -> [UInt8] {
+        var buffer = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = buffer.withUnsafeMutableBytes { Glibc.pread(fd, $0.baseAddress! + done, count - done, off_t(offset + done)) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else { throw SpoolError("read", path, errno: n < 0 ? errno : nil) }
+            done += n
+        }
+        return buffer
+    }
+
+    static func create(_ path: String) throws -> CInt {
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SpoolError("create", path, errno: errno) }
+        return fd
+    }
+
+    static func writeAll(_ fd: CInt, _ bytes: [UInt8], path: String) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + done, bytes.count - done) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else { throw SpoolError("write", path, errno: errno) }
+            done += n
+        }
+    }
+
+    static func makeDirectory(_ path: String) throws {
+        if mkdir(path, 0o700) == 0 {
+            // The new entry must survive a crash too.
+            let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+            try syncDirectory(parent.isEmpty ? (path.hasPrefix("/") ? "/" : ".") : parent)
+        } else if errno != EEXIST {
+            throw SpoolError("mkdir", path, errno: errno)
+        }
+    }
+
+    static func syncDirectory(_ path: String) throws {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+    }
+
+    static func list(_ dir: String) throws -> [String] {
+        guard let d = opendir(dir) else { throw SpoolError("opendir", dir, errno: errno) }
+        defer { closedir(d) }
+        var names: [String] = []
+        while let entry = readdir(d) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(decoding: raw.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names
+    }
+}

@@ -1,0 +1,245 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The whole configuration, as read from `tern.yaml`. Every key is documented in
+/// `config/README.md`; defaults are stated there and here.
+public struct TernConfig: Sendable, Decodable {
+    /// The name this relay gives itself: greeting, `Received:` headers. Default: the system host name.
+    public var hostname: String
+    /// The spool directory. Relative paths are relative to the working directory.
+    public var spool: String
+    public var listeners: [ListenerConfig]
+    public var tls: TLSFiles?
+    public var access: AccessConfig
+    public var limits: LimitsConfig
+    public var log: LogConfig
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case hostname, spool, listeners, tls, access, limits, log
+    }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        hostname = try c.decodeIfPresent(String.self, forKey: .hostname) ?? Self.systemHostname()
+        spool = try c.decodeIfPresent(String.self, forKey: .spool) ?? "var/spool"
+        listeners = try c.decode([ListenerConfig].self, forKey: .listeners)
+        tls = try c.decodeIfPresent(TLSFiles.self, forKey: .tls)
+        access = try c.decodeIfPresent(AccessConfig.self, forKey: .access) ?? AccessConfig()
+        limits = try c.decodeIfPresent(LimitsConfig.self, forKey: .limits) ?? LimitsConfig()
+        log = try c.decodeIfPresent(LogConfig.self, forKey: .log) ?? LogConfig()
+    }
+
+    static func systemHostname() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        guard gethostname(&buffer, buffer.count) == 0 else { return "localhost" }
+        return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
+
+/// What a listener is for. - SeeAlso: RFC 6409 (submission), RFC 8314 (implicit TLS)
+public enum ListenerKind: String, Sendable, Decodable, CaseIterable {
+    /// Relay port (25, 2525): STARTTLS offered when a certificate is configured.
+    case smtp
+    /// Submission (587): STARTTLS, then AUTH, before any mail.
+    case submission
+    /// Submissions (465): TLS from the first byte, then AUTH.
+    case smtps
+
+    public var requiresTLSConfig: Bool { self != .smtp }
+    public var requiresAuth: Bool { self != .smtp }
+}
+
+public struct ListenerConfig: Sendable, Decodable {
+    public var name: String
+    public var kind: ListenerKind
+    public var address: ListenAddress
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case name, kind, address }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        do {
+            kind = try c.decode(ListenerKind.self, forKey: .kind)
+        } catch DecodingError.dataCorrupted {
+            throw DecodingError.dataCorruptedError(
+                forKey: .kind, in: c,
+                debugDescription: "must be one of \(ListenerKind.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        address = try c.decode(ListenAddress.self, forKey: .address)
+    }
+}
+
+public struct TLSFiles: Sendable, Decodable {
+    /// PEM certificate chain, leaf first.
+    public var certificate: String
+    /// PEM private key.
+    public var key: String
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case certificate, key }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        certificate = try c.decode(String.self, forKey: .certificate)
+        key = try c.decode(String.self, forKey: .key)
+    }
+}
+
+/// What to do with a bare CR or LF inside DATA. - SeeAlso: `DataDecoder`
+public enum BareLineEndingPolicy: String, Sendable, Decodable, CaseIterable {
+    /// Reject from everyone (`550 5.6.2`).
+    case reject
+    /// Reject from clients outside `mynetworks`; turn each into CRLF for clients inside.
+    case normalizeTrusted = "normalize-trusted"
+    /// Turn each into CRLF for everyone.
+    case normalize
+}
+
+public struct AccessConfig: Sendable, Decodable {
+    /// Clients in these networks may relay without AUTH.
+    public var mynetworks: [CIDR]
+    /// `name:crypt-hash` lines; AUTH is offered only when this is set (and only over TLS).
+    public var usersFile: String?
+    /// Per user, the sender addresses (`a@example.com`) or domains (`@example.com`) allowed in
+    /// MAIL FROM. A user not listed may use any sender.
+    public var allowedSenders: [String: [String]]
+    public var bareLineEndings: BareLineEndingPolicy
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case mynetworks
+        case usersFile = "users_file"
+        case allowedSenders = "allowed_senders"
+        case bareLineEndings = "bare_line_endings"
+    }
+
+    public init() {
+        mynetworks = [CIDR(parsing: "127.0.0.0/8")!, CIDR(parsing: "::1/128")!]
+        usersFile = nil
+        allowedSenders = [:]
+        bareLineEndings = .normalizeTrusted
+    }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = AccessConfig()
+        mynetworks = try c.decodeIfPresent([CIDR].self, forKey: .mynetworks) ?? d.mynetworks
+        usersFile = try c.decodeIfPresent(String.self, forKey: .usersFile)
+        allowedSenders = try c.decodeIfPresent([String: [String]].self, forKey: .allowedSenders) ?? [:]
+        do {
+            bareLineEndings = try c.decodeIfPresent(BareLineEndingPolicy.self, forKey: .bareLineEndings) ?? d.bareLineEndings
+        } catch DecodingError.dataCorrupted {
+            throw DecodingError.dataCorruptedError(
+                forKey: .bareLineEndings, in: c,
+                debugDescription: "must be one of \(BareLineEndingPolicy.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+    }
+}
+
+public struct LimitsConfig: Sendable, Decodable {
+    public var maxMessageSize = ByteSize(bytes: 10 << 20)
+    public var maxRecipients = 1000
+    public var maxConnections = 1000
+    public var maxConnectionsPerClient = 50
+    public var commandTimeout = ConfigDuration(.seconds(300))
+    public var dataTimeout = ConfigDuration(.seconds(600))
+    /// Bad commands in one session before `421` and close.
+    public var maxErrors = 10
+    /// Failed AUTH attempts from one client address within `authFailureWindow` before that
+    /// address is disconnected on sight; each failure also slows the next reply.
+    public var maxAuthFailures = 5
+    public var authFailureWindow = ConfigDuration(.seconds(600))
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case maxMessageSize = "max_message_size"
+        case maxRecipients = "max_recipients"
+        case maxConnections = "max_connections"
+        case maxConnectionsPerClient = "max_connections_per_client"
+        case commandTimeout = "command_timeout"
+        case dataTimeout = "data_timeout"
+        case maxErrors = "max_errors"
+        case maxAuthFailures = "max_auth_failures"
+        case authFailureWindow = "auth_failure_window"
+    }
+
+    public init() {}
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = LimitsConfig()
+        maxMessageSize = try c.decodeIfPresent(ByteSize.self, forKey: .maxMessageSize) ?? d.maxMessageSize
+        maxRecipients = try c.decodePositive(.maxRecipients) ?? d.maxRecipients
+        maxConnections = try c.decodePositive(.maxConnections) ?? d.maxConnections
+        maxConnectionsPerClient = try c.decodePositive(.maxConnectionsPerClient) ?? d.maxConnectionsPerClient
+        commandTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .commandTimeout) ?? d.commandTimeout
+        dataTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .dataTimeout) ?? d.dataTimeout
+        maxErrors = try c.decodePositive(.maxErrors) ?? d.maxErrors
+        maxAuthFailures = try c.decodePositive(.maxAuthFailures) ?? d.maxAuthFailures
+        authFailureWindow = try c.decodeIfPresent(ConfigDuration.self, forKey: .authFailureWindow) ?? d.authFailureWindow
+    }
+}
+
+public struct LogConfig: Sendable, Decodable {
+    /// trace, debug, info, notice, warning, error, critical.
+    public var level: String = "info"
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case level }
+    static let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+
+    public init() {}
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        level = try c.decodeIfPresent(String.self, forKey: .level) ?? "info"
+        guard Self.levels.contains(level) else {
+            throw DecodingError.dataCorruptedError(
+                forKey: .level, in: c, debugDescription: "must be one of \(Self.levels.joined(separator: ", "))")
+        }
+    }
+}
+
+// MARK: - Strict decoding
+
+struct AnyCodingKey: CodingKey {
+    var stringValue: String
+    var intValue: Int?
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) {
+        self.stringValue = String(intValue)
+        self.intValue = intValue
+    }
+}
+
+/// Thrown for a key the schema does not know; the loader turns it into a `ConfigError`.
+struct UnknownKeyError: Error {
+    var codingPath: [any CodingKey]
+    var known: [String]
+}
+
+extension Decoder {
+    /// A misspelt key must not be silently ignored: it usually means a setting the operator
+    /// believes is in force is not.
+    func rejectUnknownKeys<K: CodingKey & CaseIterable>(_ keys: K.Type) throws {
+        let c = try container(keyedBy: AnyCodingKey.self)
+        let known = K.allCases.map(\.stringValue)
+        for key in c.allKeys where !known.contains(key.stringValue) {
+            throw UnknownKeyError(codingPath: codingPath + [key], known: known)
+        }
+    }
+}
+
+extension KeyedDecodingContainer {
+    func decodePositive(_ key: Key) throws -> Int? {
+        guard let n = try decodeIfPresent(Int.self, forKey: key) else { return nil }
+        guard n > 0 else { throw DecodingError.dataCorruptedError(forKey: key, in: self, debugDescription: "must be greater than 0") }
+        return n
+    }
+}

@@ -1,0 +1,2 @@
+import XCTest
+final class PlaceholderSMTPProtocolTests: XCTestCase { func testNothing() {} }

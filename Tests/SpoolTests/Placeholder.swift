@@ -1,0 +1,2 @@
+import XCTest
+final class PlaceholderSpoolTests: XCTestCase { func testNothing() {} }

@@ -1,0 +1,2 @@
+import XCTest
+final class PlaceholderTernCoreTests: XCTestCase { func testNothing() {} }
