@@ -70,6 +70,7 @@ let package = Package(
             name: "tern",
             dependencies: [
                 "TernCore", "Spool", "Ingress", "SMTPProtocol",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -88,7 +88,10 @@ enum SpoolFiles {
         }
     }
 
+    /// Creates `path` and any missing parents, syncing each parent that gains an entry.
     static func makeDirectory(_ path: String) throws {
+        let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        if !parent.isEmpty, access(parent, F_OK) != 0 { try makeDirectory(parent) }
         if mkdir(path, 0o700) == 0 {
             // The new entry must survive a crash too.
             let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")

@@ -1,0 +1,179 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import NIOSSL
+import SMTPProtocol
+import ServiceLifecycle
+import Spool
+import TernCore
+
+/// All listeners of one Tern instance: binds them, runs one session per connection, and on
+/// graceful shutdown stops accepting, lets open transactions finish, then answers 421.
+public final class SMTPServer: Service, Sendable {
+    let config: TernConfig
+    let environment: SessionEnvironment
+    let group: any EventLoopGroup
+    let limiter: ConnectionLimiter
+    private let openSessions = NIOLockedValueBox(OpenSessions())
+    private let boundAddresses = NIOLockedValueBox([String: SocketAddress]())
+
+    private struct OpenSessions {
+        var channels: [ObjectIdentifier: any Channel] = [:]
+        var shuttingDown = false
+    }
+
+    public init(
+        config: TernConfig, spool: Spool, users: UserDatabase?, tlsContext: NIOSSLContext?,
+        group: any EventLoopGroup, threadPool: NIOThreadPool, logger: Logger
+    ) {
+        self.config = config
+        self.group = group
+        self.limiter = ConnectionLimiter(
+            maxTotal: config.limits.maxConnections, maxPerClient: config.limits.maxConnectionsPerClient)
+        self.environment = SessionEnvironment(
+            spool: spool, users: users, tlsContext: tlsContext, threadPool: threadPool,
+            authThrottle: AuthThrottle(limit: config.limits.maxAuthFailures, window: config.limits.authFailureWindow.duration),
+            logger: logger)
+    }
+
+    /// The address each listener is bound to, by name, once `run` has bound them.
+    public var bound: [String: SocketAddress] { boundAddresses.withLockedValue { $0 } }
+
+    public func run() async throws {
+        var bound: [(ListenerConfig, NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>)] = []
+        for listener in config.listeners {
+            let server = try await bind(listener)
+            let address = server.channel.localAddress!
+            boundAddresses.withLockedValue { $0[listener.name] = address }
+            environment.logger.info("listening on \(Self.describe(address)) (\(listener.kind.rawValue), name=\(listener.name))")
+            bound.append((listener, server))
+        }
+        let servers = bound
+        try await withGracefulShutdownHandler {
+            try await withThrowingDiscardingTaskGroup { group in
+                for (listener, server) in servers {
+                    group.addTask { try await self.accept(on: server, listener: listener) }
+                }
+            }
+        } onGracefulShutdown: {
+            self.environment.logger.info("shutting down: no new connections; open transactions may finish")
+            for (_, server) in servers { server.channel.close(promise: nil) }
+            let channels = self.openSessions.withLockedValue { sessions in
+                sessions.shuttingDown = true
+                return Array(sessions.channels.values)
+            }
+            for channel in channels { channel.triggerUserOutboundEvent(SMTPFramingControl.shutdown, promise: nil) }
+        }
+        environment.logger.info("all sessions closed")
+    }
+
+    private func bind(_ listener: ListenerConfig) async throws -> NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never> {
+        let implicitTLS = listener.kind == .smtps ? environment.tlsContext : nil
+        let commandTimeout = TimeAmount(config.limits.commandTimeout.duration)
+        let dataTimeout = TimeAmount(config.limits.dataTimeout.duration)
+        return try await ServerBootstrap(group: group)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(.backlog, value: 512)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .bind(host: listener.address.host, port: listener.address.port) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
+                    try sync.addHandler(SMTPFramingHandler(commandTimeout: commandTimeout, dataTimeout: dataTimeout))
+                    return try NIOAsyncChannel<SMTPFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+    }
+
+    private func accept(
+        on server: NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>, listener: ListenerConfig
+    ) async throws {
+        try await withThrowingDiscardingTaskGroup { group in
+            try await server.executeThenClose { connections in
+                for try await connection in connections {
+                    group.addTask { await self.handle(connection, listener: listener) }
+                }
+            }
+        }
+    }
+
+    private func handle(_ connection: NIOAsyncChannel<SMTPFrame, ByteBuffer>, listener: ListenerConfig) async {
+        let logger = environment.logger
+        let remote = connection.channel.remoteAddress
+        let address = remote?.ipAddress ?? "unknown"
+        let port = remote?.port ?? 0
+        let client = "[\(address)]:\(port)"
+        let id = ObjectIdentifier(connection.channel)
+        let refused: SMTPReply?
+        let shuttingDown = openSessions.withLockedValue { sessions -> Bool in
+            if !sessions.shuttingDown { sessions.channels[id] = connection.channel }
+            return sessions.shuttingDown
+        }
+        defer { openSessions.withLockedValue { _ = $0.channels.removeValue(forKey: id) } }
+        if shuttingDown {
+            refused = SessionStateMachine.shuttingDown(config.hostname)
+        } else {
+            switch limiter.admit(address) {
+            case .admitted: refused = nil
+            case .tooManyTotal: refused = SMTPReply(421, .tooManyBadCommands, "\(config.hostname) Error: too many connections")
+            case .tooManyFromClient:
+                refused = SMTPReply(421, .tooManyBadCommands, "\(config.hostname) Error: too many connections from \(address)")
+            }
+        }
+        var reply = refused
+        if reply == nil, environment.authThrottle.isBlocked(address) {
+            reply = SMTPReply(421, .temporaryAuthFailure, "\(config.hostname) Error: too many failed authentications")
+            limiter.release(address)
+        }
+        if let reply {
+            logger.info("reject: connect from \(client) to \(listener.name): \(reply)")
+            try? await connection.executeThenClose { _, outbound in
+                try await outbound.write(ByteBuffer(string: reply.encoded))
+            }
+            return
+        }
+        defer { limiter.release(address) }
+        logger.info("connect from \(client) to \(listener.name)")
+        let trusted = IPAddress(parsing: address).map { ip in config.access.mynetworks.contains { $0.contains(ip) } } ?? false
+        let policy = SessionPolicy(
+            kind: listener.kind, hostname: config.hostname, tlsAvailable: environment.tlsContext != nil,
+            authAvailable: environment.users != nil, maxMessageSize: config.limits.maxMessageSize.bytes,
+            maxRecipients: config.limits.maxRecipients, maxErrors: config.limits.maxErrors,
+            allowedSenders: config.access.allowedSenders, bareLineEndings: config.access.bareLineEndings)
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                var session = SMTPSession(
+                    channel: connection.channel, outbound: outbound, frames: inbound.makeAsyncIterator(),
+                    machine: SessionStateMachine(policy: policy, trusted: trusted, tlsActive: listener.kind == .smtps),
+                    environment: environment, listener: listener, clientAddress: address, clientPort: port, logger: logger)
+                try await session.run()
+            }
+        } catch is CancellationError {
+        } catch let error as NIOSSLError {
+            logger.info("TLS error from \(client): \(error)")
+        } catch let error as BoringSSLError {
+            logger.info("TLS error from \(client): \(error)")
+        } catch let error as ChannelError where error == .ioOnClosedChannel || error == .alreadyClosed {
+        } catch {
+            logger.info("lost connection from \(client): \(error)")
+        }
+        logger.info("disconnect from \(client)")
+    }
+
+    static func describe(_ address: SocketAddress) -> String {
+        guard let ip = address.ipAddress, let port = address.port else { return "\(address)" }
+        return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
+    }
+}
+
+/// Loads the certificate chain and key named in the config into a server TLS context.
+public enum TLSSetup {
+    public static func serverContext(_ files: TLSFiles) throws -> NIOSSLContext {
+        let chain = try NIOSSLCertificate.fromPEMFile(files.certificate).map { NIOSSLCertificateSource.certificate($0) }
+        let key = try NIOSSLPrivateKey(file: files.key, format: .pem)
+        var configuration = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+        configuration.minimumTLSVersion = .tlsv12
+        return try NIOSSLContext(configuration: configuration)
+    }
+}

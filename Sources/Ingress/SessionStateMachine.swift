@@ -1,0 +1,418 @@
+import SMTPProtocol
+import TernCore
+
+/// What a session needs to know from the config, fixed for its lifetime.
+struct SessionPolicy: Sendable {
+    var kind: ListenerKind
+    var hostname: String
+    /// A certificate is configured (STARTTLS can be offered).
+    var tlsAvailable: Bool
+    /// A users file is configured (AUTH can be offered, over TLS).
+    var authAvailable: Bool
+    var maxMessageSize: Int
+    var maxRecipients: Int
+    var maxErrors: Int
+    var allowedSenders: [String: [String]]
+    var bareLineEndings: BareLineEndingPolicy
+}
+
+/// How a message's DATA ended, as the driver saw it.
+enum DataOutcome: Equatable, Sendable {
+    case queued(String)
+    case tooBig
+    case containsNUL
+    case bareLineEnding
+    case spoolFailure
+}
+
+/// The SMTP server session as a pure state machine: methods named after events, each
+/// returning what the driver must do. No sockets, no clocks, no disk.
+/// - SeeAlso: RFC 5321 §4.1.4 (order of commands), RFC 3207, RFC 4954, RFC 2920
+struct SessionStateMachine {
+    enum Action: Equatable, Sendable {
+        case reply(SMTPReply)
+        /// Reply, then close the connection.
+        case close(SMTPReply)
+        /// Reply 220, then start the TLS handshake.
+        case startTLS(SMTPReply)
+        /// Reply 354, then read the message; `normalize` turns bare CR/LF into CRLF.
+        case beginData(SMTPReply, normalize: Bool)
+        /// Check these credentials and report with `authChecked`.
+        case verifyCredentials(user: String, password: String)
+    }
+
+    private enum Phase: Equatable {
+        /// Connected; no HELO/EHLO yet (also after STARTTLS).
+        case start
+        /// HELO/EHLO done, no transaction.
+        case ready
+        /// MAIL accepted.
+        case mail
+        /// Receiving DATA.
+        case data
+        /// Waiting for a SASL response line.
+        case auth(AuthStep)
+        /// Credentials are being checked.
+        case verifying
+        case closed
+    }
+
+    private enum AuthStep: Equatable {
+        case plain
+        case loginUser
+        case loginPassword(user: String)
+    }
+
+    struct Transaction: Equatable, Sendable {
+        var sender: ReversePath
+        var parameters: MailParameters
+        var recipients: [EnvelopeRecipient] = []
+    }
+
+    let policy: SessionPolicy
+    /// The client is in `mynetworks`.
+    let trusted: Bool
+    private var phase = Phase.start
+    private(set) var tlsActive: Bool
+    private(set) var authUser: String?
+    private(set) var helo: String?
+    private(set) var esmtp = false
+    private(set) var transaction: Transaction?
+    private var errors = 0
+    private var closeWhenIdle = false
+
+    init(policy: SessionPolicy, trusted: Bool, tlsActive: Bool) {
+        self.policy = policy
+        self.trusted = trusted
+        self.tlsActive = tlsActive
+    }
+
+    /// The protocol name for `Received:` (RFC 3848).
+    var protocolName: String {
+        guard esmtp else { return tlsActive ? "SMTPS" : "SMTP" }
+        return "ESMTP" + (tlsActive ? "S" : "") + (authUser != nil ? "A" : "")
+    }
+
+    var isClosed: Bool { phase == .closed }
+
+    /// The next line is a SASL response, not a command (and must never be logged).
+    var awaitingSASLResponse: Bool {
+        if case .auth = phase { return true }
+        return false
+    }
+
+    // MARK: - Events
+
+    func greeting() -> SMTPReply {
+        SMTPReply(220, nil, "\(policy.hostname) ESMTP Tern")
+    }
+
+    /// A line from the client: a command, or a SASL response while AUTH is under way.
+    mutating func line(_ bytes: [UInt8]) -> Action {
+        if case .auth(let step) = phase { return saslResponse(bytes, step: step) }
+        let command: SMTPCommand
+        do {
+            command = try SMTPCommandParser.parse(bytes)
+        } catch {
+            return fail(error.reply)
+        }
+        return self.command(command)
+    }
+
+    mutating func lineTooLong() -> Action {
+        if case .auth = phase { phase = helo == nil ? .start : .ready }
+        return fail(.lineTooLong)
+    }
+
+    mutating func timeout() -> Action {
+        phase = .closed
+        return .close(SMTPReply(421, .timeout, "\(policy.hostname) Error: timeout exceeded"))
+    }
+
+    /// The server is going down: close now if idle, else once the transaction ends.
+    mutating func shutdown() -> Action? {
+        switch phase {
+        case .mail, .data, .verifying:
+            closeWhenIdle = true
+            return nil
+        default:
+            phase = .closed
+            return .close(Self.shuttingDown(policy.hostname))
+        }
+    }
+
+    mutating func tlsEstablished() {
+        // RFC 3207 §4.2: forget everything learnt before TLS; the client must EHLO again.
+        tlsActive = true
+        helo = nil
+        esmtp = false
+        transaction = nil
+        phase = .start
+    }
+
+    mutating func authChecked(user: String, success: Bool) -> Action {
+        guard phase == .verifying else { preconditionFailure("authChecked outside AUTH") }
+        phase = .ready
+        if success {
+            authUser = user
+            return .reply(SMTPReply(235, .authOK, "Authentication successful"))
+        }
+        return fail(SMTPReply(535, .authFailed, "Authentication credentials invalid"))
+    }
+
+    mutating func dataEnded(_ outcome: DataOutcome) -> Action {
+        guard phase == .data else { preconditionFailure("dataEnded outside DATA") }
+        transaction = nil
+        phase = .ready
+        let reply: SMTPReply
+        switch outcome {
+        case .queued(let id): reply = SMTPReply(250, .ok, "Ok: queued as \(id)")
+        case .tooBig: reply = SMTPReply(552, .messageTooBig, "Error: message file too big")
+        case .containsNUL: reply = SMTPReply(550, .badContent, "Error: message contains NUL characters")
+        case .bareLineEnding:
+            reply = SMTPReply(550, .badLineEnding, "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
+        case .spoolFailure: reply = SMTPReply(451, .transientSystem, "Error: queue file write error")
+        }
+        if closeWhenIdle {
+            phase = .closed
+            return .close(SMTPReply(reply.code, reply.enhanced, reply.lines + [Self.shuttingDown(policy.hostname).lines[0]]))
+        }
+        return .reply(reply)
+    }
+
+    static func shuttingDown(_ hostname: String) -> SMTPReply {
+        SMTPReply(421, .serviceShuttingDown, "\(hostname) Service shutting down, closing connection")
+    }
+
+    // MARK: - Commands
+
+    private mutating func command(_ command: SMTPCommand) -> Action {
+        switch command {
+        case .ehlo(let name), .helo(let name):
+            guard phase == .start || phase == .ready || phase == .mail else { return fail(.badSequence) }
+            helo = name
+            transaction = nil
+            phase = .ready
+            if case .helo = command {
+                esmtp = false
+                return .reply(SMTPReply(250, nil, policy.hostname))
+            }
+            esmtp = true
+            return .reply(SMTPReply(250, nil, ehloLines()))
+
+        case .startTLS:
+            guard policy.tlsAvailable, policy.kind != .smtps else {
+                return fail(SMTPReply(502, .invalidCommand, "Error: command not implemented"))
+            }
+            guard !tlsActive else { return fail(SMTPReply(554, .invalidCommand, "Error: TLS already active")) }
+            guard phase == .start || phase == .ready else { return fail(.badSequence) }
+            return .startTLS(SMTPReply(220, .ok, "Ready to start TLS"))
+
+        case .auth(let mechanism, let initial):
+            return auth(mechanism: mechanism, initial: initial)
+
+        case .mail(let sender, let parameters):
+            return mail(sender: sender, parameters: parameters)
+
+        case .rcpt(let path, let parameters):
+            return rcpt(path: path, parameters: parameters)
+
+        case .data:
+            guard phase == .mail, let transaction else {
+                return fail(SMTPReply(503, .invalidCommand, "Error: need RCPT command"))
+            }
+            guard !transaction.recipients.isEmpty else {
+                return fail(SMTPReply(554, .invalidCommand, "Error: no valid recipients"))
+            }
+            phase = .data
+            let normalize: Bool
+            switch policy.bareLineEndings {
+            case .reject: normalize = false
+            case .normalize: normalize = true
+            case .normalizeTrusted: normalize = trusted
+            }
+            return .beginData(SMTPReply(354, nil, "End data with <CR><LF>.<CR><LF>"), normalize: normalize)
+
+        case .bdat:
+            return fail(SMTPReply(502, .invalidCommand, "Error: command not implemented"))
+
+        case .rset:
+            transaction = nil
+            if phase == .mail { phase = .ready }
+            return .reply(SMTPReply(250, .ok, "Ok"))
+
+        case .noop:
+            return .reply(SMTPReply(250, .ok, "Ok"))
+
+        case .quit:
+            phase = .closed
+            return .close(SMTPReply(221, .ok, "Bye"))
+
+        case .vrfy:
+            return .reply(SMTPReply(252, .cannotVerify, "Cannot VRFY user; try RCPT to attempt delivery"))
+
+        case .expn:
+            return fail(SMTPReply(502, .invalidCommand, "Error: command not implemented"))
+
+        case .help:
+            return .reply(SMTPReply(214, .ok, "Tern: see RFC 5321"))
+        }
+    }
+
+    private func ehloLines() -> [String] {
+        var lines = [policy.hostname, "PIPELINING", "SIZE \(policy.maxMessageSize)"]
+        if policy.tlsAvailable, !tlsActive, policy.kind != .smtps { lines.append("STARTTLS") }
+        if policy.authAvailable, tlsActive { lines.append("AUTH PLAIN LOGIN") }
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        return lines
+    }
+
+    /// The rules that hold before MAIL on a listener that demands TLS and AUTH.
+    private func submissionGate() -> SMTPReply? {
+        if policy.kind == .submission, !tlsActive { return .startTLSFirst }
+        if policy.kind.requiresAuth, authUser == nil { return .authRequired }
+        return nil
+    }
+
+    private mutating func auth(mechanism: String, initial: String?) -> Action {
+        guard phase == .ready else {
+            return fail(phase == .start ? SMTPReply(503, .invalidCommand, "Error: send HELO/EHLO first") : .badSequence)
+        }
+        guard esmtp else { return fail(.badSequence) }
+        guard policy.authAvailable else {
+            return fail(SMTPReply(503, .invalidCommand, "Error: authentication not enabled"))
+        }
+        guard tlsActive else {
+            if policy.kind == .submission { return fail(.startTLSFirst) }
+            return fail(SMTPReply(538, .encryptionRequired, "Encryption required for requested authentication mechanism"))
+        }
+        guard authUser == nil else { return fail(SMTPReply(503, .invalidCommand, "Error: already authenticated")) }
+        switch mechanism {
+        case "PLAIN":
+            guard let initial else {
+                phase = .auth(.plain)
+                return .reply(SMTPReply(334, nil, ""))
+            }
+            return plain(initial)
+        case "LOGIN":
+            guard let initial else {
+                phase = .auth(.loginUser)
+                return .reply(SMTPReply(334, nil, SASL.base64Encode("Username:")))
+            }
+            guard let user = SASL.base64Decode(initial) else { return saslSyntaxError() }
+            phase = .auth(.loginPassword(user: String(decoding: user, as: UTF8.self)))
+            return .reply(SMTPReply(334, nil, SASL.base64Encode("Password:")))
+        default:
+            return fail(SMTPReply(504, .parameterSyntax, "Error: unsupported authentication mechanism"))
+        }
+    }
+
+    private mutating func saslResponse(_ line: [UInt8], step: AuthStep) -> Action {
+        let text = String(decoding: line, as: UTF8.self)
+        if text == "*" {
+            phase = .ready
+            return fail(SMTPReply(501, EnhancedStatusCode(5, 0, 0), "Authentication cancelled"))
+        }
+        switch step {
+        case .plain:
+            return plain(text)
+        case .loginUser:
+            guard let user = SASL.base64Decode(text) else { return saslSyntaxError() }
+            phase = .auth(.loginPassword(user: String(decoding: user, as: UTF8.self)))
+            return .reply(SMTPReply(334, nil, SASL.base64Encode("Password:")))
+        case .loginPassword(let user):
+            guard let password = SASL.base64Decode(text) else { return saslSyntaxError() }
+            phase = .verifying
+            return .verifyCredentials(user: user, password: String(decoding: password, as: UTF8.self))
+        }
+    }
+
+    /// RFC 4616: `[authzid] NUL authcid NUL passwd`.
+    private mutating func plain(_ base64: String) -> Action {
+        guard let decoded = SASL.base64Decode(base64) else { return saslSyntaxError() }
+        let parts = decoded.split(separator: 0, omittingEmptySubsequences: false)
+        guard parts.count == 3, !parts[1].isEmpty else { return saslSyntaxError() }
+        let authzid = String(decoding: parts[0], as: UTF8.self)
+        let authcid = String(decoding: parts[1], as: UTF8.self)
+        guard authzid.isEmpty || authzid == authcid else {
+            phase = .ready
+            return fail(SMTPReply(535, .authFailed, "Authentication credentials invalid"))
+        }
+        phase = .verifying
+        return .verifyCredentials(user: authcid, password: String(decoding: parts[2], as: UTF8.self))
+    }
+
+    private mutating func saslSyntaxError() -> Action {
+        phase = .ready
+        return fail(SMTPReply(501, .syntaxError, "Error: malformed authentication response"))
+    }
+
+    private mutating func mail(sender: ReversePath, parameters: MailParameters) -> Action {
+        guard phase != .start else { return fail(SMTPReply(503, .invalidCommand, "Error: send HELO/EHLO first")) }
+        guard phase == .ready else {
+            return fail(SMTPReply(503, .invalidCommand, phase == .mail ? "Error: nested MAIL command" : "Bad sequence of commands"))
+        }
+        if let gate = submissionGate() { return fail(gate) }
+        if !esmtp, parameters != MailParameters() {
+            return fail(SMTPReply(555, .parameterSyntax, "Error: ESMTP parameters need EHLO"))
+        }
+        if parameters.body == .binaryMIME {
+            return fail(SMTPReply(555, .parameterSyntax, "Unsupported option: BODY=BINARYMIME"))
+        }
+        if let size = parameters.size, size > policy.maxMessageSize {
+            return .reply(SMTPReply(552, .messageTooBig, "Message size exceeds fixed limit"))
+        }
+        if let mailbox = sender.mailbox, mailbox.requiresSMTPUTF8, !parameters.smtpUTF8 {
+            return .reply(SMTPReply(553, .utf8NotPermitted, "Non-ASCII sender address needs SMTPUTF8"))
+        }
+        if let user = authUser, let mailbox = sender.mailbox, let allowed = policy.allowedSenders[user],
+            !Self.senderAllowed(mailbox, allowed)
+        {
+            return .reply(SMTPReply(553, .deliveryNotAuthorized, "<\(mailbox)>: Sender address rejected: not owned by user \(user)"))
+        }
+        transaction = Transaction(sender: sender, parameters: parameters)
+        phase = .mail
+        return .reply(SMTPReply(250, .senderOK, "Ok"))
+    }
+
+    static func senderAllowed(_ sender: Mailbox, _ allowed: [String]) -> Bool {
+        let address = sender.description.lowercased()
+        let domain = "@" + sender.normalizedDomain
+        return allowed.contains { rule in
+            let r = rule.lowercased()
+            return r.hasPrefix("@") ? r == domain : r == address
+        }
+    }
+
+    private mutating func rcpt(path: ForwardPath, parameters: RcptParameters) -> Action {
+        guard phase == .mail, var transaction else {
+            return fail(SMTPReply(503, .invalidCommand, "Error: need MAIL command"))
+        }
+        guard let mailbox = path.mailbox else {
+            return .reply(SMTPReply(550, EnhancedStatusCode(5, 1, 1), "<Postmaster>: this relay delivers no mail locally"))
+        }
+        guard transaction.recipients.count < policy.maxRecipients else {
+            return .reply(SMTPReply(452, .tooManyRecipients, "Error: too many recipients"))
+        }
+        if mailbox.requiresSMTPUTF8, !transaction.parameters.smtpUTF8 {
+            return .reply(SMTPReply(553, .utf8NotPermitted, "Non-ASCII recipient address needs SMTPUTF8"))
+        }
+        // Every recipient is remote: only trusted networks and authenticated users may relay.
+        guard trusted || authUser != nil else {
+            return .reply(SMTPReply(554, .deliveryNotAuthorized, "<\(mailbox)>: Relay access denied"))
+        }
+        transaction.recipients.append(EnvelopeRecipient(address: mailbox.description, notify: parameters.notify, orcpt: parameters.orcpt))
+        self.transaction = transaction
+        return .reply(SMTPReply(250, .destinationOK, "Ok"))
+    }
+
+    /// A client error: counted, and past the limit the session ends.
+    private mutating func fail(_ reply: SMTPReply) -> Action {
+        errors += 1
+        if errors >= policy.maxErrors {
+            phase = .closed
+            return .close(.tooManyErrors)
+        }
+        return .reply(reply)
+    }
+}
