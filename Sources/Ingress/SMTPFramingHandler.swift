@@ -122,6 +122,9 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         promise?.succeed()
         armTimer(context: context)
         decode(context: context)
+        // Frames produced here, outside channelRead, reach the session only with a
+        // channelReadComplete: NIOAsyncChannel hands reads over in batches at that event.
+        context.fireChannelReadComplete()
     }
 
     func read(context: ChannelHandlerContext) {
@@ -219,6 +222,7 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
             let (handler, context) = loopBound.value
             handler.timedOut = true
             context.fireChannelRead(handler.wrapInboundOut(.timeout))
+            context.fireChannelReadComplete()
         }
     }
 }

@@ -233,7 +233,7 @@ struct SMTPSession {
         // A SASL response arrives here empty: it carries credentials and is never logged.
         let verbBytes = line.prefix(while: { $0 != 0x20 })
         let verb = String(decoding: verbBytes, as: UTF8.self).uppercased()
-        let safeVerb = (1...10).contains(verb.count) && verb.allSatisfy({ $0.isLetter }) ? verb : "AUTH-RESPONSE"
+        let safeVerb = line.isEmpty ? "AUTH" : (1...10).contains(verb.count) && verb.allSatisfy({ $0.isLetter }) ? verb : "-"
         var detail = ""
         if let t = machine.transaction { detail = "; from=<\(t.sender)>" }
         if safeVerb == "RCPT" || safeVerb == "MAIL" {
