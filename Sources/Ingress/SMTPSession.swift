@@ -71,6 +71,10 @@ struct SMTPSession {
         case .close(let reply):
             try await send(reply)
             channel.close(promise: nil)
+        case .replyThenClose(let reply, let final):
+            try await send(reply)
+            try await send(final)
+            channel.close(promise: nil)
         case .startTLS(let reply):
             guard let context = environment.tlsContext else { preconditionFailure("STARTTLS offered without a context") }
             try await control(.startTLS(reply: ByteBuffer(string: reply.encoded), context: context))

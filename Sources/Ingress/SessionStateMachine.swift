@@ -33,6 +33,8 @@ struct SessionStateMachine {
         case reply(SMTPReply)
         /// Reply, then close the connection.
         case close(SMTPReply)
+        /// Reply, then send an unsolicited final reply (RFC 5321 §3.8) and close.
+        case replyThenClose(SMTPReply, final: SMTPReply)
         /// Reply 220, then start the TLS handshake.
         case startTLS(SMTPReply)
         /// Reply 354, then read the message; `normalize` turns bare CR/LF into CRLF.
@@ -175,7 +177,7 @@ struct SessionStateMachine {
         }
         if closeWhenIdle {
             phase = .closed
-            return .close(SMTPReply(reply.code, reply.enhanced, reply.lines + [Self.shuttingDown(policy.hostname).lines[0]]))
+            return .replyThenClose(reply, final: Self.shuttingDown(policy.hostname))
         }
         return .reply(reply)
     }
