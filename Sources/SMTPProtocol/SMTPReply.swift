@@ -40,7 +40,8 @@ public struct SMTPReply: Hashable, Sendable, CustomStringConvertible {
             out += index == lines.count - 1 ? " " : "-"
             if let enhanced { out += enhanced.description + (line.isEmpty ? "" : " ") }
             // A reply text must not carry a line break: that would let text inject a reply.
-            out += line.filter { $0 != "\r" && $0 != "\n" }
+            // (Filter scalars, not Characters: "\r\n" is one Character.)
+            out.unicodeScalars.append(contentsOf: line.unicodeScalars.filter { $0 != "\r" && $0 != "\n" })
             out += "\r\n"
         }
         return out

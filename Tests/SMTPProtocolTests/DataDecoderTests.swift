@@ -1,0 +1,95 @@
+import XCTest
+
+@testable import SMTPProtocol
+
+final class DataDecoderTests: XCTestCase {
+    /// Decodes `input` fed in pieces of `split` bytes; returns the message, the bytes left
+    /// after the end of data, and the violations. nil message when the end was not found.
+    private func decode(_ input: [UInt8], split: Int = .max, normalize: Bool = false)
+        -> (message: [UInt8], rest: [UInt8], violations: DataDecoder.Violations)?
+    {
+        var decoder = DataDecoder(normalizeBareLineEndings: normalize)
+        var out: [UInt8] = []
+        var offset = 0
+        while offset < input.count {
+            let end = min(input.count, offset + split)
+            let piece = Array(input[offset..<end])
+            let result = piece.withUnsafeBytes { decoder.feed($0, into: &out) }
+            if case .end(let consumed) = result {
+                return (out, Array(input[(offset + consumed)...]), decoder.violations)
+            }
+            offset = end
+        }
+        return nil
+    }
+
+    private func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
+
+    /// Every fixture must decode the same however the input is cut.
+    private func assertDecodes(
+        _ input: String, _ message: String?, rest: String = "", violations: DataDecoder.Violations = [],
+        normalize: Bool = false, file: StaticString = #filePath, line: UInt = #line
+    ) {
+        for split in [1, 2, 3, 5, 7, .max] {
+            let result = decode(bytes(input), split: split, normalize: normalize)
+            guard let message else {
+                XCTAssertNil(result, "split \(split): found an end in \(input.debugDescription)", file: file, line: line)
+                continue
+            }
+            guard let result else {
+                XCTFail("split \(split): no end in \(input.debugDescription)", file: file, line: line)
+                continue
+            }
+            XCTAssertEqual(String(decoding: result.message, as: UTF8.self), message, "split \(split)", file: file, line: line)
+            XCTAssertEqual(String(decoding: result.rest, as: UTF8.self), rest, "split \(split)", file: file, line: line)
+            XCTAssertEqual(result.violations, violations, "split \(split)", file: file, line: line)
+        }
+    }
+
+    func testEndOfData() {
+        assertDecodes("Subject: x\r\n\r\nbody\r\n.\r\n", "Subject: x\r\n\r\nbody\r\n")
+        assertDecodes(".\r\n", "")
+        assertDecodes("a\r\n.\r\nQUIT\r\n", "a\r\n", rest: "QUIT\r\n")
+    }
+
+    func testDotUnstuffing() {
+        assertDecodes("..a\r\n...\r\n.\r\n", ".a\r\n..\r\n")
+        assertDecodes("a.\r\n.b\r\n.\r\n", "a.\r\nb\r\n")
+    }
+
+    func testSmugglingTerminatorsAreText() {
+        // Only CRLF.CRLF ends the data; these never do.
+        assertDecodes("a\n.\nb", nil)
+        assertDecodes("a\r.\rb", nil)
+        assertDecodes("a\r\n.\nb", nil)
+        assertDecodes("a\n.\r\nb", nil)
+        assertDecodes("a\r.\r\nb", nil)
+        assertDecodes("a\n.\nMAIL FROM:<x@y>\r\n.\r\n", "a\n.\nMAIL FROM:<x@y>\r\n", violations: [.bareLF])
+    }
+
+    func testBareLineEndingsAreRecorded() {
+        assertDecodes("a\nb\r\n.\r\n", "a\nb\r\n", violations: [.bareLF])
+        assertDecodes("a\rb\r\n.\r\n", "a\rb\r\n", violations: [.bareCR])
+        assertDecodes(".\rx\r\n.\r\n", "\rx\r\n", violations: [.bareCR])
+        assertDecodes("a\0b\r\n.\r\n", "a\0b\r\n", violations: [.nul])
+    }
+
+    func testNormalisation() {
+        assertDecodes("a\nb\rc\r\n.\r\n", "a\r\nb\r\nc\r\n", violations: [.bareLF, .bareCR], normalize: true)
+        // After a normalised bare LF the next dot is text, not stuffing nor an end.
+        assertDecodes("a\n.\r\n.\r\n", "a\r\n.\r\n", violations: [.bareLF], normalize: true)
+    }
+
+    func testDotStufferRoundTrip() {
+        let message = bytes(".starts with a dot\r\nmiddle\r\n..two\r\n.\r\nend")
+        var stuffer = DotStuffer()
+        var wire: [UInt8] = []
+        message.withUnsafeBytes { stuffer.stuff($0, into: &wire) }
+        wire += stuffer.terminator
+        XCTAssertEqual(
+            String(decoding: wire, as: UTF8.self), "..starts with a dot\r\nmiddle\r\n...two\r\n..\r\nend\r\n.\r\n")
+        let decoded = decode(wire)
+        XCTAssertEqual(decoded?.message, message + bytes("\r\n"))
+        XCTAssertEqual(decoded?.rest, [])
+    }
+}

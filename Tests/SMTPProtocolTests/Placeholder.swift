@@ -1,2 +1,0 @@
-import XCTest
-final class PlaceholderSMTPProtocolTests: XCTestCase { func testNothing() {} }
