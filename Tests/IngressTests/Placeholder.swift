@@ -1,2 +1,0 @@
-import XCTest
-final class PlaceholderIngressTests: XCTestCase { func testNothing() {} }

@@ -1,2 +1,0 @@
-import XCTest
-final class PlaceholderSpoolTests: XCTestCase { func testNothing() {} }

@@ -1,2 +1,0 @@
-import XCTest
-final class PlaceholderTernCoreTests: XCTestCase { func testNothing() {} }
