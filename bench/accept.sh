@@ -4,6 +4,7 @@
 # held in its queue by defer_transports = smtp), so both only accept and fsync.
 #
 #   bench/accept.sh [MESSAGES]        # default 5000 per case
+#   BENCH_DIR=/some/dir bench/accept.sh   # where the spools go (default /var/tmp)
 #
 # Prints, for 1 and 20 sessions and 1 KB and 100 KB messages: messages/s for each, the
 # ratio, server CPU per message, and Tern's peak RSS. Must run as root (Postfix drops to
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MESSAGES="${1:-5000}"
-WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/tern-bench.XXXXXX")
 chmod 755 "$WORK"  # Postfix daemons run as the postfix user and must reach their queue
 TERN_PORT=22525
 POSTFIX_PORT=22526

@@ -16,13 +16,13 @@ import TernCore
 /// The durable queue. The states, the files in each, and the one rename that moves a message
 /// between them are in `README.md` beside this file.
 ///
-/// A message is written to `incoming/<id>`, fsync'd, renamed into `queue/<id>`, and `queue/`
-/// is fsync'd; only then does the client hear 250. Directory syncs are grouped: every commit
-/// that renamed before a sync began is covered by it, so a burst of sessions costs one
-/// directory sync, not one each, while file syncs run in parallel on the thread pool.
+/// A message is written to `queue/<id>`, its fixed-length trailer last; the file is fsync'd,
+/// then `queue/` is fsync'd; only then does the client hear 250. A file without a valid
+/// trailer is half-written and recovery removes it. Directory syncs are grouped: every
+/// commit whose file existed before a sync began is covered by it, so a burst of sessions
+/// costs one directory sync, not one each, while file syncs run in parallel on the pool.
 public final class Spool: Sendable {
     public let root: String
-    let incoming: String
     let queue: String
     let pool: NIOThreadPool
     let ids = QueueIDGenerator()
@@ -34,7 +34,6 @@ public final class Spool: Sendable {
 
     private init(root: String, pool: NIOThreadPool, queueFD: CInt, logger: Logger) {
         self.root = root
-        self.incoming = root + "/incoming"
         self.queue = root + "/queue"
         self.pool = pool
         self.queueSync = DirectorySyncer(fd: queueFD, path: root + "/queue", pool: pool)
@@ -53,7 +52,7 @@ public final class Spool: Sendable {
     /// Opens the spool, creating its directories, and recovers from whatever a crash left.
     public static func open(root: String, threadPool: NIOThreadPool, logger: Logger) async throws -> (Spool, RecoveryReport) {
         try await threadPool.runIfActive {
-            for dir in [root, root + "/incoming", root + "/queue", root + "/corrupt"] {
+            for dir in [root, root + "/queue", root + "/corrupt"] {
                 try SpoolFiles.makeDirectory(dir)
             }
             let fd = Glibc.open(root + "/queue", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -66,26 +65,24 @@ public final class Spool: Sendable {
 
     private func recoverSync() throws -> RecoveryReport {
         var report = RecoveryReport(queued: 0, removedIncomplete: 0, corrupt: 0)
-        for name in try SpoolFiles.list(incoming) {
-            // Never renamed into the queue: the client never heard 250.
-            unlink(incoming + "/" + name)
-            report.removedIncomplete += 1
-            logger.notice("\(name): removed half-written message from incoming/")
-        }
-        if report.removedIncomplete > 0 { try SpoolFiles.syncDirectory(incoming) }
         for name in try SpoolFiles.list(queue) {
-            if QueueID(name) != nil, (try? SpoolFiles.readEnvelope(queue + "/" + name)) != nil {
+            let path = queue + "/" + name
+            switch QueueID(name) == nil ? .corrupt : SpoolFiles.check(path) {
+            case .complete:
                 report.queued += 1
-            } else {
-                rename(queue + "/" + name, root + "/corrupt/" + name)
+            case .incomplete:
+                // No trailer: the commit never finished, so the client never heard 250.
+                unlink(path)
+                report.removedIncomplete += 1
+                logger.notice("\(name): removed half-written message")
+            case .corrupt:
+                rename(path, root + "/corrupt/" + name)
                 report.corrupt += 1
                 logger.error("\(name): not a valid spool file, moved to corrupt/")
             }
         }
-        if report.corrupt > 0 {
-            try SpoolFiles.syncDirectory(queue)
-            try SpoolFiles.syncDirectory(root + "/corrupt")
-        }
+        if report.removedIncomplete + report.corrupt > 0 { try SpoolFiles.syncDirectory(queue) }
+        if report.corrupt > 0 { try SpoolFiles.syncDirectory(root + "/corrupt") }
         return report
     }
 
@@ -138,7 +135,8 @@ extension QueueID: Codable {
     }
 }
 
-/// Writes one message into `incoming/`, then commits it into `queue/`.
+/// Writes one message into `queue/`; the commit writes the envelope and the trailer, and
+/// makes file and name durable.
 ///
 /// Owned by one session at a time; its methods are called one after another.
 public final class SpoolWriter: @unchecked Sendable {
@@ -154,7 +152,7 @@ public final class SpoolWriter: @unchecked Sendable {
         pending.reserveCapacity(Spool.writeChunk)
     }
 
-    private var incomingPath: String { spool.incoming + "/" + id.rawValue }
+    private var path: String { spool.queue + "/" + id.rawValue }
 
     /// Adds message bytes; they reach the disk in chunks of `Spool.writeChunk`.
     public func append(_ bytes: [UInt8]) async throws {
@@ -166,7 +164,7 @@ public final class SpoolWriter: @unchecked Sendable {
     private func flush() async throws {
         let data = pending
         pending.removeAll(keepingCapacity: true)
-        let path = incomingPath
+        let path = self.path
         let current = fd
         fd = try await spool.pool.runIfActive {
             let f = current >= 0 ? current : try SpoolFiles.create(path)
@@ -175,25 +173,29 @@ public final class SpoolWriter: @unchecked Sendable {
         }
     }
 
-    /// Writes the envelope, syncs the file, renames it into the queue and syncs the queue
-    /// directory. When this returns the message survives a crash.
+    /// Writes the envelope and the trailer, syncs the file, then the queue directory. When
+    /// this returns the message survives a crash.
     public func commit(_ envelope: Envelope) async throws {
         let record = try SpoolFiles.envelopeRecord(envelope, contentSize: size)
         pending.append(contentsOf: record)
         let data = pending
         pending = []
-        let path = incomingPath
-        let target = spool.queue + "/" + id.rawValue
+        let path = self.path
         let current = fd
         fd = -1
-        try await spool.pool.runIfActive {
-            let f = current >= 0 ? current : try SpoolFiles.create(path)
-            defer { close(f) }
-            try SpoolFiles.writeAll(f, data, path: path)
-            guard fsync(f) == 0 else { throw SpoolError("fsync", path, errno: errno) }
-            guard rename(path, target) == 0 else { throw SpoolError("rename", path, errno: errno) }
+        do {
+            try await spool.pool.runIfActive {
+                let f = current >= 0 ? current : try SpoolFiles.create(path)
+                defer { close(f) }
+                try SpoolFiles.writeAll(f, data, path: path)
+                guard fsync(f) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+            }
+            try await spool.queueSync.sync()
+        } catch {
+            // Never leave a complete-looking file behind for a message the client was refused.
+            _ = try? await spool.pool.runIfActive { unlink(path) }
+            throw error
         }
-        try await spool.queueSync.sync()
     }
 
     /// Drops the message: nothing of it stays on disk.
@@ -202,7 +204,7 @@ public final class SpoolWriter: @unchecked Sendable {
         guard fd >= 0 else { return }
         let f = fd
         fd = -1
-        let path = incomingPath
+        let path = self.path
         _ = try? await spool.pool.runIfActive {
             close(f)
             unlink(path)

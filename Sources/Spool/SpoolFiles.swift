@@ -8,6 +8,7 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
+import NIOConcurrencyHelpers
 import TernCore
 
 /// The on-disk format of one spool file and the blocking system calls around it. Called only
@@ -37,6 +38,21 @@ enum SpoolFiles {
     static func hex16(_ n: Int) -> String {
         let s = String(n, radix: 16)
         return String(repeating: "0", count: 16 - s.count) + s
+    }
+
+    enum Completeness { case complete, incomplete, corrupt }
+
+    /// Whether a file in the queue was committed: no valid trailer means the commit never
+    /// finished (half-written); a valid trailer with an unreadable envelope means damage.
+    static func check(_ path: String) -> Completeness {
+        do {
+            _ = try readEnvelope(path)
+            return .complete
+        } catch let error as SpoolError where error.operation == "bad trailer in" || error.operation == "short file" {
+            return .incomplete
+        } catch {
+            return .corrupt
+        }
     }
 
     /// The envelope and the content size of a committed spool file.
@@ -72,8 +88,13 @@ enum SpoolFiles {
         return buffer
     }
 
+    /// Creates in one directory are serialised by its lock in the kernel anyway; while one
+    /// thread holds it (ext4's free-inode search can take hundreds of microseconds), other
+    /// threads would spin on it. Taking this lock first makes them sleep instead.
+    private static let createLock = NIOLock()
+
     static func create(_ path: String) throws -> CInt {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        let fd = createLock.withLock { open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         guard fd >= 0 else { throw SpoolError("create", path, errno: errno) }
         return fd
     }

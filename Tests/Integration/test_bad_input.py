@@ -38,7 +38,7 @@ def test_actual_size_over_limit_queues_nothing(tern):
     c.send(b"Subject: big\r\n\r\n" + line * 100 + b".\r\n")
     code, text = c.reply()
     assert code == 552 and text.startswith("5.3.4")
-    assert tern.queue() == [] and tern.spool_files("incoming") == []
+    assert tern.queue() == [] and tern.spool_files() == []
     # Same connection goes on.
     assert c.cmd("MAIL FROM:<a@client.test>")[0] == 250
     good_transaction(tern.port("mx"))
@@ -251,7 +251,7 @@ def test_command_and_data_timeouts(make_tern):
     code, text = c.reply()
     assert code == 421 and text.startswith("4.4.2")
     assert 1.5 < time.monotonic() - started < 6
-    assert tern.queue() == [] and tern.spool_files("incoming") == []
+    assert tern.queue() == [] and tern.spool_files() == []
     good_transaction(port)
 
 

@@ -20,11 +20,11 @@ def test_kill9_loses_nothing_accepted(make_tern):
     c.cmd("DATA")
     c.send(b"Subject: half\r\n\r\n" + b"y" * 200_000)  # past the 64 KB write chunk: on disk
     time.sleep(0.3)
-    assert tern.spool_files("incoming"), "the half-written message should be in incoming/"
+    assert len(tern.spool_files()) == 41, "the half-written message is on disk, without its trailer"
     tern.kill9()
     tern.start()
     assert sorted(m["id"] for m in tern.queue()) == sorted(ids)
-    assert tern.spool_files("incoming") == []
+    assert len(tern.spool_files()) == 40
     assert "40 queued, 1 half-written removed, 0 corrupt" in tern.log()
     for i, queue_id in enumerate(ids):
         assert f"Subject: m{i}\r\n".encode() in tern.message_bytes(queue_id)

@@ -41,17 +41,18 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(listed[0].id, writer.id)
         XCTAssertEqual(listed[0].size, 21)
         XCTAssertEqual(listed[0].envelope.recipients.map(\.address), ["u@example.org", "v@example.org"])
-        XCTAssertEqual(try SpoolFiles.list(root + "/incoming"), [])
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [writer.id.rawValue])
     }
 
-    func testLargeMessageStreamsThroughIncoming() async throws {
+    func testLargeMessageStreamsToDiskBeforeCommit() async throws {
         let (spool, _) = try await open()
         let writer = spool.begin()
         let chunk = [UInt8](repeating: UInt8(ascii: "x"), count: 50_000)
         try await writer.append(chunk)
-        XCTAssertEqual(try SpoolFiles.list(root + "/incoming"), [], "below one chunk nothing is on disk yet")
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [], "below one chunk nothing is on disk yet")
         try await writer.append(chunk)
-        XCTAssertEqual(try SpoolFiles.list(root + "/incoming"), [writer.id.rawValue])
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [writer.id.rawValue])
+        XCTAssertEqual(try spool.list().count, 0, "without its trailer the file is not a queued message")
         try await writer.commit(envelope())
         XCTAssertEqual(try spool.list().first?.size, 100_000)
     }
@@ -61,7 +62,7 @@ final class SpoolTests: XCTestCase {
         let writer = spool.begin()
         try await writer.append([UInt8](repeating: 0x41, count: 100_000))
         await writer.abort()
-        XCTAssertEqual(try SpoolFiles.list(root + "/incoming"), [])
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [])
         XCTAssertEqual(try spool.list().count, 0)
     }
 
@@ -75,7 +76,8 @@ final class SpoolTests: XCTestCase {
             try await half.append([UInt8](repeating: 0x41, count: 70_000))
             // the process "dies" here: `half` is never committed nor aborted
         }
-        FileManagerLite.write(root + "/queue/0000000000000000", "not a spool file")
+        // A complete-looking file whose envelope is damaged.
+        FileManagerLite.write(root + "/queue/0000000000000000", "x\n{not json\n-\nTERN-SPOOL-1 0000000000000002 000000000000000c\n")
         let (spool, report) = try await open()
         XCTAssertEqual(report, .init(queued: 1, removedIncomplete: 1, corrupt: 1))
         XCTAssertEqual(try spool.list().count, 1)
