@@ -140,6 +140,7 @@ struct SMTPSession {
             logger.error("\(writer.id): spool write failed: \(error)")
         }
         var violations: DataDecoder.Violations = []
+        var ended = false
         loop: while let frame = try await frames.next() {
             switch frame {
             case .data(let chunk):
@@ -154,6 +155,7 @@ struct SMTPSession {
                 }
             case .dataEnd(let v):
                 violations = v
+                ended = true
                 break loop
             case .timeout:
                 await writer.abort()
@@ -164,6 +166,12 @@ struct SMTPSession {
             case .line, .lineTooLong:
                 preconditionFailure("command frame inside DATA")
             }
+        }
+        guard ended else {
+            // The client went away before <CRLF>.<CRLF>: what arrived is not a message.
+            await writer.abort()
+            logger.info("lost connection after DATA from \(client): nothing queued")
+            throw CancellationError()
         }
         let outcome: DataOutcome
         if tooBig {

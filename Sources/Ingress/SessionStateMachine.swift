@@ -401,7 +401,8 @@ struct SessionStateMachine {
         }
         // Every recipient is remote: only trusted networks and authenticated users may relay.
         guard trusted || authUser != nil else {
-            return .reply(SMTPReply(554, .deliveryNotAuthorized, "<\(mailbox)>: Relay access denied"))
+            // Counted as an error: an outsider must not probe recipients without limit.
+            return fail(SMTPReply(554, .deliveryNotAuthorized, "<\(mailbox)>: Relay access denied"))
         }
         transaction.recipients.append(EnvelopeRecipient(address: mailbox.description, notify: parameters.notify, orcpt: parameters.orcpt))
         self.transaction = transaction

@@ -103,7 +103,9 @@ public final class Spool: Sendable {
 
     /// Reads the queue without opening the spool for writing (for `tern queue list`).
     public static func list(root: String) throws -> [QueuedMessage] {
-        try SpoolFiles.list(root + "/queue").compactMap { name -> QueuedMessage? in
+        // A spool that was never opened holds no mail.
+        if access(root + "/queue", F_OK) != 0, errno == ENOENT { return [] }
+        return try SpoolFiles.list(root + "/queue").compactMap { name -> QueuedMessage? in
             guard let id = QueueID(name), let (envelope, size) = try? SpoolFiles.readEnvelope(root + "/queue/" + name) else {
                 return nil
             }

@@ -264,3 +264,27 @@ def test_helo_disables_esmtp_parameters(tern):
     assert c.cmd("VRFY root")[0] == 252
     assert c.cmd("RSET")[0] == 250
     assert c.cmd("QUIT")[0] == 221
+
+
+def test_client_vanishing_in_data_queues_nothing(tern):
+    c = session(tern.port("mx"))
+    c.cmd("MAIL FROM:<a@client.test>")
+    c.cmd("RCPT TO:<u@example.org>")
+    c.cmd("DATA")
+    c.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
+    c.close()
+    time.sleep(0.5)
+    assert tern.queue() == [] and tern.spool_files() == []
+    assert "nothing queued" in tern.log()
+    good_transaction(tern.port("mx"))
+
+
+def test_relay_probing_hits_the_error_cap(make_tern):
+    tern = make_tern(mynetworks=["127.0.0.1/32"], limits="{ max_errors: 3 }")
+    c = RawClient(tern.port("mx"), source="127.0.0.2")
+    c.cmd("EHLO probe.test")
+    c.cmd("MAIL FROM:<x@probe.test>")
+    assert c.cmd("RCPT TO:<a@example.org>")[0] == 554
+    assert c.cmd("RCPT TO:<b@example.org>")[0] == 554
+    assert c.cmd("RCPT TO:<c@example.org>")[0] == 421
+    assert c.closed()
