@@ -146,3 +146,39 @@ def test_pipelined_commands_are_answered_in_order(make_tern):
     assert c.reply()[0] == 221
     [queued] = tern.queue()
     assert [r["address"] for r in queued["envelope"]["recipients"]] == ["b@example.org", "c@example.org"]
+
+
+def test_ipv6_listener_and_mynetworks(tmp_path):
+    from conftest import Tern
+    import socket as s
+    t = Tern(tmp_path, 'hostname: relay.test\nlisteners:\n  - { name: v6, kind: smtp, address: "[::1]:0" }\n'
+                       'access:\n  mynetworks: ["::1/128"]\n')
+    t.start()
+    try:
+        sock = s.create_connection(("::1", t.port("v6")), timeout=10)
+        f = sock.makefile("rwb")
+        assert f.readline().startswith(b"220 ")
+        for line, code in [("EHLO v6.test", b"250 "), ("MAIL FROM:<a@v6.test>", b"250 "), ("RCPT TO:<u@example.org>", b"250 "),
+                           ("DATA", b"354 ")]:
+            f.write(line.encode() + b"\r\n"); f.flush()
+            reply = f.readline()
+            while reply[3:4] == b"-":
+                reply = f.readline()
+            assert reply.startswith(code), (line, reply)
+        f.write(b"Subject: v6\r\n\r\nx\r\n.\r\n"); f.flush()
+        assert f.readline().startswith(b"250 2.0.0 Ok: queued as")
+        [q] = t.queue()
+        assert q["envelope"]["client"]["address"] == "::1"
+        assert b"from v6.test ([IPv6:::1])" in t.message_bytes(q["id"])
+    finally:
+        t.kill9()
+
+
+def test_help_texts(tmp_path):
+    from conftest import BINARY
+    out = subprocess.run([BINARY, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for sub in ("serve", "check", "queue"):
+        assert sub in out.stdout
+    out = subprocess.run([BINARY, "queue", "list", "--help"], capture_output=True, text=True)
+    assert "--json" in out.stdout and "--config" in out.stdout
