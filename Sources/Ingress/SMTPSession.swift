@@ -33,7 +33,7 @@ struct SMTPSession {
     let listener: ListenerConfig
     let clientAddress: String
     let clientPort: Int
-    var logger: Logger
+    let logger: Logger
 
     private var client: String { "[\(clientAddress)]:\(clientPort)" }
 
@@ -105,7 +105,7 @@ struct SMTPSession {
             ok = false
         }
         if ok {
-            logger.info("\(client): sasl_method=\(user.isEmpty ? "" : "PLAIN/LOGIN"), sasl_username=\(user)")
+            logger.info("\(client): sasl_username=\(user)")
         } else {
             let delay = throttle.recordFailure(clientAddress)
             logger.notice("warning: \(client): SASL authentication failed for user \(user)")

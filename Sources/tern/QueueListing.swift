@@ -3,19 +3,12 @@ import FoundationEssentials
 #else
 import Foundation
 #endif
-import NIOSSL
 import Spool
 import TernCore
 
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// Wraps the TLS context so the executable need not import NIOSSL's types everywhere.
-struct NIOSSLContextBox {
-    let context: NIOSSLContext
-    init(_ context: NIOSSLContext) { self.context = context }
-}
 
 enum QueueListing {
     /// Postfix `mailq`-like: one block per message, recipients indented below.

@@ -3,6 +3,7 @@ import Ingress
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import ServiceLifecycle
 import Spool
 import TernCore
@@ -44,7 +45,7 @@ func printError(_ text: String) {
 /// Everything `serve` and `check` load besides the YAML: the users file and the TLS context.
 struct LoadedResources {
     var users: UserDatabase?
-    var tls: NIOSSLContextBox?
+    var tls: NIOSSLContext?
 
     init(_ config: TernConfig, file: String) throws {
         if let path = config.access.usersFile {
@@ -57,7 +58,7 @@ struct LoadedResources {
         }
         if let files = config.tls {
             do {
-                tls = NIOSSLContextBox(try TLSSetup.serverContext(files))
+                tls = try TLSSetup.serverContext(files)
             } catch {
                 printError("tern: \(file): tls: cannot load \(files.certificate) / \(files.key): \(error)")
                 throw ExitCode(78)
@@ -100,7 +101,7 @@ struct Serve: AsyncParsableCommand {
             "spool \(config.spool): \(report.queued) queued, \(report.removedIncomplete) half-written removed, \(report.corrupt) corrupt"
         )
         let server = SMTPServer(
-            config: config, spool: spool, users: resources.users, tlsContext: resources.tls?.context,
+            config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
             group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger)
         let group = ServiceGroup(
             configuration: .init(
