@@ -12,6 +12,8 @@ enum SMTPFrame: Sendable, Equatable {
     case data([UInt8])
     /// The end of the message (`CRLF.CRLF`), with what the decoder noticed on the way.
     case dataEnd(DataDecoder.Violations)
+    /// The last byte of a BDAT chunk has been delivered (as `.data`).
+    case chunkEnd
     /// The client sent nothing for the read timeout.
     case timeout
     /// The server is shutting down.
@@ -48,6 +50,8 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         case discardingLongLine
         case paused
         case data(DataDecoder)
+        /// Inside a BDAT chunk: this many raw bytes still belong to it.
+        case chunk(remaining: Int)
     }
 
     private var mode = Mode.command
@@ -175,6 +179,20 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
                 }
                 if Self.pausesFraming(line) { mode = .paused }
                 context.fireChannelRead(wrapInboundOut(.line(line)))
+                // RFC 3030: a chunk's bytes follow its BDAT line at once and are read whether
+                // or not the command is accepted, so the framing takes the size from the line.
+                if let size = Self.chunkSize(line) {
+                    mode = .chunk(remaining: size)
+                    armTimer(context: context)
+                    if size == 0 { finishChunk(context: context) }
+                }
+            case .chunk(let remaining):
+                let n = min(remaining, buf.readableBytes)
+                let bytes = buf.readBytes(length: n)!
+                buffer = buf
+                mode = .chunk(remaining: remaining - n)
+                context.fireChannelRead(wrapInboundOut(.data(bytes)))
+                if remaining == n { finishChunk(context: context) }
             case .data(var decoder):
                 var output: [UInt8] = []
                 output.reserveCapacity(buf.readableBytes)
@@ -198,6 +216,21 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         releaseHeldRead(context: context)
     }
 
+    private func finishChunk(context: ChannelHandlerContext) {
+        mode = .command
+        armTimer(context: context)
+        context.fireChannelRead(wrapInboundOut(.chunkEnd))
+    }
+
+    /// The chunk size of a well-formed `BDAT size [LAST]` line.
+    static func chunkSize(_ line: [UInt8]) -> Int? {
+        guard line.count >= 6, line[0] | 0x20 == 0x62, line[1] | 0x20 == 0x64, line[2] | 0x20 == 0x61,
+            line[3] | 0x20 == 0x74, line[4] == 0x20,
+            case .bdat(let size, _) = try? SMTPCommandParser.parse(line)
+        else { return nil }
+        return size
+    }
+
     /// DATA and STARTTLS change how the following bytes must be read, so decoding stops
     /// after them until the session has answered.
     static func pausesFraming(_ line: [UInt8]) -> Bool {
@@ -216,7 +249,10 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         timer?.cancel()
         guard !timedOut else { return }
         let timeout: TimeAmount
-        if case .data = mode { timeout = dataTimeout } else { timeout = commandTimeout }
+        switch mode {
+        case .data, .chunk: timeout = dataTimeout
+        default: timeout = commandTimeout
+        }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         timer = context.eventLoop.scheduleTask(in: timeout) {
             let (handler, context) = loopBound.value

@@ -38,6 +38,22 @@ struct SMTPSession {
     private var client: String { "[\(clientAddress)]:\(clientPort)" }
 
     mutating func run() async throws {
+        do {
+            try await serve()
+        } catch {
+            await dropChunkedMessage()
+            throw error
+        }
+        await dropChunkedMessage()
+    }
+
+    private mutating func dropChunkedMessage() async {
+        guard let pending = chunked else { return }
+        chunked = nil
+        await pending.intake.writer.abort()
+    }
+
+    private mutating func serve() async throws {
         try await send(machine.greeting())
         while !machine.isClosed, let frame = try await frames.next() {
             let action: SessionStateMachine.Action?
@@ -56,8 +72,8 @@ struct SMTPSession {
                 logger.info("timeout after \(machine.transaction == nil ? "command" : "DATA") from \(client)")
             case .shutdown:
                 action = machine.shutdown()
-            case .data, .dataEnd:
-                preconditionFailure("message data outside DATA")
+            case .data, .dataEnd, .chunkEnd:
+                preconditionFailure("message data outside DATA or BDAT")
             }
             if let action { try await perform(action, pausedFraming: pausedFraming) }
         }
@@ -87,7 +103,15 @@ struct SMTPSession {
             try await perform(machine.dataEnded(outcome), pausedFraming: false)
         case .verifyCredentials(let user, let password):
             try await verify(user: user, password: password)
+        case .receiveChunk(let size, let last, let first, let normalize):
+            try await receiveChunk(size: size, last: last, first: first, normalize: normalize)
+        case .discardChunk(let reply):
+            var none: Intake?
+            var checker = LineEndingChecker()
+            guard try await readChunk(into: &none, checker: &checker) else { throw CancellationError() }
+            try await send(reply)
         }
+        await abandonChunkedMessage()
     }
 
     // MARK: - AUTH
@@ -117,70 +141,58 @@ struct SMTPSession {
         }
     }
 
-    // MARK: - DATA
+    // MARK: - DATA and BDAT
 
-    /// Streams the message into the spool and reports how it ended. The client's bytes are
-    /// read to the end of data whatever happens, so that the next command is read as one.
-    private mutating func receiveMessage(normalize: Bool) async throws -> DataOutcome {
-        guard let transaction = machine.transaction else { preconditionFailure("DATA without a transaction") }
-        let writer = environment.spool.begin()
-        let tlsVersion = await currentTLSVersion()
-        let received = ReceivedHeader.make(
-            helo: machine.helo, clientAddress: clientAddress, hostname: machine.policy.hostname,
-            protocolName: machine.protocolName, queueID: writer.id.rawValue, tlsVersion: tlsVersion,
-            recipients: transaction.recipients.map(\.address))
-        let limit = machine.policy.maxMessageSize
-        var received_ = 0
+    /// A message on its way into the spool: the writer, and what was seen so far.
+    struct Intake {
+        let writer: SpoolWriter
+        let tlsVersion: String?
+        var size = 0
         var tooBig = false
         var writeFailed = false
+    }
+
+    /// Opens a spool file and writes Tern's `Received:` header into it.
+    private func startMessage() async -> Intake {
+        guard let transaction = machine.transaction else { preconditionFailure("a message without a transaction") }
+        let writer = environment.spool.begin()
+        var intake = Intake(writer: writer, tlsVersion: await currentTLSVersion())
+        let received = ReceivedHeader.make(
+            helo: machine.helo, clientAddress: clientAddress, hostname: machine.policy.hostname,
+            protocolName: machine.protocolName, queueID: writer.id.rawValue, tlsVersion: intake.tlsVersion,
+            recipients: transaction.recipients.map(\.address))
+        await append(Array(received.utf8), to: &intake, counted: false)
+        return intake
+    }
+
+    /// Adds client bytes to the message, unless it is already too big or the spool failed;
+    /// the client's bytes are read to the end either way.
+    private func append(_ bytes: [UInt8], to intake: inout Intake, counted: Bool = true) async {
+        if counted {
+            intake.size += bytes.count
+            if intake.size > machine.policy.maxMessageSize { intake.tooBig = true }
+        }
+        guard !intake.tooBig, !intake.writeFailed else { return }
         do {
-            try await writer.append(Array(received.utf8))
+            try await intake.writer.append(bytes)
         } catch {
-            writeFailed = true
-            logger.error("\(writer.id): spool write failed: \(error)")
+            intake.writeFailed = true
+            logger.error("\(intake.writer.id): spool write failed: \(error)")
         }
-        var violations: DataDecoder.Violations = []
-        var ended = false
-        loop: while let frame = try await frames.next() {
-            switch frame {
-            case .data(let chunk):
-                received_ += chunk.count
-                if received_ > limit { tooBig = true }
-                guard !tooBig, !writeFailed else { continue }
-                do {
-                    try await writer.append(chunk)
-                } catch {
-                    writeFailed = true
-                    logger.error("\(writer.id): spool write failed: \(error)")
-                }
-            case .dataEnd(let v):
-                violations = v
-                ended = true
-                break loop
-            case .timeout:
-                await writer.abort()
-                try await perform(machine.timeout(), pausedFraming: false)
-                throw CancellationError()
-            case .shutdown:
-                _ = machine.shutdown()
-            case .line, .lineTooLong:
-                preconditionFailure("command frame inside DATA")
-            }
-        }
-        guard ended else {
-            // The client went away before <CRLF>.<CRLF>: what arrived is not a message.
-            await writer.abort()
-            logger.info("lost connection after DATA from \(client): nothing queued")
-            throw CancellationError()
-        }
+    }
+
+    /// Decides how a fully received message ends, and commits it if it is acceptable.
+    private func finishMessage(_ intake: Intake, violations: DataDecoder.Violations, normalized: Bool) async -> DataOutcome {
+        guard let transaction = machine.transaction else { preconditionFailure("a message without a transaction") }
+        let writer = intake.writer
         let outcome: DataOutcome
-        if tooBig {
+        if intake.tooBig {
             outcome = .tooBig
         } else if violations.contains(.nul) {
             outcome = .containsNUL
-        } else if !normalize, !violations.isDisjoint(with: [.bareLF, .bareCR]) {
+        } else if !normalized, !violations.isDisjoint(with: [.bareLF, .bareCR]) {
             outcome = .bareLineEnding
-        } else if writeFailed {
+        } else if intake.writeFailed {
             outcome = .spoolFailure
         } else {
             let envelope = Envelope(
@@ -192,14 +204,14 @@ struct SMTPSession {
                 envid: transaction.parameters.envid,
                 client: ClientInfo(
                     address: clientAddress, port: clientPort, helo: machine.helo, protocol: machine.protocolName,
-                    tlsVersion: tlsVersion),
+                    tlsVersion: intake.tlsVersion),
                 authUser: machine.authUser,
                 listener: listener.name,
                 arrivalMillis: Self.nowMillis())
             do {
                 try await writer.commit(envelope)
                 logger.info(
-                    "\(writer.id): from=<\(transaction.sender)>, size=\(writer.size), nrcpt=\(transaction.recipients.count), client=\(client)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")\(tlsVersion.map { ", tls=\($0)" } ?? "")"
+                    "\(writer.id): from=<\(transaction.sender)>, size=\(writer.size), nrcpt=\(transaction.recipients.count), client=\(client)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")\(intake.tlsVersion.map { ", tls=\($0)" } ?? "")"
                 )
                 return .queued(writer.id.rawValue)
             } catch {
@@ -209,8 +221,100 @@ struct SMTPSession {
             }
         }
         await writer.abort()
-        logger.info("reject: DATA from \(client): \(outcome); from=<\(transaction.sender)>")
+        logger.info("reject: message from \(client): \(outcome); from=<\(transaction.sender)>")
         return outcome
+    }
+
+    /// Streams a DATA message into the spool and reports how it ended.
+    private mutating func receiveMessage(normalize: Bool) async throws -> DataOutcome {
+        var intake = await startMessage()
+        var violations: DataDecoder.Violations = []
+        var ended = false
+        loop: while let frame = try await frames.next() {
+            switch frame {
+            case .data(let chunk):
+                await append(chunk, to: &intake)
+            case .dataEnd(let v):
+                violations = v
+                ended = true
+                break loop
+            case .timeout:
+                await intake.writer.abort()
+                try await perform(machine.timeout(), pausedFraming: false)
+                throw CancellationError()
+            case .shutdown:
+                _ = machine.shutdown()
+            case .line, .lineTooLong, .chunkEnd:
+                preconditionFailure("command frame inside DATA")
+            }
+        }
+        guard ended else {
+            // The client went away before <CRLF>.<CRLF>: what arrived is not a message.
+            await intake.writer.abort()
+            logger.info("lost connection after DATA from \(client): nothing queued")
+            throw CancellationError()
+        }
+        return await finishMessage(intake, violations: violations, normalized: normalize)
+    }
+
+    /// Reads one BDAT chunk into the message under way (or into nowhere, when `discard`).
+    /// Returns false when the connection ended or timed out inside the chunk.
+    private mutating func readChunk(into intake: inout Intake?, checker: inout LineEndingChecker) async throws -> Bool {
+        while let frame = try await frames.next() {
+            switch frame {
+            case .data(let bytes):
+                guard intake != nil else { continue }
+                var out: [UInt8] = []
+                out.reserveCapacity(bytes.count)
+                bytes.withUnsafeBytes { checker.feed($0, into: &out) }
+                await append(out, to: &intake!)
+            case .chunkEnd:
+                return true
+            case .timeout:
+                try await perform(machine.timeout(), pausedFraming: false)
+                return false
+            case .shutdown:
+                _ = machine.shutdown()
+            case .line, .lineTooLong, .dataEnd:
+                preconditionFailure("command frame inside a BDAT chunk")
+            }
+        }
+        return false
+    }
+
+    /// The message a BDAT sequence is building, between its chunks.
+    var chunked: (intake: Intake, checker: LineEndingChecker)? = nil
+
+    private mutating func receiveChunk(size: Int, last: Bool, first: Bool, normalize: Bool) async throws {
+        var intake: Intake?
+        var checker = LineEndingChecker(normalizeBareLineEndings: normalize)
+        if first {
+            intake = await startMessage()
+        } else if let pending = chunked {
+            intake = pending.intake
+            checker = pending.checker
+        }
+        chunked = nil
+        guard try await readChunk(into: &intake, checker: &checker), var current = intake else {
+            if let intake { await intake.writer.abort() }
+            throw CancellationError()
+        }
+        if last || current.tooBig {
+            var tail: [UInt8] = []
+            checker.finish(into: &tail)
+            if !tail.isEmpty { await append(tail, to: &current) }
+            let outcome = await finishMessage(current, violations: checker.violations, normalized: normalize)
+            try await perform(machine.dataEnded(outcome), pausedFraming: false)
+        } else {
+            chunked = (current, checker)
+            try await perform(machine.chunkReceived(size: size), pausedFraming: false)
+        }
+    }
+
+    /// Drops a BDAT message that the session abandoned (RSET, EHLO, QUIT).
+    private mutating func abandonChunkedMessage() async {
+        guard !machine.isReceivingMessage else { return }
+        await dropChunkedMessage()
     }
 
     static func nowMillis() -> Int64 {

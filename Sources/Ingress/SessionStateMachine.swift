@@ -41,6 +41,11 @@ struct SessionStateMachine {
         case beginData(SMTPReply, normalize: Bool)
         /// Check these credentials and report with `authChecked`.
         case verifyCredentials(user: String, password: String)
+        /// Read a BDAT chunk into the message (starting it if `first`), then report with
+        /// `chunkReceived` or, after the last, `dataEnded`.
+        case receiveChunk(size: Int, last: Bool, first: Bool, normalize: Bool)
+        /// Read a refused BDAT chunk off the wire and throw it away, then send the reply.
+        case discardChunk(SMTPReply)
     }
 
     private enum Phase: Equatable {
@@ -50,8 +55,10 @@ struct SessionStateMachine {
         case ready
         /// MAIL accepted.
         case mail
-        /// Receiving DATA.
+        /// Receiving DATA or a BDAT chunk.
         case data
+        /// Between BDAT chunks of one message.
+        case chunking
         /// Waiting for a SASL response line.
         case auth(AuthStep)
         /// Credentials are being checked.
@@ -97,6 +104,18 @@ struct SessionStateMachine {
 
     var isClosed: Bool { phase == .closed }
 
+    /// A message is being received (DATA, or a BDAT sequence not yet ended).
+    var isReceivingMessage: Bool { phase == .data || phase == .chunking }
+
+    /// Bare CR/LF are turned into CRLF for this client rather than refused.
+    private var normalizeBareLineEndings: Bool {
+        switch policy.bareLineEndings {
+        case .reject: return false
+        case .normalize: return true
+        case .normalizeTrusted: return trusted
+        }
+    }
+
     /// The next line is a SASL response, not a command (and must never be logged).
     var awaitingSASLResponse: Bool {
         if case .auth = phase { return true }
@@ -134,7 +153,7 @@ struct SessionStateMachine {
     /// The server is going down: close now if idle, else once the transaction ends.
     mutating func shutdown() -> Action? {
         switch phase {
-        case .mail, .data, .verifying:
+        case .mail, .data, .chunking, .verifying:
             closeWhenIdle = true
             return nil
         default:
@@ -160,6 +179,13 @@ struct SessionStateMachine {
             return .reply(SMTPReply(235, .authOK, "Authentication successful"))
         }
         return fail(SMTPReply(535, .authFailed, "Authentication credentials invalid"))
+    }
+
+    /// A BDAT chunk that was not the last arrived whole.
+    mutating func chunkReceived(size: Int) -> Action {
+        guard phase == .data else { preconditionFailure("chunkReceived outside BDAT") }
+        phase = .chunking
+        return .reply(SMTPReply(250, .ok, "\(size) octets received"))
     }
 
     mutating func dataEnded(_ outcome: DataOutcome) -> Action {
@@ -191,7 +217,7 @@ struct SessionStateMachine {
     private mutating func command(_ command: SMTPCommand) -> Action {
         switch command {
         case .ehlo(let name), .helo(let name):
-            guard phase == .start || phase == .ready || phase == .mail else { return fail(.badSequence) }
+            guard phase == .start || phase == .ready || phase == .mail || phase == .chunking else { return fail(.badSequence) }
             helo = name
             transaction = nil
             phase = .ready
@@ -220,6 +246,7 @@ struct SessionStateMachine {
             return rcpt(path: path, parameters: parameters)
 
         case .data:
+            if phase == .chunking { return fail(SMTPReply(503, .invalidCommand, "Error: BDAT in progress")) }
             guard phase == .mail, let transaction else {
                 return fail(SMTPReply(503, .invalidCommand, "Error: need RCPT command"))
             }
@@ -227,20 +254,23 @@ struct SessionStateMachine {
                 return fail(SMTPReply(554, .invalidCommand, "Error: no valid recipients"))
             }
             phase = .data
-            let normalize: Bool
-            switch policy.bareLineEndings {
-            case .reject: normalize = false
-            case .normalize: normalize = true
-            case .normalizeTrusted: normalize = trusted
-            }
-            return .beginData(SMTPReply(354, nil, "End data with <CR><LF>.<CR><LF>"), normalize: normalize)
+            return .beginData(SMTPReply(354, nil, "End data with <CR><LF>.<CR><LF>"), normalize: normalizeBareLineEndings)
 
-        case .bdat:
-            return fail(SMTPReply(502, .invalidCommand, "Error: command not implemented"))
+        case .bdat(let size, let last):
+            // RFC 3030 §2: the chunk follows whatever the answer, so a refusal still reads it.
+            guard phase == .mail || phase == .chunking, let transaction else {
+                return discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command"))
+            }
+            guard !transaction.recipients.isEmpty else {
+                return discardChunk(SMTPReply(554, .invalidCommand, "Error: no valid recipients"))
+            }
+            let first = phase == .mail
+            phase = .data
+            return .receiveChunk(size: size, last: last, first: first, normalize: normalizeBareLineEndings)
 
         case .rset:
             transaction = nil
-            if phase == .mail { phase = .ready }
+            if phase == .mail || phase == .chunking { phase = .ready }
             return .reply(SMTPReply(250, .ok, "Ok"))
 
         case .noop:
@@ -265,7 +295,7 @@ struct SessionStateMachine {
         var lines = [policy.hostname, "PIPELINING", "SIZE \(policy.maxMessageSize)"]
         if policy.tlsAvailable, !tlsActive, policy.kind != .smtps { lines.append("STARTTLS") }
         if policy.authAvailable, tlsActive { lines.append("AUTH PLAIN LOGIN") }
-        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"]
+        lines += ["ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"]
         return lines
     }
 
@@ -352,7 +382,7 @@ struct SessionStateMachine {
     private mutating func mail(sender: ReversePath, parameters: MailParameters) -> Action {
         guard phase != .start else { return fail(SMTPReply(503, .invalidCommand, "Error: send HELO/EHLO first")) }
         guard phase == .ready else {
-            return fail(SMTPReply(503, .invalidCommand, phase == .mail ? "Error: nested MAIL command" : "Bad sequence of commands"))
+            return fail(SMTPReply(503, .invalidCommand, phase == .start ? "Bad sequence of commands" : "Error: nested MAIL command"))
         }
         if let gate = submissionGate() { return fail(gate) }
         if !esmtp, parameters != MailParameters() {
@@ -407,6 +437,13 @@ struct SessionStateMachine {
         transaction.recipients.append(EnvelopeRecipient(address: mailbox.description, notify: parameters.notify, orcpt: parameters.orcpt))
         self.transaction = transaction
         return .reply(SMTPReply(250, .destinationOK, "Ok"))
+    }
+
+    private mutating func discardChunk(_ reply: SMTPReply) -> Action {
+        switch fail(reply) {
+        case .reply(let r): return .discardChunk(r)
+        case let other: return other
+        }
     }
 
     /// A client error: counted, and past the limit the session ends.

@@ -110,3 +110,49 @@ final class FramingHandlerTests: XCTestCase {
         XCTAssertEqual(reads, 0, "a paused framer with a full buffer asks for no more bytes")
     }
 }
+
+final class ChunkFramingTests: XCTestCase {
+    func testChunksAreCountedNotDecodedHoweverSplit() throws {
+        // The chunk holds what would be commands and a DATA terminator: all of it is data.
+        let chunk = "a\r\n.\r\nQUIT\r\n\n"
+        let input = "BDAT \(chunk.utf8.count)\r\n" + chunk + "BDAT 0 LAST\r\nNOOP\r\n"
+        for split in [1, 2, 5, .max] {
+            let recorder = Recorder2()
+            let channel = EmbeddedChannel()
+            try channel.pipeline.syncOperations.addHandler(
+                SMTPFramingHandler(commandTimeout: .seconds(60), dataTimeout: .seconds(60)))
+            try channel.pipeline.syncOperations.addHandler(recorder)
+            let bytes = Array(input.utf8)
+            var offset = 0
+            while offset < bytes.count {
+                let end = min(bytes.count, offset + split)
+                try channel.writeInbound(ByteBuffer(bytes: bytes[offset..<end]))
+                offset = end
+            }
+            var data: [UInt8] = []
+            var shape: [String] = []
+            for frame in recorder.frames {
+                switch frame {
+                case .data(let d): data += d
+                case .line(let l): shape.append(String(decoding: l, as: UTF8.self))
+                case .chunkEnd: shape.append("<end>")
+                default: shape.append("\(frame)")
+                }
+            }
+            XCTAssertEqual(String(decoding: data, as: UTF8.self), chunk, "split \(split)")
+            XCTAssertEqual(shape, ["BDAT \(chunk.utf8.count)", "<end>", "BDAT 0 LAST", "<end>", "NOOP"], "split \(split)")
+        }
+    }
+
+    func testMalformedBDATIsJustALine() {
+        XCTAssertNil(SMTPFramingHandler.chunkSize(Array("BDAT x".utf8)))
+        XCTAssertNil(SMTPFramingHandler.chunkSize(Array("BDATE 5".utf8)))
+        XCTAssertEqual(SMTPFramingHandler.chunkSize(Array("bdat 12 last".utf8)), 12)
+    }
+}
+
+private final class Recorder2: ChannelInboundHandler {
+    typealias InboundIn = SMTPFrame
+    var frames: [SMTPFrame] = []
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { frames.append(unwrapInboundIn(data)) }
+}

@@ -15,7 +15,8 @@ final class SessionStateMachineTests: XCTestCase {
     private func code(_ action: SessionStateMachine.Action) -> Int {
         switch action {
         case .reply(let r), .close(let r), .startTLS(let r), .beginData(let r, _), .replyThenClose(let r, _): return r.code
-        case .verifyCredentials: return 0
+        case .discardChunk(let r): return r.code
+        case .verifyCredentials, .receiveChunk: return 0
         }
     }
 
@@ -33,7 +34,7 @@ final class SessionStateMachineTests: XCTestCase {
         var m = SessionStateMachine(policy: policy(), trusted: true, tlsActive: false)
         XCTAssertEqual(m.greeting().code, 220)
         guard case .reply(let ehlo) = send(&m, "EHLO c.test") else { return XCTFail() }
-        XCTAssertEqual(ehlo.lines, ["relay.test", "PIPELINING", "SIZE 1000", "STARTTLS", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8"])
+        XCTAssertEqual(ehlo.lines, ["relay.test", "PIPELINING", "SIZE 1000", "STARTTLS", "ENHANCEDSTATUSCODES", "8BITMIME", "DSN", "SMTPUTF8", "CHUNKING"])
         XCTAssertEqual(code(send(&m, "MAIL FROM:<a@c.test>")), 250)
         XCTAssertEqual(code(send(&m, "RCPT TO:<u@example.org>")), 250)
         XCTAssertEqual(send(&m, "DATA"), .beginData(SMTPReply(354, nil, "End data with <CR><LF>.<CR><LF>"), normalize: true))
@@ -129,7 +130,32 @@ final class SessionStateMachineTests: XCTestCase {
         XCTAssertEqual(code(send(&m, "RSET")), 250)
         XCTAssertNil(m.transaction)
         XCTAssertEqual(code(send(&m, "VRFY x")), 252)
-        XCTAssertEqual(code(send(&m, "BDAT 10 LAST")), 502)
+        XCTAssertEqual(send(&m, "BDAT 10 LAST"), .discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command")))
+    }
+
+    func testChunkingSequence() {
+        var m = SessionStateMachine(policy: policy(), trusted: true, tlsActive: false)
+        _ = send(&m, "EHLO c.test")
+        XCTAssertEqual(send(&m, "BDAT 5"), .discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command")))
+        _ = send(&m, "MAIL FROM:<a@c.test>")
+        XCTAssertEqual(send(&m, "BDAT 5"), .discardChunk(SMTPReply(554, .invalidCommand, "Error: no valid recipients")))
+        _ = send(&m, "RCPT TO:<u@example.org>")
+        XCTAssertEqual(send(&m, "BDAT 5"), .receiveChunk(size: 5, last: false, first: true, normalize: true))
+        XCTAssertEqual(m.chunkReceived(size: 5), .reply(SMTPReply(250, .ok, "5 octets received")))
+        XCTAssertTrue(m.isReceivingMessage)
+        XCTAssertEqual(code(send(&m, "DATA")), 503, "no DATA inside a BDAT sequence")
+        XCTAssertEqual(code(send(&m, "MAIL FROM:<b@c.test>")), 503)
+        XCTAssertEqual(send(&m, "BDAT 3 LAST"), .receiveChunk(size: 3, last: true, first: false, normalize: true))
+        XCTAssertEqual(code(m.dataEnded(.queued("ID"))), 250)
+        XCTAssertFalse(m.isReceivingMessage)
+        // RSET abandons a sequence.
+        _ = send(&m, "MAIL FROM:<a@c.test>")
+        _ = send(&m, "RCPT TO:<u@example.org>")
+        _ = send(&m, "BDAT 1")
+        _ = m.chunkReceived(size: 1)
+        XCTAssertEqual(code(send(&m, "RSET")), 250)
+        XCTAssertFalse(m.isReceivingMessage)
+        XCTAssertNil(m.transaction)
     }
 
     func testDataOutcomes() {

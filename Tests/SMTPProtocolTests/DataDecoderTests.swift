@@ -93,3 +93,27 @@ final class DataDecoderTests: XCTestCase {
         XCTAssertEqual(decoded?.rest, [])
     }
 }
+
+final class LineEndingCheckerTests: XCTestCase {
+    private func check(_ pieces: [String], normalize: Bool = false) -> (String, DataDecoder.Violations) {
+        var checker = LineEndingChecker(normalizeBareLineEndings: normalize)
+        var out: [UInt8] = []
+        for p in pieces { Array(p.utf8).withUnsafeBytes { checker.feed($0, into: &out) } }
+        checker.finish(into: &out)
+        return (String(decoding: out, as: UTF8.self), checker.violations)
+    }
+
+    func testCleanInputPassesUnchanged() {
+        XCTAssertEqual(check(["a\r\n.\r\nb\r\n"]).0, "a\r\n.\r\nb\r\n")
+        XCTAssertEqual(check(["a\r\n.\r\nb\r\n"]).1, [])
+        XCTAssertEqual(check(["a\r", "\nb"]).1, [], "a CRLF split across chunks is not bare")
+    }
+
+    func testBareEndingsAndNUL() {
+        XCTAssertEqual(check(["a\nb"]).1, [.bareLF])
+        XCTAssertEqual(check(["a\rb"]).1, [.bareCR])
+        XCTAssertEqual(check(["a\r"]).1, [.bareCR], "a CR at the very end is bare")
+        XCTAssertEqual(check(["a\0"]).1, [.nul])
+        XCTAssertEqual(check(["a\nb\rc\r"], normalize: true).0, "a\r\nb\r\nc\r\n")
+    }
+}
