@@ -28,10 +28,6 @@ trap cleanup EXIT
 
 swift build -c release --product tern >/dev/null
 
-# ext4 skips inodes freed in the last dirty_expire_centisecs (30 s by default) when it
-# allocates one, under the directory lock; files deleted just before (a previous run, the
-# test suite) would make both servers pay for that instead of for their own work.
-sleep "${BENCH_SETTLE_SECONDS:-35}"
 
 # --- Tern ---
 mkdir -p "$WORK/tern"

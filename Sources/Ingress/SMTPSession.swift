@@ -83,7 +83,7 @@ struct SMTPSession {
         switch action {
         case .reply(let reply):
             try await send(reply)
-            if pausedFraming { try await control(.readCommands) }
+            if pausedFraming { control(.readCommands) }
         case .close(let reply):
             try await send(reply)
             channel.close(promise: nil)
@@ -93,12 +93,12 @@ struct SMTPSession {
             channel.close(promise: nil)
         case .startTLS(let reply):
             guard let context = environment.tlsContext else { preconditionFailure("STARTTLS offered without a context") }
-            try await control(.startTLS(reply: ByteBuffer(string: reply.encoded), context: context))
+            control(.startTLS(reply: ByteBuffer(string: reply.encoded), context: context))
             machine.tlsEstablished()
             logger.debug("STARTTLS from \(client)")
         case .beginData(let reply, let normalize):
             try await send(reply)
-            try await control(.readData(normalizeBareLineEndings: normalize))
+            control(.readData(normalizeBareLineEndings: normalize))
             let outcome = try await receiveMessage(normalize: normalize)
             try await perform(machine.dataEnded(outcome), pausedFraming: false)
         case .verifyCredentials(let user, let password):
@@ -341,8 +341,10 @@ struct SMTPSession {
         try await outbound.write(ByteBuffer(string: reply.encoded))
     }
 
-    private func control(_ control: SMTPFramingControl) async throws {
-        try await channel.triggerUserOutboundEvent(control).get()
+    /// Tells the framing how to read on. Not awaited: it reaches the event loop after every
+    /// reply written before it, and the session's next step is to read, which waits anyway.
+    private func control(_ control: SMTPFramingControl) {
+        channel.triggerUserOutboundEvent(control, promise: nil)
     }
 
     private func logReject(_ line: [UInt8], _ reply: SMTPReply) {

@@ -36,7 +36,7 @@ public final class Spool: Sendable {
         self.root = root
         self.queue = root + "/queue"
         self.pool = pool
-        self.queueSync = DirectorySyncer(fd: queueFD, path: root + "/queue", pool: pool)
+        self.queueSync = DirectorySyncer(fd: queueFD, path: root + "/queue")
         self.logger = logger
     }
 
@@ -185,14 +185,15 @@ public final class SpoolWriter: @unchecked Sendable {
         let path = self.path
         let current = fd
         fd = -1
+        let directory = spool.queueSync
         do {
             try await spool.pool.runIfActive {
                 let f = current >= 0 ? current : try SpoolFiles.create(path)
                 defer { close(f) }
                 try SpoolFiles.writeAll(f, data, path: path)
                 guard fsync(f) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+                try directory.sync()
             }
-            try await spool.queueSync.sync()
         } catch {
             // Never leave a complete-looking file behind for a message the client was refused.
             _ = try? await spool.pool.runIfActive { unlink(path) }
@@ -214,51 +215,53 @@ public final class SpoolWriter: @unchecked Sendable {
     }
 }
 
-/// Group commit for one directory: callers that arrive while a sync runs share the next one.
-actor DirectorySyncer {
+/// Group commit for one directory, called from the spool's pool threads: a caller needs a
+/// sync that *starts* after its file was created; callers that arrive while one runs wait
+/// for the next, which one of them runs for all. Waiting threads sleep on a condition
+/// variable, so a burst of commits costs one directory sync and no extra thread hops.
+final class DirectorySyncer: @unchecked Sendable {
     private let fd: CInt
     private let path: String
-    private let pool: NIOThreadPool
+    private var mutex = pthread_mutex_t()
+    private var condition = pthread_cond_t()
+    private var started = 0
+    private var completed = 0
     private var running = false
-    private var waiting: [CheckedContinuation<Void, any Error>] = []
+    private var lastError: Int32 = 0
 
-    init(fd: CInt, path: String, pool: NIOThreadPool) {
+    init(fd: CInt, path: String) {
         self.fd = fd
         self.path = path
-        self.pool = pool
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&condition, nil)
     }
 
-    func sync() async throws {
-        try await withCheckedThrowingContinuation { continuation in
-            waiting.append(continuation)
-            if !running { startRound() }
-        }
+    deinit {
+        pthread_cond_destroy(&condition)
+        pthread_mutex_destroy(&mutex)
     }
 
-    private func startRound() {
-        running = true
-        let batch = waiting
-        waiting = []
-        let fd = self.fd
-        let path = self.path
-        let pool = self.pool
-        Task {
-            let result: Result<Void, any Error>
-            do {
-                try await pool.runIfActive {
-                    guard fsync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
-                }
-                result = .success(())
-            } catch {
-                result = .failure(error)
+    /// Blocks until a directory sync that began after this call has finished.
+    func sync() throws {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        let target = started + 1
+        while completed < target {
+            if running {
+                pthread_cond_wait(&condition, &mutex)
+                continue
             }
-            self.finish(batch, result)
+            running = true
+            started += 1
+            let generation = started
+            pthread_mutex_unlock(&mutex)
+            let result = fsync(fd) == 0 ? 0 : errno
+            pthread_mutex_lock(&mutex)
+            lastError = result
+            completed = generation
+            running = false
+            pthread_cond_broadcast(&condition)
         }
-    }
-
-    private func finish(_ batch: [CheckedContinuation<Void, any Error>], _ result: Result<Void, any Error>) {
-        for c in batch { c.resume(with: result) }
-        running = false
-        if !waiting.isEmpty { startRound() }
+        if lastError != 0 { throw SpoolError("fsync", path, errno: lastError) }
     }
 }
