@@ -67,6 +67,9 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        // Delivery's decisions, pure: the failure policy, the retry schedule, DSNs.
+        .target(name: "Delivery", dependencies: ["SMTPProtocol", "TernCore"], swiftSettings: strict),
+
         .executableTarget(
             name: "tern",
             dependencies: [
@@ -86,6 +89,7 @@ let package = Package(
 
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
+        .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
         .testTarget(
             name: "SpoolTests",
             dependencies: ["Spool", "TernCore", .product(name: "NIOPosix", package: "swift-nio")]
