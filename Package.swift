@@ -70,6 +70,9 @@ let package = Package(
         // Delivery's decisions, pure: the failure policy, the retry schedule, DSNs.
         .target(name: "Delivery", dependencies: ["SMTPProtocol", "TernCore"], swiftSettings: strict),
 
+        // Outbound SMTP: the client state machine (and, later, its drivers).
+        .target(name: "Transports", dependencies: ["SMTPProtocol", "TernCore", "Delivery"], swiftSettings: strict),
+
         .executableTarget(
             name: "tern",
             dependencies: [
@@ -90,6 +93,7 @@ let package = Package(
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
         .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
+        .testTarget(name: "TransportsTests", dependencies: ["Transports", "Delivery", "SMTPProtocol", "TernCore"]),
         .testTarget(
             name: "SpoolTests",
             dependencies: ["Spool", "TernCore", .product(name: "NIOPosix", package: "swift-nio")]

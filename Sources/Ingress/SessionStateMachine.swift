@@ -329,11 +329,11 @@ struct SessionStateMachine {
         case "LOGIN":
             guard let initial else {
                 phase = .auth(.loginUser)
-                return .reply(SMTPReply(334, nil, SASL.base64Encode("Username:")))
+                return .reply(SMTPReply(334, nil, SASLBase64.encode("Username:")))
             }
-            guard let user = SASL.base64Decode(initial) else { return saslSyntaxError() }
+            guard let user = SASLBase64.decode(initial) else { return saslSyntaxError() }
             phase = .auth(.loginPassword(user: String(decoding: user, as: UTF8.self)))
-            return .reply(SMTPReply(334, nil, SASL.base64Encode("Password:")))
+            return .reply(SMTPReply(334, nil, SASLBase64.encode("Password:")))
         default:
             return fail(SMTPReply(504, .parameterSyntax, "Error: unsupported authentication mechanism"))
         }
@@ -349,11 +349,11 @@ struct SessionStateMachine {
         case .plain:
             return plain(text)
         case .loginUser:
-            guard let user = SASL.base64Decode(text) else { return saslSyntaxError() }
+            guard let user = SASLBase64.decode(text) else { return saslSyntaxError() }
             phase = .auth(.loginPassword(user: String(decoding: user, as: UTF8.self)))
-            return .reply(SMTPReply(334, nil, SASL.base64Encode("Password:")))
+            return .reply(SMTPReply(334, nil, SASLBase64.encode("Password:")))
         case .loginPassword(let user):
-            guard let password = SASL.base64Decode(text) else { return saslSyntaxError() }
+            guard let password = SASLBase64.decode(text) else { return saslSyntaxError() }
             phase = .verifying
             return .verifyCredentials(user: user, password: String(decoding: password, as: UTF8.self))
         }
@@ -361,7 +361,7 @@ struct SessionStateMachine {
 
     /// RFC 4616: `[authzid] NUL authcid NUL passwd`.
     private mutating func plain(_ base64: String) -> Action {
-        guard let decoded = SASL.base64Decode(base64) else { return saslSyntaxError() }
+        guard let decoded = SASLBase64.decode(base64) else { return saslSyntaxError() }
         let parts = decoded.split(separator: 0, omittingEmptySubsequences: false)
         guard parts.count == 3, !parts[1].isEmpty else { return saslSyntaxError() }
         let authzid = String(decoding: parts[0], as: UTF8.self)

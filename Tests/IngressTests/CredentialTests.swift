@@ -1,4 +1,5 @@
 import CCrypt
+import SMTPProtocol
 import XCTest
 
 @testable import Ingress
@@ -65,15 +66,15 @@ final class CredentialTests: XCTestCase {
     }
 
     func testBase64() {
-        XCTAssertEqual(SASL.base64Encode("Username:"), "VXNlcm5hbWU6")
-        XCTAssertEqual(SASL.base64Decode("AGFsaWNlAHB3").map { String(decoding: $0, as: UTF8.self) }, "\0alice\0pw")
-        XCTAssertEqual(SASL.base64Decode("YQ=="), [0x61])
-        XCTAssertNil(SASL.base64Decode("YQ="))
-        XCTAssertNil(SASL.base64Decode("Y=Q="))
-        XCTAssertNil(SASL.base64Decode("YQ==YQ=="))
+        XCTAssertEqual(SASLBase64.encode("Username:"), "VXNlcm5hbWU6")
+        XCTAssertEqual(SASLBase64.decode("AGFsaWNlAHB3").map { String(decoding: $0, as: UTF8.self) }, "\0alice\0pw")
+        XCTAssertEqual(SASLBase64.decode("YQ=="), [0x61])
+        XCTAssertNil(SASLBase64.decode("YQ="))
+        XCTAssertNil(SASLBase64.decode("Y=Q="))
+        XCTAssertNil(SASLBase64.decode("YQ==YQ=="))
         for n in 0..<20 {
             let bytes = (0..<n).map { UInt8(truncatingIfNeeded: $0 * 37) }
-            XCTAssertEqual(SASL.base64Decode(SASL.base64Encode(bytes)), bytes)
+            XCTAssertEqual(SASLBase64.decode(SASLBase64.encode(bytes)), bytes)
         }
     }
 

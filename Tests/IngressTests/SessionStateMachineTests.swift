@@ -92,7 +92,7 @@ final class SessionStateMachineTests: XCTestCase {
         XCTAssertEqual(code(send(&m, "AUTH PLAIN !!!!")), 501)
         XCTAssertEqual(code(send(&m, "AUTH CRAM-MD5")), 504)
         // authzid different from authcid is refused without checking a password
-        XCTAssertEqual(code(send(&m, "AUTH PLAIN " + SASL.base64Encode(Array("root\0bob\0secret".utf8)))), 535)
+        XCTAssertEqual(code(send(&m, "AUTH PLAIN " + SASLBase64.encode(Array("root\0bob\0secret".utf8)))), 535)
     }
 
     func testSubmissionGates() {

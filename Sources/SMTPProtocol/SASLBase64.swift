@@ -1,5 +1,6 @@
 /// Base64 for SASL exchanges (RFC 4648 §4), strict: padding required, no whitespace.
-enum SASL {
+/// - SeeAlso: RFC 4954 §4
+public enum SASLBase64 {
     private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
     private static let reverse: [UInt8: UInt8] = {
         var table: [UInt8: UInt8] = [:]
@@ -7,9 +8,9 @@ enum SASL {
         return table
     }()
 
-    static func base64Encode(_ text: String) -> String { base64Encode(Array(text.utf8)) }
+    public static func encode(_ text: String) -> String { encode(Array(text.utf8)) }
 
-    static func base64Encode(_ bytes: [UInt8]) -> String {
+    public static func encode(_ bytes: [UInt8]) -> String {
         var out: [UInt8] = []
         var i = 0
         while i < bytes.count {
@@ -25,7 +26,7 @@ enum SASL {
         return String(decoding: out, as: UTF8.self)
     }
 
-    static func base64Decode(_ text: String) -> [UInt8]? {
+    public static func decode(_ text: String) -> [UInt8]? {
         let chars = Array(text.utf8)
         guard chars.count % 4 == 0 else { return nil }
         var out: [UInt8] = []

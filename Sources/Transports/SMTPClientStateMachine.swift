@@ -1,0 +1,436 @@
+import Delivery
+import SMTPProtocol
+
+/// One message as the client sends it: the envelope and what the content needs.
+public struct OutboundMessage: Sendable, Equatable {
+    public struct Recipient: Sendable, Equatable {
+        public var address: String
+        public var notify: DSNNotify?
+        public var orcpt: OriginalRecipient?
+
+        public init(address: String, notify: DSNNotify? = nil, orcpt: OriginalRecipient? = nil) {
+            self.address = address
+            self.notify = notify
+            self.orcpt = orcpt
+        }
+    }
+
+    public var sender: String
+    public var recipients: [Recipient]
+    public var size: Int
+    /// The content has 8-bit bytes (BODY=8BITMIME is sent when the server offers it).
+    public var eightBit: Bool
+    /// An address or the content needs SMTPUTF8.
+    public var needsSMTPUTF8: Bool
+    public var ret: DSNReturn?
+    public var envid: String?
+
+    public init(
+        sender: String, recipients: [Recipient], size: Int, eightBit: Bool = false, needsSMTPUTF8: Bool = false,
+        ret: DSNReturn? = nil, envid: String? = nil
+    ) {
+        self.sender = sender
+        self.recipients = recipients
+        self.size = size
+        self.eightBit = eightBit
+        self.needsSMTPUTF8 = needsSMTPUTF8
+        self.ret = ret
+        self.envid = envid
+    }
+}
+
+/// What the server offered in its EHLO reply.
+public struct ServerExtensions: Sendable, Equatable {
+    public var pipelining = false
+    public var startTLS = false
+    public var eightBitMIME = false
+    public var smtpUTF8 = false
+    public var dsn = false
+    public var size: Int?
+    public var authMechanisms: Set<String> = []
+
+    public init() {}
+
+    /// RFC 5321 §4.1.1.1: the first line is the greeting, each further one a keyword with
+    /// optional parameters.
+    public init(ehlo reply: SMTPReply) {
+        for line in reply.lines.dropFirst() {
+            let words = line.split(separator: " ").map { $0.uppercased() }
+            guard let keyword = words.first else { continue }
+            switch keyword {
+            case "PIPELINING": pipelining = true
+            case "STARTTLS": startTLS = true
+            case "8BITMIME": eightBitMIME = true
+            case "SMTPUTF8": smtpUTF8 = true
+            case "DSN": dsn = true
+            case "SIZE": size = words.count > 1 ? Int(words[1]).flatMap { $0 > 0 ? $0 : nil } : nil
+            case "AUTH": authMechanisms.formUnion(words.dropFirst())
+            default: continue
+            }
+        }
+    }
+}
+
+/// Credentials for a smarthost.
+public struct ClientCredentials: Sendable, Equatable {
+    public var user: String
+    public var password: String
+    /// AUTH without TLS, only when a route says so explicitly.
+    public var allowPlaintext: Bool
+
+    public init(user: String, password: String, allowPlaintext: Bool = false) {
+        self.user = user
+        self.password = password
+        self.allowPlaintext = allowPlaintext
+    }
+}
+
+/// The SMTP client as a pure state machine: events in (replies, TLS up), actions out.
+/// The driver owns the socket, the TLS handler and the message content; this type decides
+/// what to send next and what each recipient's fate is.
+/// - SeeAlso: RFC 5321 §3.3, RFC 2920 (pipelining), RFC 3207, RFC 4954, RFC 1870, RFC 3461
+public struct SMTPClientStateMachine: Sendable {
+    public enum Action: Sendable, Equatable {
+        /// Send these commands at once (several only with PIPELINING), then feed each reply.
+        case send([SMTPCommand])
+        /// Start the TLS handshake now; report with `tlsEstablished` (or fail the connection).
+        case startTLS
+        /// Send the message content, dot-stuffed, and `.`; then feed the reply.
+        case sendContent
+        /// The message is done: each recipient's verdict, in the message's order. With
+        /// `reset`, send RSET first and feed its reply: the transaction ended without content.
+        case messageDone([RecipientVerdict], reset: Bool)
+        /// Send this SASL response line (not a command).
+        case sendSASL(String)
+        /// Nothing more on this connection: send QUIT (if `quit`) and close. Recipients of the
+        /// message under way, if any, get `verdicts`.
+        case close(quit: Bool, verdicts: [RecipientVerdict])
+        /// Waiting for more replies.
+        case wait
+    }
+
+    private enum State: Equatable {
+        case greeting
+        case ehlo
+        case helo
+        case startTLS
+        case ehloAfterTLS
+        case auth(step: Int)
+        case ready
+        /// MAIL and RCPTs sent; `pending` replies still to come.
+        case envelope(pending: Int)
+        case data
+        case content
+        /// RSET sent after a transaction without content.
+        case resetting
+        case closed
+    }
+
+    public let heloName: String
+    public let tlsPolicy: TLSPolicy
+    public let credentials: ClientCredentials?
+    /// False for MX delivery to a host that is not the last: a soft failure then moves on.
+    public var isLastHost: Bool
+
+    private var state = State.greeting
+    public private(set) var extensions = ServerExtensions()
+    public private(set) var tlsActive = false
+    private var message: OutboundMessage?
+    private var verdicts: [RecipientVerdict?] = []
+    private var acceptedRecipients = 0
+    private var sentRecipients: [Int] = []
+
+    public init(heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil, isLastHost: Bool = true) {
+        self.heloName = heloName
+        self.tlsPolicy = tlsPolicy
+        self.credentials = credentials
+        self.isLastHost = isLastHost
+    }
+
+    /// True between sessions' transactions: a message can be offered.
+    public var isReady: Bool { state == .ready }
+
+    // MARK: - Events
+
+    /// A reply from the server.
+    public mutating func reply(_ reply: SMTPReply) -> Action {
+        switch state {
+        case .greeting:
+            guard reply.code == 220 else { return failConnection(.greeting, reply) }
+            state = .ehlo
+            return .send([.ehlo(heloName)])
+        case .ehlo, .ehloAfterTLS:
+            let afterTLS = state == .ehloAfterTLS
+            guard reply.code == 250 else {
+                // RFC 5321 §3.2: a server that does not know EHLO gets HELO, but not after
+                // TLS, where EHLO is required to learn the extensions again.
+                if !afterTLS, reply.isPermanentFailure, !tlsPolicy.requiresTLS, credentials == nil {
+                    state = .helo
+                    return .send([.helo(heloName)])
+                }
+                return failConnection(.hello, reply)
+            }
+            extensions = ServerExtensions(ehlo: reply)
+            return afterHello()
+        case .helo:
+            guard reply.code == 250 else { return failConnection(.hello, reply) }
+            extensions = ServerExtensions()
+            state = .ready
+            return .wait
+        case .startTLS:
+            guard reply.code == 220 else {
+                if tlsPolicy.requiresTLS { return failConnection(.startTLS, reply) }
+                // `may`: the server offered and then refused; go on in plaintext.
+                return afterTLSDecision(skipTLS: true)
+            }
+            return .startTLS
+        case .auth(let step):
+            return authReply(reply, step: step)
+        case .envelope(let pending):
+            return envelopeReply(reply, pending: pending)
+        case .data:
+            guard reply.code == 354 else { return finishMessage(stage: .data, outcome: .reply(reply)) }
+            state = .content
+            return .sendContent
+        case .content:
+            return finishMessage(stage: .endOfData, outcome: .reply(reply))
+        case .resetting:
+            guard reply.isPositive else { return failConnection(.mail, reply) }
+            state = .ready
+            return .wait
+        case .ready, .closed:
+            // An unsolicited reply (typically 421 before closing).
+            return failConnection(.greeting, reply)
+        }
+    }
+
+    public mutating func tlsEstablished() -> Action {
+        guard state == .startTLS else { preconditionFailure("TLS outside STARTTLS") }
+        tlsActive = true
+        state = .ehloAfterTLS
+        extensions = ServerExtensions()
+        return .send([.ehlo(heloName)])
+    }
+
+    /// The connection failed or timed out: the message under way, if any, gets the verdicts.
+    public mutating func connectionFailed(stage: DeliveryStage, _ outcome: AttemptOutcome) -> Action {
+        state = .closed
+        return .close(quit: false, verdicts: remainingVerdicts(stage: stage, outcome: outcome))
+    }
+
+    /// Offers a message on a ready connection.
+    public mutating func send(_ message: OutboundMessage) -> Action {
+        guard state == .ready else { preconditionFailure("a message offered on a busy connection") }
+        self.message = message
+        verdicts = Array(repeating: nil, count: message.recipients.count)
+        acceptedRecipients = 0
+        sentRecipients = []
+        // Refuse here what the server has said it cannot take (RFC 1870 §6, RFC 6531 §3.4).
+        if let limit = extensions.size, message.size > limit {
+            return finishAll(.bounced(status: .messageTooBig, diagnostic: "X-Tern; message size \(message.size) exceeds the server's limit of \(limit)"))
+        }
+        if message.needsSMTPUTF8, !extensions.smtpUTF8 {
+            return finishAll(.bounced(status: .utf8NotPermitted, diagnostic: "X-Tern; the message needs SMTPUTF8, which the server does not offer"))
+        }
+        var params = MailParameters()
+        if extensions.size != nil { params.size = message.size }
+        if message.eightBit, extensions.eightBitMIME { params.body = .eightBitMIME }
+        if message.needsSMTPUTF8 { params.smtpUTF8 = true }
+        if extensions.dsn {
+            params.ret = message.ret
+            params.envid = message.envid
+        }
+        var commands: [SMTPCommand] = [.mail(Self.reversePath(message.sender), params)]
+        for (index, r) in message.recipients.enumerated() {
+            var rp = RcptParameters()
+            if extensions.dsn {
+                rp.notify = r.notify
+                rp.orcpt = r.orcpt
+            }
+            commands.append(.rcpt(.mailbox(Self.mailbox(r.address)), rp))
+            sentRecipients.append(index)
+        }
+        if extensions.pipelining {
+            state = .envelope(pending: commands.count)
+            return .send(commands)
+        }
+        // Without PIPELINING, one command at a time: keep the rest for later replies.
+        queued = Array(commands.dropFirst())
+        state = .envelope(pending: commands.count)
+        return .send([commands[0]])
+    }
+
+    /// Ends the connection politely.
+    public mutating func quit() -> Action {
+        state = .closed
+        return .close(quit: true, verdicts: [])
+    }
+
+    // MARK: - Steps
+
+    private var queued: [SMTPCommand] = []
+
+    private mutating func afterHello() -> Action {
+        if tlsActive { return afterTLSDecision(skipTLS: true) }
+        switch tlsPolicy {
+        case .none:
+            return afterTLSDecision(skipTLS: true)
+        case .may:
+            return extensions.startTLS ? beginTLS() : afterTLSDecision(skipTLS: true)
+        case .encrypt, .verify:
+            guard extensions.startTLS else {
+                state = .closed
+                return .close(quit: true, verdicts: remainingVerdicts(
+                    stage: .startTLS, outcome: .tls("TLS is required, but was not offered by the server")))
+            }
+            return beginTLS()
+        }
+    }
+
+    private mutating func beginTLS() -> Action {
+        state = .startTLS
+        return .send([.startTLS])
+    }
+
+    private mutating func afterTLSDecision(skipTLS: Bool) -> Action {
+        guard let credentials else {
+            state = .ready
+            return .wait
+        }
+        guard tlsActive || credentials.allowPlaintext else {
+            state = .closed
+            return .close(quit: true, verdicts: remainingVerdicts(
+                stage: .auth, outcome: .tls("AUTH needs TLS, which this connection does not have")))
+        }
+        if extensions.authMechanisms.contains("PLAIN") {
+            state = .auth(step: 0)
+            let blob = SASLBase64.encode(Array("\0\(credentials.user)\0\(credentials.password)".utf8))
+            return .send([.auth(mechanism: "PLAIN", initialResponse: blob)])
+        }
+        if extensions.authMechanisms.contains("LOGIN") {
+            state = .auth(step: 1)
+            return .send([.auth(mechanism: "LOGIN", initialResponse: nil)])
+        }
+        state = .closed
+        return .close(quit: true, verdicts: remainingVerdicts(
+            stage: .auth, outcome: .protocolError("the server offers no AUTH mechanism Tern can use (PLAIN, LOGIN)")))
+    }
+
+    /// step 0: PLAIN sent; 1: LOGIN sent, expecting the user prompt; 2: user sent.
+    private mutating func authReply(_ reply: SMTPReply, step: Int) -> Action {
+        guard let credentials else { preconditionFailure("AUTH without credentials") }
+        if reply.code == 235 {
+            state = .ready
+            return .wait
+        }
+        if reply.code == 334, step == 1 {
+            state = .auth(step: 2)
+            return .sendSASL(SASLBase64.encode(Array(credentials.user.utf8)))
+        }
+        if reply.code == 334, step == 2 {
+            state = .auth(step: 3)
+            return .sendSASL(SASLBase64.encode(Array(credentials.password.utf8)))
+        }
+        return failConnection(.auth, reply)
+    }
+
+    private mutating func envelopeReply(_ reply: SMTPReply, pending: Int) -> Action {
+        guard let message else { preconditionFailure("envelope replies without a message") }
+        let total = message.recipients.count + 1
+        let index = total - pending  // 0 is MAIL, then each RCPT in order
+        if index == 0 {
+            if !reply.isPositive {
+                // The sender refused: every recipient shares the verdict. With PIPELINING the
+                // RCPT replies still come and are read, then ignored; without, none are sent.
+                let verdict = DeliveryPolicy.verdict(stage: .mail, outcome: .reply(reply), isLastHost: isLastHost)
+                for i in verdicts.indices { verdicts[i] = verdict }
+                if !queued.isEmpty {
+                    queued = []
+                    return resetAndReport()
+                }
+            }
+        } else {
+            let r = index - 1
+            if verdicts[r] == nil {
+                if reply.isPositive {
+                    acceptedRecipients += 1
+                } else {
+                    verdicts[r] = DeliveryPolicy.verdict(stage: .rcpt, outcome: .reply(reply), isLastHost: isLastHost)
+                }
+            }
+        }
+        let remaining = pending - 1
+        if remaining > 0 {
+            state = .envelope(pending: remaining)
+            if !queued.isEmpty {
+                let next = queued.removeFirst()
+                return .send([next])
+            }
+            return .wait
+        }
+        guard acceptedRecipients > 0 else {
+            // Nothing to send: end the transaction and report.
+            return resetAndReport()
+        }
+        state = .data
+        return .send([.data])
+    }
+
+    private mutating func finishMessage(stage: DeliveryStage, outcome: AttemptOutcome) -> Action {
+        let verdict = DeliveryPolicy.verdict(stage: stage, outcome: outcome, isLastHost: isLastHost)
+        for i in verdicts.indices where verdicts[i] == nil { verdicts[i] = verdict }
+        if stage == .data, !verdictIsDelivered(verdict) {
+            return resetAndReport()
+        }
+        return report()
+    }
+
+    private func verdictIsDelivered(_ v: RecipientVerdict) -> Bool {
+        if case .delivered = v { return true }
+        return false
+    }
+
+    /// After a transaction that ended without content: RSET, so the connection can be reused.
+    private mutating func resetAndReport() -> Action {
+        for i in verdicts.indices where verdicts[i] == nil {
+            verdicts[i] = .deferred(status: EnhancedStatusCode(4, 0, 0), diagnostic: "X-Tern; transaction reset")
+        }
+        state = .resetting
+        let done = verdicts.map { $0! }
+        message = nil
+        return .messageDone(done, reset: true)
+    }
+
+    private mutating func report() -> Action {
+        state = .ready
+        let done = verdicts.map { $0! }
+        message = nil
+        return .messageDone(done, reset: false)
+    }
+
+    private mutating func finishAll(_ verdict: RecipientVerdict) -> Action {
+        for i in verdicts.indices { verdicts[i] = verdict }
+        return report()
+    }
+
+    private mutating func failConnection(_ stage: DeliveryStage, _ reply: SMTPReply) -> Action {
+        state = .closed
+        return .close(quit: reply.code != 421, verdicts: remainingVerdicts(stage: stage, outcome: .reply(reply)))
+    }
+
+    private func remainingVerdicts(stage: DeliveryStage, outcome: AttemptOutcome) -> [RecipientVerdict] {
+        guard message != nil else { return [] }
+        let verdict = DeliveryPolicy.verdict(stage: stage, outcome: outcome, isLastHost: isLastHost)
+        return verdicts.map { $0 ?? verdict }
+    }
+
+    static func reversePath(_ sender: String) -> ReversePath {
+        sender.isEmpty ? .null : .mailbox(mailbox(sender))
+    }
+
+    static func mailbox(_ address: String) -> Mailbox {
+        guard let at = address.lastIndex(of: "@") else { return Mailbox(localPart: address, domain: "") }
+        return Mailbox(localPart: String(address[..<at]), domain: String(address[address.index(after: at)...]))
+    }
+}
+

@@ -1,0 +1,164 @@
+import Delivery
+import SMTPProtocol
+import XCTest
+
+@testable import Transports
+
+/// Transcripts: the server's replies in, the client's actions out. No sockets.
+final class SMTPClientStateMachineTests: XCTestCase {
+    private func r(_ code: Int, _ lines: String...) -> SMTPReply { SMTPReply(code, nil, lines) }
+
+    private let ehloFull = SMTPReply(250, nil, ["mx.test", "PIPELINING", "SIZE 1000", "8BITMIME", "SMTPUTF8", "DSN", "STARTTLS", "AUTH PLAIN LOGIN"])
+
+    private func message(_ recipients: [String] = ["a@example.org", "b@example.org"], size: Int = 100) -> OutboundMessage {
+        OutboundMessage(
+            sender: "app@client.test",
+            recipients: recipients.map { .init(address: $0, notify: [.failure], orcpt: nil) }, size: size, eightBit: true,
+            ret: .headers, envid: "E1")
+    }
+
+    func testPipelinedDeliveryWithTLSAndAuth() {
+        var m = SMTPClientStateMachine(heloName: "relay.test", tlsPolicy: .verify, credentials: .init(user: "u", password: "p"))
+        XCTAssertEqual(m.reply(r(220, "mx.test ESMTP")), .send([.ehlo("relay.test")]))
+        XCTAssertEqual(m.reply(ehloFull), .send([.startTLS]))
+        XCTAssertEqual(m.reply(r(220, "go ahead")), .startTLS)
+        XCTAssertEqual(m.tlsEstablished(), .send([.ehlo("relay.test")]))
+        XCTAssertEqual(m.reply(ehloFull), .send([.auth(mechanism: "PLAIN", initialResponse: "AHUAcA==")]))
+        XCTAssertEqual(m.reply(r(235, "ok")), .wait)
+        XCTAssertTrue(m.isReady)
+
+        var mail = MailParameters()
+        mail.size = 100
+        mail.body = .eightBitMIME
+        mail.ret = .headers
+        mail.envid = "E1"
+        var rcpt = RcptParameters()
+        rcpt.notify = [.failure]
+        let sent = m.send(message())
+        XCTAssertEqual(sent, .send([
+            .mail(.mailbox(Mailbox(localPart: "app", domain: "client.test")), mail),
+            .rcpt(.mailbox(Mailbox(localPart: "a", domain: "example.org")), rcpt),
+            .rcpt(.mailbox(Mailbox(localPart: "b", domain: "example.org")), rcpt),
+        ]))
+        XCTAssertEqual(m.reply(r(250, "ok")), .wait)
+        XCTAssertEqual(m.reply(r(250, "ok")), .wait)
+        XCTAssertEqual(m.reply(SMTPReply(550, EnhancedStatusCode(5, 1, 1), "no such user")), .send([.data]))
+        XCTAssertEqual(m.reply(r(354, "go")), .sendContent)
+        let delivered = SMTPReply(250, .ok, "queued as X")
+        XCTAssertEqual(m.reply(delivered), .messageDone([
+            .delivered(delivered),
+            .bounced(status: EnhancedStatusCode(5, 1, 1), diagnostic: "smtp; 550 5.1.1 no such user"),
+        ], reset: false))
+        XCTAssertTrue(m.isReady, "the connection can carry the next message")
+        XCTAssertEqual(m.quit(), .close(quit: true, verdicts: []))
+    }
+
+    func testOneCommandAtATimeWithoutPipeliningAndHeloFallback() {
+        var m = SMTPClientStateMachine(heloName: "relay.test", tlsPolicy: .may)
+        _ = m.reply(r(220, "old.test"))
+        XCTAssertEqual(m.reply(r(502, "what?")), .send([.helo("relay.test")]))
+        XCTAssertEqual(m.reply(r(250, "old.test")), .wait)
+        guard case .send(let first) = m.send(message(["a@example.org"])) else { return XCTFail() }
+        XCTAssertEqual(first.count, 1)
+        guard case .mail(_, let params) = first[0] else { return XCTFail() }
+        XCTAssertEqual(params, MailParameters(), "no ESMTP parameters after HELO")
+        XCTAssertEqual(m.reply(r(250, "ok")), .send([.rcpt(.mailbox(Mailbox(localPart: "a", domain: "example.org")), RcptParameters())]))
+        XCTAssertEqual(m.reply(r(250, "ok")), .send([.data]))
+    }
+
+    func testRefusedSenderWithoutPipeliningSendsNoRecipients() {
+        var m = SMTPClientStateMachine(heloName: "relay.test", tlsPolicy: .none)
+        _ = m.reply(r(220, "x"))
+        _ = m.reply(r(250, "x", "SIZE 1000"))
+        _ = m.send(message())
+        let refused = SMTPReply(553, EnhancedStatusCode(5, 7, 1), "sender rejected")
+        let bounce = RecipientVerdict.bounced(status: EnhancedStatusCode(5, 7, 1), diagnostic: "smtp; 553 5.7.1 sender rejected")
+        XCTAssertEqual(m.reply(refused), .messageDone([bounce, bounce], reset: true))
+        XCTAssertEqual(m.reply(r(250, "reset")), .wait)
+        XCTAssertTrue(m.isReady)
+    }
+
+    func testTLSPolicies() {
+        var encrypt = SMTPClientStateMachine(heloName: "r", tlsPolicy: .encrypt)
+        _ = encrypt.reply(r(220, "x"))
+        guard case .close(true, _) = encrypt.reply(r(250, "x", "PIPELINING")) else { return XCTFail("encrypt without STARTTLS must not go on") }
+
+        var may = SMTPClientStateMachine(heloName: "r", tlsPolicy: .may)
+        _ = may.reply(r(220, "x"))
+        XCTAssertEqual(may.reply(r(250, "x", "PIPELINING")), .wait, "may: no STARTTLS offered, plaintext")
+        var mayRefused = SMTPClientStateMachine(heloName: "r", tlsPolicy: .may)
+        _ = mayRefused.reply(r(220, "x"))
+        XCTAssertEqual(mayRefused.reply(r(250, "x", "STARTTLS")), .send([.startTLS]))
+        XCTAssertEqual(mayRefused.reply(r(454, "TLS not available")), .wait, "may: refused STARTTLS, plaintext")
+
+        var none = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none)
+        _ = none.reply(r(220, "x"))
+        XCTAssertEqual(none.reply(r(250, "x", "STARTTLS")), .wait)
+
+        var noPlaintextAuth = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none, credentials: .init(user: "u", password: "p"))
+        _ = noPlaintextAuth.reply(r(220, "x"))
+        guard case .close = noPlaintextAuth.reply(r(250, "x", "AUTH PLAIN")) else { return XCTFail("AUTH needs TLS by default") }
+        var plaintextAllowed = SMTPClientStateMachine(
+            heloName: "r", tlsPolicy: .none, credentials: .init(user: "u", password: "p", allowPlaintext: true))
+        _ = plaintextAllowed.reply(r(220, "x"))
+        XCTAssertEqual(plaintextAllowed.reply(r(250, "x", "AUTH LOGIN")), .send([.auth(mechanism: "LOGIN", initialResponse: nil)]))
+        XCTAssertEqual(plaintextAllowed.reply(r(334, "VXNlcm5hbWU6")), .sendSASL("dQ=="))
+        XCTAssertEqual(plaintextAllowed.reply(r(334, "UGFzc3dvcmQ6")), .sendSASL("cA=="))
+        XCTAssertEqual(plaintextAllowed.reply(r(235, "ok")), .wait)
+    }
+
+    func testWrongPasswordDefers() {
+        var m = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none, credentials: .init(user: "u", password: "bad", allowPlaintext: true))
+        _ = m.reply(r(220, "x"))
+        _ = m.reply(r(250, "x", "AUTH PLAIN"))
+        XCTAssertEqual(m.reply(SMTPReply(535, .authFailed, "bad credentials")), .close(quit: true, verdicts: []))
+        // With a message pending on the connection its recipients are deferred, not bounced.
+        XCTAssertEqual(
+            DeliveryPolicy.verdict(stage: .auth, outcome: .reply(SMTPReply(535, .authFailed, "x")), isLastHost: true),
+            .deferred(status: .authFailed, diagnostic: "smtp; 535 5.7.8 x"))
+    }
+
+    func testSizeAndSMTPUTF8AreCheckedBeforeSending() {
+        var m = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none)
+        _ = m.reply(r(220, "x"))
+        _ = m.reply(r(250, "x", "SIZE 1000", "PIPELINING"))
+        guard case .messageDone(let big, false) = m.send(message(size: 5000)) else { return XCTFail() }
+        XCTAssertEqual(big.count, 2)
+        guard case .bounced(let status, _) = big[0] else { return XCTFail() }
+        XCTAssertEqual(status, .messageTooBig)
+        var utf8 = message(size: 10)
+        utf8.needsSMTPUTF8 = true
+        guard case .messageDone(let refused, false) = m.send(utf8), case .bounced(let s2, _) = refused[0] else { return XCTFail() }
+        XCTAssertEqual(s2, .utf8NotPermitted)
+    }
+
+    func testSoftFailuresMoveToTheNextMX() {
+        var m = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none, isLastHost: false)
+        _ = m.reply(r(220, "x"))
+        _ = m.reply(r(250, "x", "PIPELINING"))
+        _ = m.send(message(["a@example.org"]))
+        _ = m.reply(r(250, "ok"))
+        XCTAssertEqual(m.reply(r(451, "try later")), .messageDone([.tryNextHost(.reply(r(451, "try later")))], reset: true))
+    }
+
+    func testGreetingFailureAndLostConnection() {
+        var m = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none)
+        XCTAssertEqual(m.reply(r(421, "busy")), .close(quit: false, verdicts: []))
+        var n = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none)
+        _ = n.reply(r(220, "x"))
+        _ = n.reply(r(250, "x"))
+        _ = n.send(message(["a@example.org"]))
+        XCTAssertEqual(
+            n.connectionFailed(stage: .mail, .timeout("MAIL")),
+            .close(quit: false, verdicts: [.deferred(status: EnhancedStatusCode(4, 4, 2), diagnostic: "X-Tern; timed out: MAIL")]))
+    }
+
+    func testEHLOParsing() {
+        let e = ServerExtensions(ehlo: ehloFull)
+        XCTAssertTrue(e.pipelining && e.startTLS && e.eightBitMIME && e.smtpUTF8 && e.dsn)
+        XCTAssertEqual(e.size, 1000)
+        XCTAssertEqual(e.authMechanisms, ["PLAIN", "LOGIN"])
+        XCTAssertNil(ServerExtensions(ehlo: r(250, "x", "SIZE")).size)
+        XCTAssertNil(ServerExtensions(ehlo: r(250, "x", "SIZE 0")).size, "SIZE 0 means no fixed limit")
+    }
+}
