@@ -71,7 +71,16 @@ let package = Package(
         .target(name: "Delivery", dependencies: ["SMTPProtocol", "TernCore"], swiftSettings: strict),
 
         // Outbound SMTP: the client state machine (and, later, its drivers).
-        .target(name: "Transports", dependencies: ["SMTPProtocol", "TernCore", "Delivery"], swiftSettings: strict),
+        .target(
+            name: "Transports",
+            dependencies: [
+                "SMTPProtocol", "TernCore", "Delivery",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
+            swiftSettings: strict
+        ),
 
         .executableTarget(
             name: "tern",
@@ -93,7 +102,10 @@ let package = Package(
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
         .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
-        .testTarget(name: "TransportsTests", dependencies: ["Transports", "Delivery", "SMTPProtocol", "TernCore"]),
+        .testTarget(
+            name: "TransportsTests",
+            dependencies: ["Transports", "Delivery", "SMTPProtocol", "TernCore", .product(name: "NIOPosix", package: "swift-nio")]
+        ),
         .testTarget(
             name: "SpoolTests",
             dependencies: ["Spool", "TernCore", .product(name: "NIOPosix", package: "swift-nio")]
