@@ -168,7 +168,13 @@ public final class SMTPClientConnection: @unchecked Sendable {
         } catch let failure as ConnectionFailure {
             throw failure
         } catch {
-            let outcome = connection.outcome(of: error)
+            var cause: any Error = error
+            if connection.stage == .startTLS {
+                // A failed handshake closes the channel; a write may notice first. The
+                // reason itself waits in the inbound stream.
+                do { _ = try await connection.replies.next() } catch let underlying { cause = underlying }
+            }
+            let outcome = connection.outcome(of: cause)
             await connection.close(quit: false)
             throw ConnectionFailure(stage: connection.stage, outcome: outcome)
         }
@@ -304,6 +310,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
         if let failure = error as? ConnectionFailure { return failure.outcome }
         if error is ReadTimeoutHandler.Timeout { return .timeout("no reply after \(stage.rawValue)") }
         if error is NIOSSLError || error is BoringSSLError || error is NIOSSLExtraError { return .tls("\(error)") }
+        if stage == .startTLS { return .tls("handshake failed: \(error)") }
         return .connection("\(error)")
     }
 
