@@ -1,19 +1,11 @@
 import Delivery
 import SMTPProtocol
+import TernCore
 
 /// One message as the client sends it: the envelope and what the content needs.
 public struct OutboundMessage: Sendable, Equatable {
-    public struct Recipient: Sendable, Equatable {
-        public var address: String
-        public var notify: DSNNotify?
-        public var orcpt: OriginalRecipient?
-
-        public init(address: String, notify: DSNNotify? = nil, orcpt: OriginalRecipient? = nil) {
-            self.address = address
-            self.notify = notify
-            self.orcpt = orcpt
-        }
-    }
+    /// A recipient with its DSN parameters, as the spool keeps it.
+    public typealias Recipient = EnvelopeRecipient
 
     public var sender: String
     public var recipients: [Recipient]
