@@ -4,8 +4,9 @@ import SMTPProtocol
 
 /// What the framing layer hands to the session.
 enum SMTPFrame: Sendable, Equatable {
-    /// A command line (or a SASL response line) without its line ending.
-    case line([UInt8])
+    /// A command line (or a SASL response line) without its line ending. `paused`: the line
+    /// was DATA or STARTTLS, and decoding waits for an `SMTPFramingControl`.
+    case line([UInt8], paused: Bool)
     /// A line longer than the limit; its bytes up to the next LF are dropped.
     case lineTooLong
     /// Decoded message bytes (dot-stuffing removed).
@@ -177,8 +178,9 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
                     context.fireChannelRead(wrapInboundOut(.lineTooLong))
                     continue
                 }
-                if Self.pausesFraming(line) { mode = .paused }
-                context.fireChannelRead(wrapInboundOut(.line(line)))
+                let pauses = Self.pausesFraming(line)
+                if pauses { mode = .paused }
+                context.fireChannelRead(wrapInboundOut(.line(line, paused: pauses)))
                 // RFC 3030: a chunk's bytes follow its BDAT line at once and are read whether
                 // or not the command is accepted, so the framing takes the size from the line.
                 if let size = Self.chunkSize(line) {

@@ -59,8 +59,8 @@ struct SMTPSession {
             let action: SessionStateMachine.Action?
             var pausedFraming = false
             switch frame {
-            case .line(let line):
-                pausedFraming = SMTPFramingHandler.pausesFraming(line)
+            case .line(let line, let paused):
+                pausedFraming = paused
                 let isSASL = machine.awaitingSASLResponse
                 action = machine.line(line)
                 if case .reply(let r) = action, !r.isPositive { logReject(isSASL ? [] : line, r) }
