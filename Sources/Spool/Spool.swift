@@ -92,16 +92,10 @@ public final class Spool: Sendable {
     }
 
     /// The messages in the queue, oldest first.
-    public func list() throws -> [QueuedMessage] {
-        try SpoolFiles.list(queue).compactMap { name -> QueuedMessage? in
-            guard let id = QueueID(name) else { return nil }
-            let path = queue + "/" + name
-            guard let (envelope, size) = try? SpoolFiles.readEnvelope(path) else { return nil }
-            return QueuedMessage(id: id, size: size, envelope: envelope)
-        }.sorted { $0.id < $1.id }
-    }
+    public func list() throws -> [QueuedMessage] { try Self.list(root: root) }
 
-    /// Reads the queue without opening the spool for writing (for `tern queue list`).
+    /// Reads the queue without opening the spool for writing (for `tern queue list`). Files
+    /// without a valid trailer (still arriving) are skipped.
     public static func list(root: String) throws -> [QueuedMessage] {
         // A spool that was never opened holds no mail.
         if access(root + "/queue", F_OK) != 0, errno == ENOENT { return [] }

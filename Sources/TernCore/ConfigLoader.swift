@@ -164,10 +164,7 @@ public enum ConfigLoader {
         case is Int.Type: return "a whole number"
         case is Bool.Type: return "true or false"
         default:
-            let name = String(describing: type)
-            if name.hasPrefix("Array") { return "a list" }
-            if name.hasPrefix("Dictionary") { return "a mapping" }
-            return "a mapping"
+            return String(describing: type).hasPrefix("Array") ? "a list" : "a mapping"
         }
     }
 

@@ -128,7 +128,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
         } catch {
             throw ConnectionFailure(stage: .connect, outcome: .connection("\(host):\(port): \(error)"))
         }
-        let peer = host.contains(":") ? "\(configuration.serverName)[\(host)]:\(port)" : "\(configuration.serverName)[\(host)]:\(port)"
+        let peer = "\(configuration.serverName)[\(host)]:\(port)"
         let (inbound, outbound) = Self.streams(of: channel)
         let connection = SMTPClientConnection(channel: channel, configuration: configuration, peer: peer, outbound: outbound, inbound: inbound)
         connection.stage = .greeting
