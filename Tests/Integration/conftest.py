@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import smtplib
 
 BINARY = os.environ.get("TERN_BINARY", str(Path(__file__).resolve().parents[2] / ".build/debug/tern"))
 
@@ -202,3 +203,20 @@ def good_transaction(port, source=None, subject="ok"):
     c.cmd("QUIT")
     c.close()
     return text.split("queued as ")[1]
+
+
+def open_transaction(port, source="127.0.0.1", recipient="u@example.org"):
+    """A new connection with EHLO, MAIL and RCPT accepted, ready for DATA or BDAT."""
+    c = RawClient(port, source=source)
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd("MAIL FROM:<a@client.test>")[0] == 250
+    assert c.cmd(f"RCPT TO:<{recipient}>")[0] == 250
+    return c
+
+
+def authenticated_outsider(tern, certs, listener="mx"):
+    """smtplib from 127.0.0.2 (outside a 127.0.0.1/32 mynetworks), after STARTTLS and AUTH."""
+    s = smtplib.SMTP("127.0.0.1", tern.port(listener), source_address=("127.0.0.2", 0), timeout=10)
+    s.starttls(context=tls_client_context(certs))
+    s.login("alice", "wonderland")
+    return s

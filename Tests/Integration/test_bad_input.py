@@ -1,10 +1,9 @@
 """Each kind of bad input gets the right reply, and the next good transaction works."""
-import socket
 import time
 
 import pytest
 
-from conftest import RawClient, good_transaction
+from conftest import RawClient, authenticated_outsider, good_transaction, open_transaction
 
 
 @pytest.fixture
@@ -30,9 +29,7 @@ def test_declared_size_over_limit(tern):
 
 
 def test_actual_size_over_limit_queues_nothing(tern):
-    c = session(tern.port("mx"))
-    c.cmd("MAIL FROM:<a@client.test>")
-    c.cmd("RCPT TO:<u@example.org>")
+    c = open_transaction(tern.port("mx"))
     assert c.cmd("DATA")[0] == 354
     line = b"x" * 998 + b"\r\n"
     c.send(b"Subject: big\r\n\r\n" + line * 100 + b".\r\n")
@@ -109,12 +106,8 @@ def test_malformed_addresses(make_tern):
 ])
 def test_bare_line_endings_from_untrusted_client(make_tern, certs, users_file, body, what):
     # Outside mynetworks but authenticated: bare CR/LF is still rejected (smuggling).
-    import smtplib
-    from conftest import tls_client_context
     tern = make_tern(mynetworks=["127.0.0.1/32"], tls=certs, users=users_file)
-    s = smtplib.SMTP("127.0.0.1", tern.port("mx"), source_address=("127.0.0.2", 0), timeout=10)
-    s.starttls(context=tls_client_context(certs))
-    s.login("alice", "wonderland")
+    s = authenticated_outsider(tern, certs)
     s.mail("alice@client.test")
     s.rcpt("u@example.org")
     s.putcmd("DATA")
@@ -128,9 +121,7 @@ def test_bare_line_endings_from_untrusted_client(make_tern, certs, users_file, b
 
 
 def test_bare_lf_is_normalised_for_trusted_client(tern):
-    c = session(tern.port("mx"))
-    c.cmd("MAIL FROM:<a@client.test>")
-    c.cmd("RCPT TO:<u@example.org>")
+    c = open_transaction(tern.port("mx"))
     c.cmd("DATA")
     c.send(b"Subject: lf\n\nline one\nline two\r\n.\r\n")
     code, text = c.reply()
@@ -143,9 +134,7 @@ def test_bare_lf_is_normalised_for_trusted_client(tern):
 
 def test_smuggling_terminators_are_message_text(tern):
     """Only CRLF.CRLF ends DATA: LF.LF, CR.CR and mixtures are text, never an end."""
-    c = session(tern.port("mx"))
-    c.cmd("MAIL FROM:<a@client.test>")
-    c.cmd("RCPT TO:<u@example.org>")
+    c = open_transaction(tern.port("mx"))
     c.cmd("DATA")
     c.send(b"Subject: smuggle\r\n\r\nhello\n.\nMAIL FROM:<evil@attacker.test>\r\n"
            b"hello\r.\rRCPT TO:<x@y.test>\r\n"
@@ -162,12 +151,8 @@ def test_smuggling_terminators_are_message_text(tern):
 
 
 def test_smuggling_from_untrusted_is_rejected(make_tern, certs, users_file):
-    import smtplib
-    from conftest import tls_client_context
     tern = make_tern(mynetworks=["127.0.0.1/32"], tls=certs, users=users_file)
-    s = smtplib.SMTP("127.0.0.1", tern.port("mx"), source_address=("127.0.0.2", 0), timeout=10)
-    s.starttls(context=tls_client_context(certs))
-    s.login("alice", "wonderland")
+    s = authenticated_outsider(tern, certs)
     s.mail("alice@client.test")
     s.rcpt("u@example.org")
     s.putcmd("DATA")
@@ -181,9 +166,7 @@ def test_smuggling_from_untrusted_is_rejected(make_tern, certs, users_file):
 
 
 def test_nul_bytes_are_rejected(tern):
-    c = session(tern.port("mx"))
-    c.cmd("MAIL FROM:<a@client.test>")
-    c.cmd("RCPT TO:<u@example.org>")
+    c = open_transaction(tern.port("mx"))
     c.cmd("DATA")
     c.send(b"Subject: nul\r\n\r\nbad\x00byte\r\n.\r\n")
     code, text = c.reply()
@@ -193,9 +176,7 @@ def test_nul_bytes_are_rejected(tern):
 
 
 def test_dot_stuffing_is_removed(tern):
-    c = session(tern.port("mx"))
-    c.cmd("MAIL FROM:<a@client.test>")
-    c.cmd("RCPT TO:<u@example.org>")
+    c = open_transaction(tern.port("mx"))
     c.cmd("DATA")
     c.send(b"Subject: dots\r\n\r\n..leading dot\r\n...two\r\n.\r\n")
     assert c.reply()[0] == 250
@@ -242,9 +223,7 @@ def test_command_and_data_timeouts(make_tern):
     assert 0.8 < time.monotonic() - started < 5
     assert c.closed()
 
-    c = session(port)
-    c.cmd("MAIL FROM:<a@client.test>")
-    c.cmd("RCPT TO:<u@example.org>")
+    c = open_transaction(port)
     c.cmd("DATA")
     c.send(b"Subject: slow\r\n\r\npartial")
     started = time.monotonic()
@@ -267,9 +246,7 @@ def test_helo_disables_esmtp_parameters(tern):
 
 
 def test_client_vanishing_in_data_queues_nothing(tern):
-    c = session(tern.port("mx"))
-    c.cmd("MAIL FROM:<a@client.test>")
-    c.cmd("RCPT TO:<u@example.org>")
+    c = open_transaction(tern.port("mx"))
     c.cmd("DATA")
     c.send(b"Subject: cut\r\n\r\nhalf a message\r\n")
     c.close()

@@ -1,16 +1,5 @@
 """BDAT (RFC 3030) on the wire: chunks are counted, never parsed; refusals still read them."""
-import smtplib
-
-from conftest import RawClient, good_transaction, tls_client_context
-
-
-def start(port, source="127.0.0.1"):
-    c = RawClient(port, source=source)
-    code, text = c.cmd("EHLO client.test")
-    assert code == 250 and "CHUNKING" in text.split("\n")
-    assert c.cmd("MAIL FROM:<a@client.test>")[0] == 250
-    assert c.cmd("RCPT TO:<u@example.org>")[0] == 250
-    return c
+from conftest import RawClient, authenticated_outsider, good_transaction, open_transaction
 
 
 def bdat(c, data: bytes, last=False):
@@ -20,7 +9,10 @@ def bdat(c, data: bytes, last=False):
 
 def test_message_in_chunks(make_tern):
     tern = make_tern()
-    c = start(tern.port("mx"))
+    probe = RawClient(tern.port("mx"))
+    assert "CHUNKING" in probe.cmd("EHLO client.test")[1].split("\n")
+    probe.close()
+    c = open_transaction(tern.port("mx"))
     assert bdat(c, b"Subject: chunks\r\n\r\n") == (250, "2.0.0 19 octets received")
     # What DATA would treat as an end and as commands is plain message text here.
     assert bdat(c, b"line\r\n.\r\nQUIT\r\n")[0] == 250
@@ -57,7 +49,7 @@ def test_refused_bdat_still_consumes_its_chunk(make_tern):
 
 def test_bdat_limits_and_reset(make_tern):
     tern = make_tern(limits="{ max_message_size: 1KB }")
-    c = start(tern.port("mx"))
+    c = open_transaction(tern.port("mx"))
     assert bdat(c, b"x" * 800)[0] == 250
     code, text = bdat(c, b"y" * 800)
     assert code == 552 and text.startswith("5.3.4")
@@ -76,9 +68,7 @@ def test_bdat_limits_and_reset(make_tern):
 
 def test_bdat_bare_lf_from_untrusted_client(make_tern, certs, users_file):
     tern = make_tern(mynetworks=["127.0.0.1/32"], tls=certs, users=users_file)
-    s = smtplib.SMTP("127.0.0.1", tern.port("mx"), source_address=("127.0.0.2", 0), timeout=10)
-    s.starttls(context=tls_client_context(certs))
-    s.login("alice", "wonderland")
+    s = authenticated_outsider(tern, certs)
     s.mail("alice@client.test")
     s.rcpt("u@example.org")
     body = b"Subject: lf\n\nbare\n"
@@ -90,7 +80,7 @@ def test_bdat_bare_lf_from_untrusted_client(make_tern, certs, users_file):
 
 def test_client_vanishing_between_chunks_queues_nothing(make_tern):
     tern = make_tern()
-    c = start(tern.port("mx"))
+    c = open_transaction(tern.port("mx"))
     assert bdat(c, b"Subject: half\r\n")[0] == 250
     c.send(b"BDAT 100\r\nonly part")
     c.close()

@@ -55,7 +55,6 @@ def test_shipped_configs_are_valid(tmp_path):
     """config/tern.yaml and every example pass `tern check` (examples with their files stubbed)."""
     import pathlib
     import re
-    import shutil
     root = pathlib.Path(__file__).resolve().parents[2]
     out = subprocess.run([BINARY, "check", "--config", "config/tern.yaml"], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr

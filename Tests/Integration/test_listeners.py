@@ -1,6 +1,5 @@
 """A real client submits to each listener kind."""
 import smtplib
-import ssl
 import subprocess
 from email.message import EmailMessage
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from conftest import RawClient, good_transaction, tls_client_context
+from conftest import RawClient, authenticated_outsider, good_transaction, tls_client_context
 
 
 def test_outside_mynetworks_is_refused_at_rcpt(make_tern, certs, users_file):
@@ -21,9 +21,7 @@ def test_outside_mynetworks_is_refused_at_rcpt(make_tern, certs, users_file):
     assert "reject: RCPT from [127.0.0.2]" in tern.log()
 
     # The same client after AUTH may relay.
-    s = smtplib.SMTP("127.0.0.1", port, source_address=("127.0.0.2", 0), timeout=10)
-    s.starttls(context=tls_client_context(certs))
-    s.login("alice", "wonderland")
+    s = authenticated_outsider(tern, certs)
     s.sendmail("alice@client.test", ["victim@example.org"], b"Subject: ok\r\n\r\nfine\r\n")
     s.quit()
     assert len(tern.queue()) == 1
