@@ -10,6 +10,10 @@ public struct SpoolError: Error, CustomStringConvertible, Sendable {
         self.errno = errno
     }
 
+    /// A file without a valid trailer: a commit that never finished.
+    static let noTrailer = "no valid trailer in"
+    var isMissingTrailer: Bool { operation == Self.noTrailer }
+
     public var description: String {
         let reason = errno.map { ": " + String(cString: strerror($0)) } ?? ""
         return "\(operation) \(path)\(reason)"

@@ -48,7 +48,7 @@ enum SpoolFiles {
         do {
             _ = try readEnvelope(path)
             return .complete
-        } catch let error as SpoolError where error.operation == "bad trailer in" || error.operation == "short file" {
+        } catch let error as SpoolError where error.isMissingTrailer {
             return .incomplete
         } catch {
             return .corrupt
@@ -63,14 +63,14 @@ enum SpoolFiles {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw SpoolError("stat", path, errno: errno) }
         let fileSize = Int(st.st_size)
-        guard fileSize >= trailerLength else { throw SpoolError("short file", path) }
+        guard fileSize >= trailerLength else { throw SpoolError(SpoolError.noTrailer, path) }
         let trailer = try pread(fd, count: trailerLength, at: fileSize - trailerLength, path: path)
         let text = String(decoding: trailer, as: UTF8.self)
-        guard text.hasPrefix(magic), text.hasSuffix("\n") else { throw SpoolError("bad trailer in", path) }
+        guard text.hasPrefix(magic), text.hasSuffix("\n") else { throw SpoolError(SpoolError.noTrailer, path) }
         let fields = text.dropFirst(magic.count).dropLast().split(separator: " ")
         guard fields.count == 2, let envelopeOffset = Int(fields[0], radix: 16), let stateOffset = Int(fields[1], radix: 16),
             envelopeOffset < stateOffset, stateOffset < fileSize
-        else { throw SpoolError("bad trailer in", path) }
+        else { throw SpoolError(SpoolError.noTrailer, path) }
         let json = try pread(fd, count: stateOffset - envelopeOffset - 1, at: envelopeOffset, path: path)
         let envelope = try JSONDecoder().decode(Envelope.self, from: Data(json))
         return (envelope, envelopeOffset)
