@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.5.0"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.6.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.0.0"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.5.0"),
     ],
     targets: [
         // Pure SMTP grammar: commands, replies, addresses, ESMTP parameters. No I/O.
@@ -28,6 +29,9 @@ let package = Package(
             pkgConfig: "libcrypt",
             providers: [.apt(["libcrypt-dev"])]
         ),
+
+        // libunbound, the caching resolver library, for MX and address lookups.
+        .systemLibrary(name: "CUnbound", providers: [.apt(["libunbound-dev"])]),
 
         // Configuration model, shared types, log names.
         .target(
@@ -67,14 +71,15 @@ let package = Package(
             swiftSettings: strict
         ),
 
-        // Delivery's decisions, pure: the failure policy, the retry schedule, DSNs.
+        // Delivery's decisions, pure: routes, the failure policy, the retry schedule, the lane
+        // window, DSNs.
         .target(name: "Delivery", dependencies: ["SMTPProtocol", "TernCore"], swiftSettings: strict),
 
-        // Outbound SMTP: the client state machine (and, later, its drivers).
+        // Outbound SMTP: the client state machine, its NIO driver, MX resolution.
         .target(
             name: "Transports",
             dependencies: [
-                "SMTPProtocol", "TernCore", "Delivery",
+                "SMTPProtocol", "TernCore", "Delivery", "CUnbound",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -82,10 +87,25 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        // The queue manager: the scheduler and the lanes that carry queued mail out through
+        // the transports, recording each outcome in the spool; bounces; queue control.
+        .target(
+            name: "QueueManager",
+            dependencies: [
+                "SMTPProtocol", "TernCore", "Spool", "Delivery", "Transports",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            swiftSettings: strict
+        ),
+
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernCore", "Spool", "Ingress", "SMTPProtocol",
+                "TernCore", "Spool", "Ingress", "SMTPProtocol", "Delivery", "Transports", "QueueManager",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

@@ -61,6 +61,17 @@ public enum DeliveryPolicy {
         return .bounced(status: expired, diagnostic: diagnostic + " (gave up: queue lifetime exceeded)")
     }
 
+    /// A soft failure with no host left to try: deferred, with the failure's status. The
+    /// note says why no host was left when that is not the failure itself.
+    public static func exhausted(_ failure: AttemptOutcome, note: String?) -> RecipientVerdict {
+        let stage: DeliveryStage
+        if case .reply = failure { stage = .rcpt } else { stage = .connect }
+        let text = diagnostic(failure)
+        let esc = status(of: failure, stage: stage)
+        // A deferral is temporary whatever the server's own class said.
+        return .deferred(status: EnhancedStatusCode(4, esc.subject, esc.detail), diagnostic: note.map { "\(text) (\($0))" } ?? text)
+    }
+
     public static func throttlesLane(stage: DeliveryStage, outcome: AttemptOutcome) -> Bool {
         if case .reply(let reply) = outcome, reply.isPositive { return false }
         return stage == .connect || stage == .greeting

@@ -1,3 +1,4 @@
+import TernCore
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -24,25 +25,10 @@ enum ReceivedHeader {
         if let tlsVersion { header += "\t(using \(tlsVersion))\r\n" }
         header += "\tby \(hostname) (Tern) with \(protocolName) id \(queueID)"
         if recipients.count == 1 {
-            header += "\r\n\tfor <\(recipients[0])>; \(rfc5322Date(date))\r\n"
+            header += "\r\n\tfor <\(recipients[0])>; \(MailDate.rfc5322(date))\r\n"
         } else {
-            header += ";\r\n\t\(rfc5322Date(date))\r\n"
+            header += ";\r\n\t\(MailDate.rfc5322(date))\r\n"
         }
         return header
-    }
-
-    /// RFC 5322 §3.3 date-time, in local time with its numeric zone.
-    static func rfc5322Date(_ t: time_t) -> String {
-        var seconds = t
-        var parts = tm()
-        localtime_r(&seconds, &parts)
-        let days = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"]
-        let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        let offset = parts.tm_gmtoff / 60
-        let sign = offset < 0 ? "-" : "+"
-        func two(_ n: Int) -> String { n < 10 ? "0\(n)" : "\(n)" }
-        return "\(days[Int(parts.tm_wday)]), \(parts.tm_mday) \(months[Int(parts.tm_mon)]) \(parts.tm_year + 1900) "
-            + "\(two(Int(parts.tm_hour))):\(two(Int(parts.tm_min))):\(two(Int(parts.tm_sec))) "
-            + "\(sign)\(two(abs(offset) / 60))\(two(abs(offset) % 60))"
     }
 }

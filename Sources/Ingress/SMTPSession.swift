@@ -20,6 +20,8 @@ struct SessionEnvironment: Sendable {
     var threadPool: NIOThreadPool
     var authThrottle: AuthThrottle
     var logger: Logger
+    /// Told of each committed message (the queue manager), after the commit.
+    var onQueued: @Sendable (QueueID, Envelope, Int) -> Void
 }
 
 /// Drives one connection: reads frames, feeds them to the state machine, carries out its
@@ -213,6 +215,7 @@ struct SMTPSession {
                 logger.info(
                     "\(writer.id): from=<\(transaction.sender)>, size=\(writer.size), nrcpt=\(transaction.recipients.count), client=\(client)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")\(intake.tlsVersion.map { ", tls=\($0)" } ?? "")"
                 )
+                environment.onQueued(writer.id, envelope, writer.size)
                 return .queued(writer.id.rawValue)
             } catch {
                 logger.error("\(writer.id): spool commit failed: \(error)")

@@ -52,7 +52,7 @@ public final class Spool: Sendable {
     /// Opens the spool, creating its directories, and recovers from whatever a crash left.
     public static func open(root: String, threadPool: NIOThreadPool, logger: Logger) async throws -> (Spool, RecoveryReport) {
         try await threadPool.runIfActive {
-            for dir in [root, root + "/queue", root + "/corrupt"] {
+            for dir in [root, root + "/queue", root + "/corrupt", root + "/meta"] {
                 try SpoolFiles.makeDirectory(dir)
             }
             let fd = Glibc.open(root + "/queue", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -65,7 +65,13 @@ public final class Spool: Sendable {
 
     private func recoverSync() throws -> RecoveryReport {
         var report = RecoveryReport(queued: 0, removedIncomplete: 0, corrupt: 0)
-        for name in try SpoolFiles.list(queue) {
+        let names = try SpoolFiles.list(queue)
+        // Notes of messages that are gone, and replacements a crash interrupted.
+        let kept = Set(names)
+        for name in try SpoolFiles.list(metaDirectory) where !kept.contains(name) {
+            unlink(metaDirectory + "/" + name)
+        }
+        for name in names {
             let path = queue + "/" + name
             switch QueueID(name) == nil ? .corrupt : SpoolFiles.check(path) {
             case .complete:

@@ -57,6 +57,21 @@ enum SpoolFiles {
 
     /// The envelope and the content size of a committed spool file.
     static func readEnvelope(_ path: String) throws -> (Envelope, Int) {
+        let record = try readRecord(path)
+        return (record.envelope, record.contentSize)
+    }
+
+    /// What delivery needs of a committed file besides its content.
+    struct Record {
+        var envelope: Envelope
+        /// Bytes of message content, which start at offset 0.
+        var contentSize: Int
+        var stateOffset: Int
+        /// One byte per recipient: `-` pending, `D` delivered, `B` bounced, `X` deleted.
+        var states: [UInt8]
+    }
+
+    static func readRecord(_ path: String) throws -> Record {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
         defer { close(fd) }
@@ -73,7 +88,10 @@ enum SpoolFiles {
         else { throw SpoolError(SpoolError.noTrailer, path) }
         let json = try pread(fd, count: stateOffset - envelopeOffset - 1, at: envelopeOffset, path: path)
         let envelope = try JSONDecoder().decode(Envelope.self, from: Data(json))
-        return (envelope, envelopeOffset)
+        let stateCount = fileSize - trailerLength - 1 - stateOffset
+        guard stateCount == envelope.recipients.count else { throw SpoolError("recipient states do not match the envelope in", path) }
+        let states = try pread(fd, count: stateCount, at: stateOffset, path: path)
+        return Record(envelope: envelope, contentSize: envelopeOffset, stateOffset: stateOffset, states: states)
     }
 
     static func pread(_ fd: CInt, count: Int, at offset: Int, path: String) throws -> [UInt8] {

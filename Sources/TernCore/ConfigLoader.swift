@@ -112,11 +112,25 @@ public enum ConfigLoader {
         if config.limits.maxConnectionsPerClient > config.limits.maxConnections {
             throw fail(["limits", "max_connections_per_client"], "is larger than limits.max_connections")
         }
+        var routeNames = Set<String>()
+        for (i, route) in config.routes.enumerated() {
+            if !routeNames.insert(route.name).inserted { throw fail(["routes", "\(i)", "name"], "'\(route.name)' is used twice") }
+            if let caFile = route.smarthost?.caFile, !isReadable(caFile) {
+                throw fail(["routes", "\(i)", "smarthost", "ca_file"], "cannot read \(caFile)")
+            }
+            if let auth = route.smarthost?.auth {
+                do {
+                    _ = try auth.readPassword()
+                } catch {
+                    throw fail(["routes", "\(i)", "smarthost", "auth", "password_file"], "\(auth.passwordFile): \(error.message)")
+                }
+            }
+        }
     }
 
     // MARK: - Helpers
 
-    static func readFile(_ path: String) -> String? {
+    public static func readFile(_ path: String) -> String? {
         guard let f = fopen(path, "r") else { return nil }
         defer { fclose(f) }
         var bytes: [UInt8] = []

@@ -16,9 +16,12 @@ public struct TernConfig: Sendable, Decodable {
     public var access: AccessConfig
     public var limits: LimitsConfig
     public var log: LogConfig
+    public var delivery: DeliveryConfig
+    /// Ordered; the first match wins. Without routes, all mail goes to the recipients' MX hosts.
+    public var routes: [RouteConfig]
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case hostname, spool, listeners, tls, access, limits, log
+        case hostname, spool, listeners, tls, access, limits, log, delivery, routes
     }
 
     public init(from decoder: any Decoder) throws {
@@ -31,6 +34,8 @@ public struct TernConfig: Sendable, Decodable {
         access = try c.decodeIfPresent(AccessConfig.self, forKey: .access) ?? AccessConfig()
         limits = try c.decodeIfPresent(LimitsConfig.self, forKey: .limits) ?? LimitsConfig()
         log = try c.decodeIfPresent(LogConfig.self, forKey: .log) ?? LogConfig()
+        delivery = try c.decodeIfPresent(DeliveryConfig.self, forKey: .delivery) ?? DeliveryConfig()
+        routes = try c.decodeIfPresent([RouteConfig].self, forKey: .routes) ?? []
     }
 
     static func systemHostname() -> String {

@@ -1,12 +1,15 @@
 import ArgumentParser
+import Delivery
 import Ingress
 import Logging
 import NIOCore
 import NIOPosix
 import NIOSSL
+import QueueManager
 import ServiceLifecycle
 import Spool
 import TernCore
+import Transports
 
 #if canImport(Glibc)
 import Glibc
@@ -19,7 +22,7 @@ struct Tern: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tern",
         abstract: "Tern, an outbound SMTP relay.",
-        subcommands: [Serve.self, Check.self, Queue.self]
+        subcommands: [Serve.self, Check.self, Queue.self, Route.self]
     )
 }
 
@@ -46,6 +49,8 @@ func printError(_ text: String) {
 struct LoadedResources {
     var users: UserDatabase?
     var tls: NIOSSLContext?
+    /// Smarthost logins by route name (passwords read from their files).
+    var smarthostCredentials: [String: ClientCredentials] = [:]
 
     init(_ config: TernConfig, file: String) throws {
         if let path = config.access.usersFile {
@@ -53,6 +58,16 @@ struct LoadedResources {
                 users = try UserDatabase.load(path: path)
             } catch {
                 printError("tern: \(file): access.users_file: \(error)")
+                throw ExitCode(78)
+            }
+        }
+        for (i, route) in config.routes.enumerated() {
+            guard let auth = route.smarthost?.auth else { continue }
+            do {
+                smarthostCredentials[route.name] = ClientCredentials(
+                    user: auth.user, password: try auth.readPassword(), allowPlaintext: auth.allowPlaintext)
+            } catch {
+                printError("tern: \(file): routes.\(i).smarthost.auth.password_file: \(error)")
                 throw ExitCode(78)
             }
         }
@@ -100,12 +115,30 @@ struct Serve: AsyncParsableCommand {
         logger.info(
             "spool \(config.spool): \(report.queued) queued, \(report.removedIncomplete) half-written removed, \(report.corrupt) corrupt"
         )
+        let resolver: MXResolver
+        do {
+            resolver = try MXResolver(server: config.delivery.resolver.map { ($0.host, $0.port) }, threadPool: threadPool)
+        } catch {
+            printError("tern: \(options.config): delivery.resolver: \(error)")
+            throw ExitCode(78)
+        }
+        let scheduler = Scheduler(
+            config: config, spool: spool, resolver: resolver, credentials: resources.smarthostCredentials, logger: logger)
+        do {
+            try await scheduler.load()
+        } catch {
+            printError("tern: cannot read the spool \(config.spool): \(error)")
+            throw ExitCode(73)
+        }
+        let queueManager = QueueManagerService(scheduler: scheduler, spoolRoot: config.spool, logger: logger)
         let server = SMTPServer(
             config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
-            group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger)
+            group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
+            onQueued: { id, envelope, size in Task { await scheduler.queued(id, envelope: envelope, size: size) } })
+        // Services stop in reverse order: the listeners first, the queue manager after them.
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: server)],
+                services: [.init(service: queueManager), .init(service: server)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: Logger(label: "tern.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })
             ))
@@ -160,31 +193,180 @@ struct Check: AsyncParsableCommand {
 
 struct Queue: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Inspect the queue.",
-        subcommands: [List.self]
+        abstract: "Inspect and control the queue.",
+        discussion: """
+            list and show read the spool directly. flush, delete, hold and release talk to the running \
+            daemon over the control socket in the spool directory.
+            """,
+        subcommands: [List.self, Show.self, Flush.self, Delete.self, Hold.self, Release.self]
     )
 
     struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "List queued messages: id, size, arrival, sender, recipients.")
+            abstract: "List queued messages: id, size, arrival, sender; each recipient's state, attempts, next attempt and last error.",
+            discussion: "A `!` after the queue id marks a held message.")
 
         @OptionGroup var options: ConfigOption
         @Flag(help: "Print JSON, one array of messages.") var json = false
 
         func run() async throws {
             let config = try options.load()
-            let messages: [QueuedMessage]
-            do {
-                messages = try Spool.list(root: config.spool)
-            } catch {
-                printError("tern: cannot read the spool: \(error)")
-                throw ExitCode(75)
-            }
+            let messages = try loadQueue(config)
             if json {
-                print(try QueueListing.json(messages))
+                print(try QueueListing.json(messages.map(ListedMessage.init)))
             } else {
                 print(QueueListing.table(messages), terminator: "")
             }
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show one message: envelope, recipient states and headers.")
+
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "The queue id.") var id: String
+
+        func run() async throws {
+            let config = try options.load()
+            guard let m = try loadQueue(config).first(where: { $0.id.rawValue == id }) else {
+                printError("tern: \(id): not in the queue")
+                throw ExitCode(1)
+            }
+            print(try QueueListing.json(ListedMessage(m)))
+            print("")
+            print(String(decoding: Spool.headers(root: config.spool, id: m.id, size: m.contentSize), as: UTF8.self), terminator: "")
+        }
+    }
+
+    struct Selector: ParsableArguments {
+        @Argument(help: "Queue ids.") var ids: [String] = []
+        @Option(help: "Recipients in this domain.") var domain: String?
+        @Option(help: "Messages from this sender.") var sender: String?
+
+        func selection(deferred: Bool = false, all: Bool = false) throws -> Scheduler.Selection {
+            guard !ids.isEmpty || domain != nil || sender != nil || deferred || all else {
+                throw ValidationError("say which messages: queue ids, --domain, --sender\(all ? "" : "") or --all")
+            }
+            return Scheduler.Selection(ids: ids.isEmpty ? nil : ids, domain: domain, sender: sender, deferredOnly: deferred, all: all)
+        }
+    }
+
+    struct Flush: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Attempt delivery now (all deferred mail, or what is selected), waking resting destinations.")
+
+        @OptionGroup var options: ConfigOption
+        @OptionGroup var selector: Selector
+
+        func run() async throws {
+            let config = try options.load()
+            let everything = selector.ids.isEmpty && selector.domain == nil && selector.sender == nil
+            let count = try control(config, .flush, try selector.selection(all: everything))
+            print("flushed: \(count) message\(count == 1 ? "" : "s")")
+        }
+    }
+
+    struct Delete: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Delete messages (with --domain, only those recipients) without notifying the senders.")
+
+        @OptionGroup var options: ConfigOption
+        @OptionGroup var selector: Selector
+        @Flag(help: "Every message with a deferred recipient.") var deferred = false
+        @Flag(help: "Every message.") var all = false
+
+        func run() async throws {
+            let config = try options.load()
+            let count = try control(config, .delete, try selector.selection(deferred: deferred, all: all))
+            print("deleted: \(count) message\(count == 1 ? "" : "s")")
+        }
+    }
+
+    struct Hold: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Keep messages queued without delivering them, until released.")
+
+        @OptionGroup var options: ConfigOption
+        @OptionGroup var selector: Selector
+        @Flag(help: "Every message.") var all = false
+
+        func run() async throws {
+            let count = try control(try options.load(), .hold, try selector.selection(all: all))
+            print("held: \(count) message\(count == 1 ? "" : "s")")
+        }
+    }
+
+    struct Release: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Release held messages; they are attempted at once.")
+
+        @OptionGroup var options: ConfigOption
+        @OptionGroup var selector: Selector
+        @Flag(help: "Every message.") var all = false
+
+        func run() async throws {
+            let count = try control(try options.load(), .release, try selector.selection(all: all))
+            print("released: \(count) message\(count == 1 ? "" : "s")")
+        }
+    }
+}
+
+func loadQueue(_ config: TernConfig) throws -> [SpooledMessage] {
+    do {
+        return try Spool.load(root: config.spool)
+    } catch {
+        printError("tern: cannot read the spool: \(error)")
+        throw ExitCode(75)
+    }
+}
+
+/// Sends one command to the running daemon; exits 75 (EX_TEMPFAIL) when none answers.
+func control(_ config: TernConfig, _ operation: ControlRequest.Operation, _ selection: Scheduler.Selection) throws -> Int {
+    let path = QueueManagerService.socketPath(spool: config.spool)
+    do {
+        let reply = try ControlClient.send(ControlRequest(operation: operation, selection: selection), socket: path)
+        if let error = reply.error {
+            printError("tern: \(error)")
+            throw ExitCode(1)
+        }
+        return reply.count
+    } catch let error as ControlClient.Failure {
+        printError("tern: \(error.description) (is `tern serve` running with this config?)")
+        throw ExitCode(75)
+    }
+}
+
+struct Route: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Explain routing.",
+        subcommands: [Explain.self]
+    )
+
+    struct Explain: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Print the route, next hop, lane and TLS policy that mail to an address would get.")
+
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "The recipient address.") var recipient: String
+        @Option(help: "The envelope sender (for routes by sender domain).") var sender: String = ""
+
+        func run() async throws {
+            let config = try options.load()
+            let route = Router(routes: config.routes, delivery: config.delivery).route(recipient: recipient, sender: sender)
+            print("recipient: \(recipient)")
+            if !sender.isEmpty { print("sender: \(sender)") }
+            print("route: \(route.name)\(route.name == "default" ? " (no route matched: direct MX delivery)" : "")")
+            switch route.nextHop {
+            case .mx(let domain):
+                print("next hop: MX hosts of \(domain), port \(config.delivery.mxPort)")
+            case .smarthost(let host, let port):
+                print("next hop: smarthost \(host):\(port)")
+            }
+            print("lane: \(route.laneKey)")
+            print("tls: \(route.tls.rawValue)\(route.caFile.map { " (CA file \($0))" } ?? "")")
+            print("auth: \(route.authUser.map { "as \($0)" } ?? "none")")
+            let l = route.limits
+            print(
+                "lane limits: max_connections \(l.maxConnections), initial_connections \(l.initialConnections), "
+                    + "messages_per_connection \(l.messagesPerConnection), dead_time \(l.deadTime)")
         }
     }
 }

@@ -117,7 +117,8 @@ def tls_client_context(certs):
 def make_tern(tmp_path):
     started = []
 
-    def make(listeners=None, extra="", mynetworks=("127.0.0.0/8", "::1/128"), tls=None, users=None, limits="", access_extra=""):
+    def make(listeners=None, extra="", mynetworks=("127.0.0.0/8", "::1/128"), tls=None, users=None, limits="", access_extra="",
+             delivery="{ paused: true }"):
         listeners = listeners or [("mx", "smtp")]
         lines = ["hostname: relay.test", "spool: var/spool", "listeners:"]
         for name, kind in listeners:
@@ -132,6 +133,8 @@ def make_tern(tmp_path):
             lines.append(access_extra)
         if limits:
             lines.append("limits: " + limits)
+        # Tests of the ingress keep their mail queued; delivery tests pass their own settings.
+        lines.append("delivery: " + delivery)
         lines.append(extra)
         t = Tern(tmp_path, "\n".join(lines) + "\n")
         t.start()

@@ -151,7 +151,7 @@ def test_ipv6_listener_and_mynetworks(tmp_path):
     from conftest import Tern
     import socket as s
     t = Tern(tmp_path, 'hostname: relay.test\nlisteners:\n  - { name: v6, kind: smtp, address: "[::1]:0" }\n'
-                       'access:\n  mynetworks: ["::1/128"]\n')
+                       'access:\n  mynetworks: ["::1/128"]\ndelivery: { paused: true }\n')
     t.start()
     try:
         sock = s.create_connection(("::1", t.port("v6")), timeout=10)

@@ -162,3 +162,33 @@ final class SMTPClientStateMachineTests: XCTestCase {
         XCTAssertNil(ServerExtensions(ehlo: r(250, "x", "SIZE 0")).size, "SIZE 0 means no fixed limit")
     }
 }
+
+final class MXResolverPureTests: XCTestCase {
+    func testParsesMXRdataAndNullMX() {
+        let rdata: [UInt8] = [0, 10, 3] + Array("mx1".utf8) + [7] + Array("example".utf8) + [0]
+        XCTAssertEqual(MXResolver.parseMX(rdata)?.0, 10)
+        XCTAssertEqual(MXResolver.parseMX(rdata)?.1, "mx1.example")
+        XCTAssertEqual(MXResolver.parseMX([0, 0, 0])?.1, "", "RFC 7505 null MX: the root name")
+        XCTAssertNil(MXResolver.parseMX([0, 10, 5, 0x61]), "a truncated name")
+        XCTAssertNil(MXResolver.parseMX([0, 10, 0xC0, 0x0C]), "a compression pointer is not a label")
+    }
+
+    func testOrdersByPreferenceAndShufflesEqualOnes() {
+        var random = SystemRandomNumberGenerator()
+        var firstSeen = Set<String>()
+        for _ in 0..<100 {
+            let ordered = MXResolver.order([(20, "c"), (10, "a"), (10, "b"), (30, "d")], using: &random)
+            XCTAssertEqual(ordered.map(\.0), [10, 10, 20, 30])
+            XCTAssertEqual(Set(ordered.prefix(2).map(\.1)), ["a", "b"])
+            firstSeen.insert(ordered[0].1)
+        }
+        XCTAssertEqual(firstSeen, ["a", "b"], "hosts of equal preference come in random order")
+    }
+
+    func testAddressLiterals() {
+        XCTAssertEqual(MXResolver.addressLiteral("[192.0.2.1]"), "192.0.2.1")
+        XCTAssertEqual(MXResolver.addressLiteral("[IPv6:2001:db8::1]"), "2001:db8::1")
+        XCTAssertNil(MXResolver.addressLiteral("example.com"))
+        XCTAssertEqual(MXResolver.addressText([127, 0, 0, 1]), "127.0.0.1")
+    }
+}

@@ -1,0 +1,67 @@
+import TernCore
+
+/// A destination lane's concurrency, after Postfix's queue manager (`qmgr_queue.c`,
+/// SCHEDULER_README): the lane starts with `initialConnections`, gains one per connection
+/// that reaches the server's greeting, up to `maxConnections`, and loses one per connection
+/// or greeting failure. When a whole window's worth of attempts fail in a row the
+/// destination is dead: it rests for `deadTime`, and mail for it is deferred meanwhile
+/// instead of being retried in a tight loop.
+///
+/// Pure: the lane actor calls these with the time; nothing here sleeps.
+public struct LaneWindow: Sendable, Equatable {
+    public let limits: LaneLimits
+    public private(set) var window: Int
+    public private(set) var active = 0
+    public private(set) var consecutiveFailures = 0
+    /// Milliseconds since 1970 until which the destination rests.
+    public private(set) var deadUntil: Int64?
+
+    public init(limits: LaneLimits) {
+        self.limits = limits
+        self.window = max(1, min(limits.initialConnections, limits.maxConnections))
+    }
+
+    public func isDead(now: Int64) -> Bool {
+        guard let until = deadUntil else { return false }
+        return now < until
+    }
+
+    /// Whether one more connection may be opened now.
+    public func mayOpen(now: Int64) -> Bool {
+        !isDead(now: now) && active < window
+    }
+
+    public mutating func opened() { active += 1 }
+
+    public mutating func closed() {
+        precondition(active > 0, "closing a connection the lane never opened")
+        active -= 1
+    }
+
+    /// A server greeted us: the destination is alive; widen the window.
+    public mutating func succeeded() {
+        consecutiveFailures = 0
+        deadUntil = nil
+        window = min(limits.maxConnections, window + 1)
+    }
+
+    /// Ends a rest early (an operator's flush).
+    public mutating func revive() {
+        deadUntil = nil
+        consecutiveFailures = 0
+    }
+
+    /// A connection or greeting failed. Returns true when this makes the destination dead.
+    @discardableResult
+    public mutating func failed(now: Int64) -> Bool {
+        consecutiveFailures += 1
+        window = max(1, window - 1)
+        guard consecutiveFailures >= window else { return false }
+        let ms = limits.deadTime.duration.components
+        deadUntil = now + ms.seconds * 1000 + ms.attoseconds / 1_000_000_000_000_000
+        // One probe after the rest, as Postfix does: the window reopens from one.
+        window = 1
+        consecutiveFailures = 0
+        return true
+    }
+}

@@ -1,0 +1,40 @@
+import Delivery
+import Spool
+import TernCore
+
+/// Some recipients of one message, all for the same next hop: one SMTP transaction.
+struct DeliveryJob: Sendable {
+    var id: QueueID
+    var envelope: Envelope
+    var contentSize: Int
+    /// Indexes into `envelope.recipients`.
+    var recipients: [Int]
+    var route: Route
+    /// When the scheduler handed it to the lane (ms since 1970), for `delays=`.
+    var dispatchedMillis: Int64
+}
+
+/// What became of one recipient of a job.
+struct RecipientResult: Sendable {
+    var index: Int
+    var verdict: RecipientVerdict
+    /// `host[ip]:port` of the server that gave the verdict, or `none`.
+    var relay: String
+    /// `dns; host` for the DSN's Remote-MTA.
+    var remoteMTA: String?
+}
+
+/// How long each part of an attempt took, in milliseconds, for `delays=a/b/c/d` (as
+/// Postfix: before the queue manager, in it, connection setup, transmission).
+struct AttemptTimes: Sendable {
+    var queued: Int64 = 0
+    var waited: Int64 = 0
+    var setup: Int64 = 0
+    var transmission: Int64 = 0
+}
+
+struct JobOutcome: Sendable {
+    var job: DeliveryJob
+    var results: [RecipientResult]
+    var times: AttemptTimes
+}

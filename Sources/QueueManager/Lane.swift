@@ -1,0 +1,289 @@
+import Delivery
+import Logging
+import SMTPProtocol
+import Spool
+import TernCore
+import Transports
+
+/// What a lane needs from the rest of the relay to carry a job out.
+struct LaneEnvironment: Sendable {
+    var spool: Spool
+    var resolver: MXResolver?
+    var heloName: String
+    var mxPort: Int
+    var connectTimeout: Duration
+    var commandTimeout: Duration
+    var dataTimeout: Duration
+    /// Smarthost credentials by route name.
+    var credentials: [String: ClientCredentials]
+    var now: @Sendable () -> Int64
+    var logger: Logger
+    /// How long an idle connection waits for the next message before it is closed.
+    var idleTime: Duration = .seconds(2)
+}
+
+/// One destination (a smarthost, or a recipient domain's MX hosts): its jobs, its
+/// connections and its concurrency window. Jobs wait here in arrival order; up to
+/// `window` workers each hold one connection and take jobs until none is left, so a
+/// connection carries up to `messages_per_connection` messages. A slow or dead lane holds
+/// only its own jobs: other lanes never wait for it.
+actor Lane {
+    let key: String
+    private var window: LaneWindow
+    private var jobs: [DeliveryJob] = []
+    private var head = 0
+    private var idle: [(Int, CheckedContinuation<DeliveryJob?, Never>)] = []
+    private var nextWaiter = 0
+    /// Why the destination is resting, for the deferrals while it does.
+    private var deadReason: AttemptOutcome?
+    private let environment: LaneEnvironment
+    private let report: @Sendable (JobOutcome) async -> Void
+
+    init(key: String, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
+        self.key = key
+        self.window = LaneWindow(limits: limits)
+        self.environment = environment
+        self.report = report
+    }
+
+    var queued: Int { jobs.count - head }
+    var connections: Int { window.active }
+
+    func submit(_ job: DeliveryJob) {
+        if let (_, waiter) = idle.popLast() {
+            waiter.resume(returning: job)
+            return
+        }
+        jobs.append(job)
+        pump()
+    }
+
+    /// Starts workers while the window allows, or defers everything while the lane rests.
+    private func pump() {
+        let now = environment.now()
+        if window.isDead(now: now) {
+            let waiting = Array(jobs[head...])
+            jobs.removeAll()
+            head = 0
+            let reason = deadReason ?? .connection("destination not reachable")
+            for job in waiting {
+                let results = job.recipients.map {
+                    RecipientResult(
+                        index: $0, verdict: DeliveryPolicy.exhausted(reason, note: "delivery to \(key) suspended after repeated failures"),
+                        relay: "none", remoteMTA: nil)
+                }
+                Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
+            }
+            return
+        }
+        while queued > 0, window.mayOpen(now: now) {
+            window.opened()
+            let worker = LaneWorker(lane: self, environment: environment, limits: window.limits)
+            Task { await worker.run() }
+        }
+    }
+
+    /// The next job for a worker; waits a little for one before telling it to close.
+    func next() async -> DeliveryJob? {
+        if let job = take() { return job }
+        let id = nextWaiter
+        nextWaiter += 1
+        let idleTime = environment.idleTime
+        return await withCheckedContinuation { continuation in
+            idle.append((id, continuation))
+            Task {
+                try? await Task.sleep(for: idleTime)
+                await self.expire(id)
+            }
+        }
+    }
+
+    private func take() -> DeliveryJob? {
+        guard head < jobs.count else { return nil }
+        let job = jobs[head]
+        head += 1
+        if head > 1024, head * 2 > jobs.count {
+            jobs.removeFirst(head)
+            head = 0
+        }
+        return job
+    }
+
+    private func expire(_ id: Int) {
+        guard let i = idle.firstIndex(where: { $0.0 == id }) else { return }
+        idle.remove(at: i).1.resume(returning: nil)
+    }
+
+    func workerDone() {
+        window.closed()
+        pump()
+    }
+
+    func connectionSucceeded() {
+        window.succeeded()
+        deadReason = nil
+        pump()
+    }
+
+    func connectionFailed(_ outcome: AttemptOutcome) {
+        if window.failed(now: environment.now()) {
+            deadReason = outcome
+            environment.logger.warning("lane \(key): destination dead for \(window.limits.deadTime) after repeated failures (\(outcome))")
+        }
+    }
+
+    /// The operator asked for an attempt now (`tern queue flush`): end the rest.
+    func revive() {
+        window.revive()
+        deadReason = nil
+    }
+
+    func isDead() -> Bool { window.isDead(now: environment.now()) }
+
+    func deliveryFinished(_ outcome: JobOutcome) async {
+        await report(outcome)
+    }
+}
+
+/// One connection's worth of work in a lane: take a job, deliver it (reusing the open
+/// connection when it goes to the same host), report, repeat.
+struct LaneWorker: Sendable {
+    let lane: Lane
+    let environment: LaneEnvironment
+    let limits: LaneLimits
+
+    /// The open connection and what it has carried.
+    final class Held: @unchecked Sendable {
+        var connection: SMTPClientConnection
+        var address: String
+        var messages = 0
+        init(_ connection: SMTPClientConnection, address: String) {
+            self.connection = connection
+            self.address = address
+        }
+    }
+
+    func run() async {
+        var held: Held?
+        while let job = await lane.next() {
+            if await lane.isDead() {
+                await lane.submit(job)
+                break
+            }
+            held = await deliver(job, held: held)
+        }
+        if let held { await held.connection.quit() }
+        await lane.workerDone()
+    }
+
+    /// Tries the job's hosts in order; recipients that get a soft failure at one host go on
+    /// to the next. Returns the connection to keep for the next job, if any.
+    private func deliver(_ job: DeliveryJob, held: Held?) async -> Held? {
+        let start = environment.now()
+        var times = AttemptTimes(queued: job.dispatchedMillis - job.envelope.arrivalMillis, waited: start - job.dispatchedMillis)
+        var held = held
+        var results: [RecipientResult] = []
+        func finish(_ remaining: [Int], _ verdict: RecipientVerdict, relay: String = "none") {
+            results += remaining.map { RecipientResult(index: $0, verdict: verdict, relay: relay, remoteMTA: nil) }
+        }
+
+        let hosts: [MXHost]
+        let serverPort: Int
+        let tls = TLSPolicy(rawValue: job.route.tls.rawValue) ?? .may
+        switch job.route.nextHop {
+        case .smarthost(let host, let port):
+            hosts = [MXHost(name: host, preference: 0, addresses: [host])]
+            serverPort = port
+        case .mx(let domain):
+            serverPort = environment.mxPort
+            guard let resolver = environment.resolver else { preconditionFailure("MX route without a resolver") }
+            switch await resolver.lookup(domain: domain) {
+            case .hosts(let found): hosts = found
+            case .nullMX:
+                finish(job.recipients, .bounced(status: EnhancedStatusCode(5, 1, 10), diagnostic: "X-Tern; \(domain) accepts no mail (null MX)"))
+                await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+                return held
+            case .notFound(let why):
+                finish(job.recipients, .bounced(status: EnhancedStatusCode(5, 1, 2), diagnostic: "X-Tern; Host or domain name not found: \(why)"))
+                await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+                return held
+            case .temporaryFailure(let why):
+                finish(job.recipients, .deferred(status: EnhancedStatusCode(4, 4, 3), diagnostic: "X-Tern; DNS lookup failed: \(why)"))
+                await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+                return held
+            }
+        }
+
+        var remaining = job.recipients
+        var lastOutcome = AttemptOutcome.connection("no host tried")
+        hostLoop: for host in hosts {
+            for address in host.addresses where !remaining.isEmpty {
+                let target = "\(address):\(serverPort)"
+                if let h = held, h.address != target || !h.connection.isReady || h.messages >= limits.messagesPerConnection {
+                    await h.connection.quit()
+                    held = nil
+                }
+                if held == nil {
+                    let setupStart = environment.now()
+                    let configuration = SMTPClientConfiguration(
+                        heloName: environment.heloName, tlsPolicy: tls, credentials: environment.credentials[job.route.name],
+                        serverName: host.name, caFile: job.route.caFile, connectTimeout: environment.connectTimeout,
+                        commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout, isLastHost: false)
+                    do {
+                        let connection = try await SMTPClientConnection.connect(host: address, port: serverPort, configuration: configuration)
+                        held = Held(connection, address: target)
+                        await lane.connectionSucceeded()
+                    } catch {
+                        lastOutcome = error.outcome
+                        if DeliveryPolicy.throttlesLane(stage: error.stage, outcome: error.outcome) {
+                            await lane.connectionFailed(error.outcome)
+                        }
+                        environment.logger.info("\(job.id): connect to \(host.name)[\(address)]:\(serverPort) failed at \(error.stage.rawValue): \(error.outcome)")
+                        times.setup += environment.now() - setupStart
+                        continue
+                    }
+                    times.setup += environment.now() - setupStart
+                }
+                guard let h = held else { continue }
+                let sendStart = environment.now()
+                let message = OutboundMessage(
+                    sender: job.envelope.sender, recipients: remaining.map { job.envelope.recipients[$0] }, size: job.contentSize,
+                    eightBit: job.envelope.body?.uppercased() == "8BITMIME", needsSMTPUTF8: job.envelope.smtpUTF8,
+                    ret: job.envelope.ret, envid: job.envelope.envid)
+                let verdicts = await h.connection.send(message, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize))
+                h.messages += 1
+                times.transmission += environment.now() - sendStart
+                var next: [Int] = []
+                for (index, verdict) in zip(remaining, verdicts) {
+                    if case .tryNextHost(let outcome) = verdict {
+                        next.append(index)
+                        lastOutcome = outcome
+                    } else {
+                        results.append(RecipientResult(index: index, verdict: verdict, relay: h.connection.peer, remoteMTA: "dns; \(host.name)"))
+                    }
+                }
+                remaining = next
+                if remaining.isEmpty { break hostLoop }
+                if !h.connection.isReady {
+                    held = nil
+                }
+            }
+        }
+        if !remaining.isEmpty {
+            finish(remaining, DeliveryPolicy.exhausted(lastOutcome, note: nil), relay: held?.connection.peer ?? "none")
+        }
+        await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+        return held
+    }
+}
+
+/// A queued message's content, streamed from its spool file.
+struct SpoolContent: MessageContent {
+    let spool: Spool
+    let id: QueueID
+    let size: Int
+
+    func chunks() -> AsyncThrowingStream<[UInt8], any Error> {
+        spool.content(id, size: size)
+    }
+}

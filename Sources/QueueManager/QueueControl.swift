@@ -1,0 +1,160 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Spool
+
+/// One operator command to the running daemon, one JSON line over the control socket.
+public struct ControlRequest: Sendable, Codable {
+    public enum Operation: String, Sendable, Codable { case flush, delete, hold, release, inflight }
+    public var operation: Operation
+    public var selection: Scheduler.Selection
+
+    public init(operation: Operation, selection: Scheduler.Selection) {
+        self.operation = operation
+        self.selection = selection
+    }
+}
+
+public struct ControlReply: Sendable, Codable {
+    public var count: Int
+    public var error: String?
+    /// For `inflight`: queue id → recipient indexes under way.
+    public var inFlight: [String: [Int]]?
+}
+
+/// Runs the scheduler and the control socket (`<spool>/control`, mode 0600: only the
+/// spool's owner may flush or delete mail). Stops after the listeners, on graceful shutdown.
+public final class QueueManagerService: Service, Sendable {
+    public let scheduler: Scheduler
+    let socketPath: String
+    let logger: Logger
+
+    public init(scheduler: Scheduler, spoolRoot: String, logger: Logger) {
+        self.scheduler = scheduler
+        self.socketPath = spoolRoot + "/control"
+        self.logger = logger
+    }
+
+    public static func socketPath(spool: String) -> String { spool + "/control" }
+
+    public func run() async throws {
+        unlink(socketPath)
+        let server = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .bind(unixDomainSocketPath: socketPath, cleanupExistingSocketFile: true) { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try NIOAsyncChannel<ByteBuffer, ByteBuffer>(wrappingChannelSynchronously: channel)
+                }
+            }
+        chmod(socketPath, 0o600)
+        let scheduler = self.scheduler
+        // Deliveries under way are not waited for: a message is removed only after its
+        // outcome is recorded, so one cut short is simply tried again after the restart.
+        try await cancelWhenGracefulShutdown {
+            try await withThrowingDiscardingTaskGroup { group in
+                group.addTask { await scheduler.run() }
+                group.addTask {
+                    // Cancelled at shutdown: the socket closes, which is the normal end.
+                    try? await server.executeThenClose { connections in
+                        try await withThrowingDiscardingTaskGroup { sessions in
+                            for try await connection in connections {
+                                sessions.addTask { await self.serve(connection) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    private func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async {
+        do {
+            try await connection.executeThenClose { inbound, outbound in
+                var request: [UInt8] = []
+                for try await var chunk in inbound {
+                    request += chunk.readBytes(length: chunk.readableBytes) ?? []
+                    if request.contains(0x0A) || request.count > 65536 { break }
+                }
+                let reply: ControlReply
+                do {
+                    let decoded = try JSONDecoder().decode(ControlRequest.self, from: Data(request.prefix { $0 != 0x0A }))
+                    reply = await perform(decoded)
+                } catch {
+                    reply = ControlReply(count: 0, error: "bad request: \(error)")
+                }
+                var bytes = Array(try JSONEncoder().encode(reply))
+                bytes.append(0x0A)
+                try await outbound.write(ByteBuffer(bytes: bytes))
+            }
+        } catch {
+            logger.debug("control connection: \(error)")
+        }
+    }
+
+    private func perform(_ request: ControlRequest) async -> ControlReply {
+        switch request.operation {
+        case .flush: return ControlReply(count: await scheduler.flush(request.selection))
+        case .delete: return ControlReply(count: await scheduler.delete(request.selection))
+        case .hold: return ControlReply(count: await scheduler.hold(request.selection, true))
+        case .release: return ControlReply(count: await scheduler.hold(request.selection, false))
+        case .inflight:
+            let inFlight = await scheduler.inFlight()
+            return ControlReply(count: inFlight.count, inFlight: inFlight)
+        }
+    }
+}
+
+/// The command-line side of the control socket: blocking, one request, one reply.
+public enum ControlClient {
+    public struct Failure: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    public static func send(_ request: ControlRequest, socket path: String) throws -> ControlReply {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw Failure(description: "socket: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw Failure(description: "\(path): path too long") }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else { throw Failure(description: "cannot reach the daemon at \(path): \(String(cString: strerror(errno)))") }
+        var out = Array(try JSONEncoder().encode(request))
+        out.append(0x0A)
+        var sent = 0
+        while sent < out.count {
+            let n = out.withUnsafeBytes { write(fd, $0.baseAddress! + sent, out.count - sent) }
+            guard n > 0 else { throw Failure(description: "write to \(path): \(String(cString: strerror(errno)))") }
+            sent += n
+        }
+        var reply: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while !reply.contains(0x0A) {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+            guard n > 0 else { break }
+            reply += buffer[0..<n]
+        }
+        do {
+            return try JSONDecoder().decode(ControlReply.self, from: Data(reply.prefix { $0 != 0x0A }))
+        } catch {
+            throw Failure(description: "bad reply from the daemon: \(error)")
+        }
+    }
+}

@@ -1,0 +1,424 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import Delivery
+import Logging
+import Metrics
+import SMTPProtocol
+import Spool
+import TernCore
+import Transports
+
+/// The queue manager: knows every queued message and the state of each recipient, hands
+/// due recipients to lanes grouped by next hop (one transaction carries all of a message's
+/// recipients for one next hop), records each outcome in the spool, and queues bounces.
+///
+/// A recipient's outcome is made durable before the message is retired: delivered and
+/// bounced recipients are marked in the spool file, deferred ones get their next attempt in
+/// `meta/`, a bounce is committed to the spool before its recipients are marked, and the
+/// file is removed only when every recipient is final. A crash between any two of these
+/// steps repeats a step (a duplicate), never skips one.
+public actor Scheduler {
+    struct Entry {
+        var envelope: Envelope
+        var contentSize: Int
+        var states: [RecipientState]
+        var meta: DeliveryMeta
+        var inFlight: Set<Int> = []
+        /// Completions of this message still writing to the spool.
+        var busy = 0
+
+        var allFinal: Bool { states.allSatisfy(\.isFinal) }
+    }
+
+    private var entries: [QueueID: Entry] = [:]
+    /// Messages waiting for a retry, with their earliest due time.
+    private var waiting: [QueueID: Int64] = [:]
+    private var lanes: [String: Lane] = [:]
+    private let spool: Spool
+    private let router: Router
+    private let retry: RetrySchedule
+    private let config: TernConfig
+    private let environment: LaneEnvironment
+    private let logger: Logger
+    private var random = SystemRandomNumberGenerator()
+    private let tick: Duration
+
+    private let attempts = (
+        sent: Counter(label: "tern_delivery_attempts_total", dimensions: [("status", "sent")]),
+        deferred: Counter(label: "tern_delivery_attempts_total", dimensions: [("status", "deferred")]),
+        bounced: Counter(label: "tern_delivery_attempts_total", dimensions: [("status", "bounced")])
+    )
+    private let depth = Gauge(label: "tern_queue_messages")
+
+    public init(
+        config: TernConfig, spool: Spool, resolver: MXResolver?, credentials: [String: ClientCredentials], logger: Logger,
+        tick: Duration = .seconds(1), now: @escaping @Sendable () -> Int64 = Scheduler.wallClockMillis
+    ) {
+        self.config = config
+        self.spool = spool
+        self.router = Router(routes: config.routes, delivery: config.delivery)
+        let d = config.delivery
+        self.retry = RetrySchedule(
+            first: d.retryFirst.duration, maximum: d.retryMaximum.duration, jitter: d.retryJitter, lifetime: d.queueLifetime.duration)
+        self.environment = LaneEnvironment(
+            spool: spool, resolver: resolver, heloName: config.hostname, mxPort: d.mxPort, connectTimeout: d.connectTimeout.duration,
+            commandTimeout: d.commandTimeout.duration, dataTimeout: d.dataTimeout.duration, credentials: credentials, now: now,
+            logger: logger)
+        self.logger = logger
+        self.tick = tick
+    }
+
+    @Sendable public static func wallClockMillis() -> Int64 {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        return Int64(now.tv_sec) * 1000 + Int64(now.tv_nsec) / 1_000_000
+    }
+
+    // MARK: - Intake
+
+    /// Loads what the spool holds (after a restart: deferred mail keeps its schedule).
+    public func load() async throws {
+        for message in try await spool.load() {
+            entries[message.id] = Entry(envelope: message.envelope, contentSize: message.contentSize, states: message.states, meta: message.meta)
+            waiting[message.id] = 0
+        }
+        depth.record(entries.count)
+    }
+
+    /// A message the ingress just committed: try it now.
+    public func queued(_ id: QueueID, envelope: Envelope, size: Int) async {
+        entries[id] = Entry(
+            envelope: envelope, contentSize: size, states: Array(repeating: .pending, count: envelope.recipients.count), meta: DeliveryMeta())
+        depth.record(entries.count)
+        await dispatch(id)
+    }
+
+    /// Wakes every `tick` and dispatches mail whose retry time has come; returns when the
+    /// task is cancelled.
+    public func run() async {
+        while !Task.isCancelled {
+            let now = environment.now()
+            let due = waiting.filter { $0.value <= now }.map(\.key).sorted()
+            for id in due {
+                waiting[id] = nil
+                await dispatch(id)
+            }
+            try? await Task.sleep(for: tick)
+        }
+    }
+
+    // MARK: - Dispatch
+
+    private func dispatch(_ id: QueueID) async {
+        guard !config.delivery.paused, var entry = entries[id], !entry.meta.held else { return }
+        let now = environment.now()
+        var groups: [String: (Route, [Int])] = [:]
+        var order: [String] = []
+        var later: Int64?
+        for (i, state) in entry.states.enumerated() where state == .pending && !entry.inFlight.contains(i) {
+            if let next = entry.meta.recipients[i]?.nextAttemptMillis, next > now {
+                later = min(later ?? next, next)
+                continue
+            }
+            let route = router.route(recipient: entry.envelope.recipients[i].address, sender: entry.envelope.sender)
+            if groups[route.laneKey] == nil {
+                groups[route.laneKey] = (route, [])
+                order.append(route.laneKey)
+            }
+            groups[route.laneKey]!.1.append(i)
+            entry.inFlight.insert(i)
+        }
+        if let later { waiting[id] = min(waiting[id] ?? later, later) }
+        entries[id] = entry
+        for key in order {
+            let (route, indexes) = groups[key]!
+            let job = DeliveryJob(
+                id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: indexes, route: route, dispatchedMillis: now)
+            await lane(for: route).submit(job)
+        }
+    }
+
+    private func lane(for route: Route) -> Lane {
+        if let lane = lanes[route.laneKey] { return lane }
+        let lane = Lane(key: route.laneKey, limits: route.limits, environment: environment) { [weak self] outcome in
+            await self?.completed(outcome)
+        }
+        lanes[route.laneKey] = lane
+        return lane
+    }
+
+    // MARK: - Outcomes
+
+    func completed(_ outcome: JobOutcome) async {
+        let id = outcome.job.id
+        guard var entry = entries[id] else { return }
+        let now = environment.now()
+        entry.busy += 1
+        var final: [Int: RecipientState] = [:]
+        var bounces: [DeliveryStatusNotification.Recipient] = []
+        var deferredAny = false
+        for result in outcome.results {
+            entry.inFlight.remove(result.index)
+            // Deleted by the operator while under way: whatever happened, it is final now.
+            if entry.states[result.index] == .deleted { continue }
+            var verdict = result.verdict
+            if case .deferred = verdict, retry.hasExpired(arrivalMillis: entry.envelope.arrivalMillis, nowMillis: now) {
+                verdict = DeliveryPolicy.expire(verdict)
+            }
+            let recipient = entry.envelope.recipients[result.index]
+            log(id, recipient: recipient.address, result: result, verdict: verdict, times: outcome.times, arrival: entry.envelope.arrivalMillis, now: now)
+            switch verdict {
+            case .delivered:
+                attempts.sent.increment()
+                entry.states[result.index] = .delivered
+                final[result.index] = .delivered
+                entry.meta.recipients[result.index] = nil
+            case .bounced(let status, let diagnostic):
+                attempts.bounced.increment()
+                entry.states[result.index] = .bounced
+                final[result.index] = .bounced
+                if wantsNotice(recipient.notify, .failure) {
+                    bounces.append(
+                        .init(
+                            finalRecipient: recipient.address, originalRecipient: recipient.orcpt, action: .failed, status: status,
+                            remoteMTA: result.remoteMTA, diagnostic: diagnostic))
+                }
+            case .deferred(_, let diagnostic):
+                attempts.deferred.increment()
+                deferredAny = true
+                let previous = entry.meta.recipients[result.index]?.attempts ?? 0
+                let delay = retry.delay(afterAttempts: previous + 1, using: &random)
+                entry.meta.recipients[result.index] = DeliveryMeta.Recipient(
+                    attempts: previous + 1, nextAttemptMillis: now + Self.millis(delay), lastError: diagnostic)
+            case .tryNextHost:
+                preconditionFailure("a lane returned a recipient still waiting for the next host")
+            }
+        }
+        let warnings = delayWarnings(&entry, now: now)
+        entries[id] = entry
+
+        // The bounce is in the spool before its recipients are marked bounced.
+        if !bounces.isEmpty { await notify(id, entry: entry, recipients: bounces) }
+        if !warnings.isEmpty { await notify(id, entry: entry, recipients: warnings) }
+
+        guard var current = entries[id] else { return }
+        current.busy -= 1
+        entries[id] = current
+        if current.allFinal, current.busy == 0, current.inFlight.isEmpty {
+            entries[id] = nil
+            waiting[id] = nil
+            depth.record(entries.count)
+            do {
+                try await spool.remove(id)
+                logger.info("\(id): removed")
+            } catch {
+                logger.error("\(id): cannot remove from the spool: \(error)")
+            }
+            return
+        }
+        do {
+            if !final.isEmpty { try await spool.mark(id, final) }
+            if deferredAny || !warnings.isEmpty { try await spool.writeMeta(id, current.meta) }
+        } catch {
+            logger.error("\(id): cannot record delivery state: \(error)")
+        }
+        if deferredAny, let next = current.meta.recipients.values.map(\.nextAttemptMillis).min() {
+            waiting[id] = min(waiting[id] ?? next, next)
+        }
+    }
+
+    /// NOTIFY=NEVER asks for nothing; without NOTIFY, failures (and delays) are reported.
+    private func wantsNotice(_ notify: DSNNotify?, _ kind: DSNNotify) -> Bool {
+        guard let notify else { return true }
+        return notify.contains(kind)
+    }
+
+    /// One delay warning per message, once it has waited `delivery.delay_warning`.
+    private func delayWarnings(_ entry: inout Entry, now: Int64) -> [DeliveryStatusNotification.Recipient] {
+        guard let after = config.delivery.delayWarning, !entry.meta.warned,
+            now - entry.envelope.arrivalMillis >= Self.millis(after.duration)
+        else { return [] }
+        var out: [DeliveryStatusNotification.Recipient] = []
+        for (i, state) in entry.states.enumerated() where state == .pending {
+            let r = entry.envelope.recipients[i]
+            guard let meta = entry.meta.recipients[i], r.notify == nil || r.notify!.contains(.delay) else { continue }
+            out.append(
+                .init(
+                    finalRecipient: r.address, originalRecipient: r.orcpt, action: .delayed, status: EnhancedStatusCode(4, 0, 0),
+                    diagnostic: meta.lastError))
+        }
+        if !out.isEmpty { entry.meta.warned = true }
+        return out
+    }
+
+    /// Queues a DSN from `<>` to the sender. Mail from `<>` gets none (no bounce loops); it
+    /// goes to `delivery.postmaster` when that is set.
+    private func notify(_ id: QueueID, entry: Entry, recipients: [DeliveryStatusNotification.Recipient]) async {
+        var to = entry.envelope.sender
+        if to.isEmpty {
+            guard let postmaster = config.delivery.postmaster, recipients.contains(where: { $0.action == .failed }) else {
+                logger.info("\(id): undeliverable mail from <>: no notification")
+                return
+            }
+            to = postmaster
+        }
+        let returnLimit = 50_000
+        do {
+            let original = try await spool.readContent(id, size: entry.contentSize, limit: returnLimit + 1)
+            let now = environment.now()
+            let dsn = DeliveryStatusNotification(
+                reportingMTA: config.hostname, queueID: id.rawValue, envelopeSender: entry.envelope.sender, envid: entry.envelope.envid,
+                arrivalDate: MailDate.rfc5322(time_t(entry.envelope.arrivalMillis / 1000)), date: MailDate.rfc5322(time_t(now / 1000)),
+                recipients: recipients, returnHeadersOnly: entry.envelope.ret == .headers, returnLimit: returnLimit)
+            let boundary = "\(id.rawValue).\(UInt32.random(in: 0...UInt32.max, using: &random))/\(config.hostname)"
+            let bytes = dsn.render(original: original, boundary: boundary, messageID: "\(id.rawValue).dsn.\(now)@\(config.hostname)")
+            let writer = spool.begin()
+            try await writer.append(bytes)
+            let envelope = Envelope(
+                sender: "", recipients: [EnvelopeRecipient(address: to)], body: "8BITMIME", smtpUTF8: !to.utf8.allSatisfy { $0 < 0x80 },
+                client: ClientInfo(address: "127.0.0.1", port: 0, helo: config.hostname, protocol: "local"), listener: "bounce",
+                arrivalMillis: now)
+            try await writer.commit(envelope)
+            let kind = recipients.contains(where: { $0.action == .failed }) ? "non-delivery" : "delay"
+            logger.info("\(id): sender \(kind) notification: \(writer.id)")
+            await queued(writer.id, envelope: envelope, size: writer.size)
+        } catch {
+            // The recipients stay as they are in the spool; a restart tries again.
+            logger.error("\(id): cannot queue the notification: \(error)")
+        }
+    }
+
+    private func log(_ id: QueueID, recipient: String, result: RecipientResult, verdict: RecipientVerdict, times: AttemptTimes, arrival: Int64, now: Int64) {
+        let (status, dsn, text): (String, String, String)
+        switch verdict {
+        case .delivered(let reply): (status, dsn, text) = ("sent", (reply.enhanced ?? EnhancedStatusCode(2, 0, 0)).description, reply.description)
+        case .bounced(let s, let d): (status, dsn, text) = ("bounced", s.description, d)
+        case .deferred(let s, let d): (status, dsn, text) = ("deferred", s.description, d)
+        case .tryNextHost: return
+        }
+        func seconds(_ ms: Int64) -> String {
+            let s = Double(max(0, ms)) / 1000
+            return s < 0.01 ? "0" : String(format2(s))
+        }
+        let line =
+            "\(id): to=<\(recipient)>, relay=\(result.relay), delay=\(seconds(now - arrival)), "
+            + "delays=\(seconds(times.queued))/\(seconds(times.waited))/\(seconds(times.setup))/\(seconds(times.transmission)), "
+            + "dsn=\(dsn), status=\(status) (\(text))"
+        logger.info("\(line)")
+    }
+
+    static func millis(_ d: Duration) -> Int64 {
+        d.components.seconds * 1000 + d.components.attoseconds / 1_000_000_000_000_000
+    }
+
+    // MARK: - Queue control
+
+    /// Which messages an operator command applies to.
+    public struct Selection: Sendable, Codable {
+        public var ids: [String]?
+        public var domain: String?
+        public var sender: String?
+        public var deferredOnly: Bool
+        public var all: Bool
+
+        public init(ids: [String]? = nil, domain: String? = nil, sender: String? = nil, deferredOnly: Bool = false, all: Bool = false) {
+            self.ids = ids
+            self.domain = domain
+            self.sender = sender
+            self.deferredOnly = deferredOnly
+            self.all = all
+        }
+
+        /// The recipients of a message it selects; empty when it selects none.
+        func recipients(_ id: QueueID, _ envelope: Envelope, _ states: [RecipientState], _ meta: DeliveryMeta) -> [Int] {
+            let pending = states.indices.filter { states[$0] == .pending }
+            if let ids, !ids.contains(id.rawValue) { return [] }
+            if let sender, sender.lowercased() != envelope.sender.lowercased() { return [] }
+            if deferredOnly { return pending.filter { meta.recipients[$0] != nil } }
+            if let domain {
+                return pending.filter { Router.domain(of: envelope.recipients[$0].address) == domain.lowercased() }
+            }
+            return pending
+        }
+    }
+
+    /// Attempts the selected recipients now, and wakes resting lanes they go to.
+    public func flush(_ selection: Selection) async -> Int {
+        var count = 0
+        for (id, entry) in entries where !entry.meta.held {
+            let chosen = selection.recipients(id, entry.envelope, entry.states, entry.meta)
+            guard !chosen.isEmpty else { continue }
+            var e = entry
+            for i in chosen { e.meta.recipients[i]?.nextAttemptMillis = 0 }
+            entries[id] = e
+            count += 1
+        }
+        for lane in lanes.values { await lane.revive() }
+        for (id, _) in entries { await dispatch(id) }
+        return count
+    }
+
+    /// Deletes the selected recipients (whole messages unless `domain` narrows it), with no
+    /// notification to the sender, as `postsuper -d` does.
+    public func delete(_ selection: Selection) async -> Int {
+        var count = 0
+        for (id, entry) in entries {
+            let chosen = selection.recipients(id, entry.envelope, entry.states, entry.meta)
+            guard !chosen.isEmpty else { continue }
+            var e = entry
+            var changes: [Int: RecipientState] = [:]
+            for i in chosen {
+                e.states[i] = .deleted
+                changes[i] = .deleted
+            }
+            entries[id] = e
+            count += 1
+            logger.info("\(id): deleted by the operator (\(chosen.count) recipient\(chosen.count == 1 ? "" : "s"))")
+            if e.allFinal, e.inFlight.isEmpty, e.busy == 0 {
+                entries[id] = nil
+                waiting[id] = nil
+                try? await spool.remove(id)
+                logger.info("\(id): removed")
+            } else {
+                try? await spool.mark(id, changes)
+            }
+        }
+        depth.record(entries.count)
+        return count
+    }
+
+    /// Holds (or releases) the selected messages: held mail stays queued, untouched.
+    public func hold(_ selection: Selection, _ held: Bool) async -> Int {
+        var changed: [QueueID] = []
+        for (id, entry) in entries where entry.meta.held != held {
+            guard !selection.recipients(id, entry.envelope, entry.states, entry.meta).isEmpty else { continue }
+            entries[id]!.meta.held = held
+            changed.append(id)
+        }
+        for id in changed {
+            guard let entry = entries[id] else { continue }
+            do { try await spool.writeMeta(id, entry.meta) } catch { logger.error("\(id): cannot record hold: \(error)") }
+            logger.info("\(id): \(held ? "held" : "released") by the operator")
+            if !held { await dispatch(id) }
+        }
+        return changed.count
+    }
+
+    /// The scheduler's view of the queue: what is in flight now.
+    public func inFlight() -> [String: [Int]] {
+        var out: [String: [Int]] = [:]
+        for (id, entry) in entries where !entry.inFlight.isEmpty { out[id.rawValue] = entry.inFlight.sorted() }
+        return out
+    }
+}
+
+/// `12.34` style seconds for log fields.
+func format2(_ value: Double) -> String {
+    let hundredths = Int((value * 100).rounded())
+    let whole = hundredths / 100
+    let frac = hundredths % 100
+    return frac == 0 ? "\(whole)" : "\(whole).\(frac < 10 ? "0" : "")\(frac)"
+}

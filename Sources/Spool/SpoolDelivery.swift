@@ -1,0 +1,196 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import TernCore
+
+/// A recipient's state byte in the spool file.
+public enum RecipientState: UInt8, Sendable, Codable {
+    case pending = 0x2D  // "-"
+    case delivered = 0x44  // "D"
+    case bounced = 0x42  // "B"
+    /// Removed by the operator (`tern queue delete`) before it was delivered.
+    case deleted = 0x58  // "X"
+
+    public var isFinal: Bool { self != .pending }
+}
+
+/// Delivery's notes on a message between attempts: kept in `meta/<id>`, replaced whole by a
+/// rename. Losing it (a crash before the rename) costs an early retry, never a message: the
+/// final states live in the queue file itself.
+public struct DeliveryMeta: Sendable, Codable, Equatable {
+    public struct Recipient: Sendable, Codable, Equatable {
+        public var attempts: Int
+        /// Next attempt, milliseconds since 1970.
+        public var nextAttemptMillis: Int64
+        public var lastError: String?
+
+        public init(attempts: Int, nextAttemptMillis: Int64, lastError: String?) {
+            self.attempts = attempts
+            self.nextAttemptMillis = nextAttemptMillis
+            self.lastError = lastError
+        }
+    }
+
+    /// Held by the operator: not delivered until released.
+    public var held = false
+    /// A delay warning was sent.
+    public var warned = false
+    /// By recipient index; recipients never tried are absent.
+    public var recipients: [Int: Recipient] = [:]
+
+    public init() {}
+}
+
+/// A message as read back from the spool: for the scheduler on start, and for `tern queue`.
+public struct SpooledMessage: Sendable {
+    public var id: QueueID
+    public var envelope: Envelope
+    public var contentSize: Int
+    public var states: [RecipientState]
+    public var meta: DeliveryMeta
+}
+
+extension Spool {
+    var metaDirectory: String { root + "/meta" }
+
+    /// Every complete message with its recipient states and delivery notes, oldest first.
+    /// Works on a spool that no daemon has open.
+    public static func load(root: String) throws -> [SpooledMessage] {
+        if access(root + "/queue", F_OK) != 0, errno == ENOENT { return [] }
+        return try SpoolFiles.list(root + "/queue").compactMap { name -> SpooledMessage? in
+            guard let id = QueueID(name), let record = try? SpoolFiles.readRecord(root + "/queue/" + name) else { return nil }
+            let meta = SpoolFiles.readMeta(root + "/meta/" + name) ?? DeliveryMeta()
+            return SpooledMessage(
+                id: id, envelope: record.envelope, contentSize: record.contentSize,
+                states: record.states.map { RecipientState(rawValue: $0) ?? .pending }, meta: meta)
+        }.sorted { $0.id < $1.id }
+    }
+
+    public func load() async throws -> [SpooledMessage] {
+        let root = self.root
+        return try await pool.runIfActive { try Self.load(root: root) }
+    }
+
+    /// Marks recipients final in place and syncs the file, so a restart does not send to
+    /// them again. (A message whose recipients are all final is removed instead.)
+    public func mark(_ id: QueueID, _ states: [Int: RecipientState]) async throws {
+        let path = queue + "/" + id.rawValue
+        try await pool.runIfActive {
+            let record = try SpoolFiles.readRecord(path)
+            let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+            defer { close(fd) }
+            for (index, state) in states {
+                precondition(index < record.states.count, "recipient index out of range")
+                var byte = state.rawValue
+                guard pwrite(fd, &byte, 1, off_t(record.stateOffset + index)) == 1 else { throw SpoolError("write", path, errno: errno) }
+            }
+            guard fdatasync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+        }
+    }
+
+    /// Removes a message whose recipients are all final. No directory sync: if a crash
+    /// brings the name back, its recipients are sent again (a duplicate, never a loss).
+    public func remove(_ id: QueueID) async throws {
+        let path = queue + "/" + id.rawValue
+        let meta = metaDirectory + "/" + id.rawValue
+        try await pool.runIfActive {
+            guard unlink(path) == 0 || errno == ENOENT else { throw SpoolError("unlink", path, errno: errno) }
+            unlink(meta)
+        }
+    }
+
+    /// Replaces the message's delivery notes.
+    public func writeMeta(_ id: QueueID, _ meta: DeliveryMeta) async throws {
+        let path = metaDirectory + "/" + id.rawValue
+        try await pool.runIfActive { try SpoolFiles.writeMeta(path, meta) }
+    }
+
+    /// The message content (Tern's `Received:` header and the message, CRLF line endings),
+    /// read in pieces on the spool's threads.
+    public func content(_ id: QueueID, size: Int) -> AsyncThrowingStream<[UInt8], any Error> {
+        let path = queue + "/" + id.rawValue
+        let pool = self.pool
+        return AsyncThrowingStream { continuation in
+            let task = Task {
+                do {
+                    let fd = try await pool.runIfActive { () throws -> CInt in
+                        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+                        guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+                        return fd
+                    }
+                    defer { close(fd) }
+                    var offset = 0
+                    while offset < size {
+                        let count = min(Spool.writeChunk, size - offset)
+                        let at = offset
+                        let chunk = try await pool.runIfActive { try SpoolFiles.pread(fd, count: count, at: at, path: path) }
+                        continuation.yield(chunk)
+                        offset += count
+                    }
+                    continuation.finish()
+                } catch {
+                    continuation.finish(throwing: error)
+                }
+            }
+            continuation.onTermination = { _ in task.cancel() }
+        }
+    }
+
+    /// The whole content in memory (for a bounce that returns it).
+    public func readContent(_ id: QueueID, size: Int, limit: Int) async throws -> [UInt8] {
+        let path = queue + "/" + id.rawValue
+        return try await pool.runIfActive {
+            let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+            defer { close(fd) }
+            return try SpoolFiles.pread(fd, count: min(size, limit), at: 0, path: path)
+        }
+    }
+}
+
+extension SpoolFiles {
+    static func readMeta(_ path: String) -> DeliveryMeta? {
+        guard let text = ConfigLoader.readFile(path) else { return nil }
+        return try? JSONDecoder().decode(DeliveryMeta.self, from: Data(text.utf8))
+    }
+
+    static func writeMeta(_ path: String, _ meta: DeliveryMeta) throws {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let bytes = Array(try encoder.encode(meta))
+        let temporary = path + ".tmp"
+        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SpoolError("create", temporary, errno: errno) }
+        do {
+            defer { close(fd) }
+            try writeAll(fd, bytes, path: temporary)
+            guard fdatasync(fd) == 0 else { throw SpoolError("fsync", temporary, errno: errno) }
+        }
+        guard rename(temporary, path) == 0 else { throw SpoolError("rename", temporary, errno: errno) }
+    }
+}
+
+extension Spool {
+    /// The header block of a queued message (for `tern queue show`); empty if unreadable.
+    public static func headers(root: String, id: QueueID, size: Int) -> [UInt8] {
+        let path = root + "/queue/" + id.rawValue
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        guard let head = try? SpoolFiles.pread(fd, count: min(size, 65536), at: 0, path: path) else { return [] }
+        var i = 0
+        while i + 4 <= head.count {
+            if head[i] == 0x0D, head[i + 1] == 0x0A, head[i + 2] == 0x0D, head[i + 3] == 0x0A { return Array(head[..<(i + 2)]) }
+            i += 1
+        }
+        return head
+    }
+}

@@ -1,0 +1,297 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// How mail leaves: timeouts, the retry schedule, the queue lifetime, per-lane defaults and
+/// bounces. Routes (which recipients go where) are a separate top-level list.
+public struct DeliveryConfig: Sendable, Decodable {
+    /// Queue mail but deliver none (maintenance, or a relay that is only being tested);
+    /// like Postfix's `defer_transports`.
+    public var paused = false
+    /// Port for direct MX delivery (25 on the internet; tests use another).
+    public var mxPort = 25
+    /// `host:port` of the DNS server to ask; `/etc/resolv.conf` when not set.
+    public var resolver: ListenAddress?
+    /// TLS policy for direct MX delivery: `may` (opportunistic), as Postfix does by default.
+    public var mxTLS = TLSPolicyName.may
+    public var connectTimeout = ConfigDuration(.seconds(30))
+    public var commandTimeout = ConfigDuration(.seconds(300))
+    public var dataTimeout = ConfigDuration(.seconds(600))
+    /// First retry delay; it doubles after each failed attempt, up to `retry_maximum`.
+    public var retryFirst = ConfigDuration(.seconds(300))
+    public var retryMaximum = ConfigDuration(.seconds(14_400))
+    /// Fraction of each delay added or removed at random (0 to 1).
+    public var retryJitter = 0.2
+    /// Recipients still deferred this long after arrival are bounced.
+    public var queueLifetime = ConfigDuration(.seconds(432_000))
+    /// When set, a sender whose mail has been deferred this long gets one delay warning.
+    public var delayWarning: ConfigDuration?
+    /// Where bounces of bounces (mail from `<>` that cannot be delivered) go; dropped when unset.
+    public var postmaster: String?
+    /// Default limits of each destination lane.
+    public var lane = LaneLimits()
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case paused
+        case mxPort = "mx_port"
+        case resolver
+        case mxTLS = "mx_tls"
+        case connectTimeout = "connect_timeout"
+        case commandTimeout = "command_timeout"
+        case dataTimeout = "data_timeout"
+        case retryFirst = "retry_first"
+        case retryMaximum = "retry_maximum"
+        case retryJitter = "retry_jitter"
+        case queueLifetime = "queue_lifetime"
+        case delayWarning = "delay_warning"
+        case postmaster
+        case lane
+    }
+
+    public init() {}
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = DeliveryConfig()
+        paused = try c.decodeIfPresent(Bool.self, forKey: .paused) ?? d.paused
+        mxPort = try c.decodeIfPresent(Int.self, forKey: .mxPort) ?? d.mxPort
+        guard (1...65535).contains(mxPort) else {
+            throw DecodingError.dataCorruptedError(forKey: .mxPort, in: c, debugDescription: "must be a port, 1 to 65535")
+        }
+        resolver = try c.decodeIfPresent(ListenAddress.self, forKey: .resolver)
+        mxTLS = try c.decodeEnum(.mxTLS) ?? d.mxTLS
+        connectTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .connectTimeout) ?? d.connectTimeout
+        commandTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .commandTimeout) ?? d.commandTimeout
+        dataTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .dataTimeout) ?? d.dataTimeout
+        retryFirst = try c.decodeIfPresent(ConfigDuration.self, forKey: .retryFirst) ?? d.retryFirst
+        retryMaximum = try c.decodeIfPresent(ConfigDuration.self, forKey: .retryMaximum) ?? d.retryMaximum
+        retryJitter = try c.decodeIfPresent(Double.self, forKey: .retryJitter) ?? d.retryJitter
+        queueLifetime = try c.decodeIfPresent(ConfigDuration.self, forKey: .queueLifetime) ?? d.queueLifetime
+        delayWarning = try c.decodeIfPresent(ConfigDuration.self, forKey: .delayWarning)
+        postmaster = try c.decodeIfPresent(String.self, forKey: .postmaster)
+        lane = try c.decodeIfPresent(LaneLimits.self, forKey: .lane) ?? d.lane
+        for (key, value) in [(CodingKeys.retryFirst, retryFirst), (.connectTimeout, connectTimeout), (.commandTimeout, commandTimeout), (.dataTimeout, dataTimeout)]
+        where value.duration <= .zero {
+            throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "must be longer than 0s")
+        }
+        guard retryMaximum.duration >= retryFirst.duration else {
+            throw DecodingError.dataCorruptedError(forKey: .retryMaximum, in: c, debugDescription: "must not be shorter than retry_first (\(retryFirst))")
+        }
+        guard (0...1).contains(retryJitter) else {
+            throw DecodingError.dataCorruptedError(forKey: .retryJitter, in: c, debugDescription: "must be between 0 and 1")
+        }
+        if let p = postmaster, !p.contains("@") {
+            throw DecodingError.dataCorruptedError(forKey: .postmaster, in: c, debugDescription: "'\(p)' is not an address such as postmaster@example.com")
+        }
+    }
+}
+
+/// Limits of one destination lane (a smarthost, or a recipient domain's MX hosts).
+public struct LaneLimits: Sendable, Decodable, Equatable {
+    /// Connections open at once, at most.
+    public var maxConnections = 20
+    /// Messages sent over one connection before it is closed and a new one opened.
+    public var messagesPerConnection = 100
+    /// Connections a lane starts with; the window grows by one per success up to
+    /// `max_connections`, and shrinks on connection or greeting failures (Postfix's
+    /// `initial_destination_concurrency`).
+    public var initialConnections = 5
+    /// How long a destination that failed every connection in a window rests before the
+    /// next try. Mail for it waits meanwhile, deferred.
+    public var deadTime = ConfigDuration(.seconds(300))
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case maxConnections = "max_connections"
+        case messagesPerConnection = "messages_per_connection"
+        case initialConnections = "initial_connections"
+        case deadTime = "dead_time"
+    }
+
+    public init() {}
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = LaneLimits()
+        maxConnections = try c.decodePositive(.maxConnections) ?? d.maxConnections
+        messagesPerConnection = try c.decodePositive(.messagesPerConnection) ?? d.messagesPerConnection
+        initialConnections = min(try c.decodePositive(.initialConnections) ?? d.initialConnections, maxConnections)
+        deadTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .deadTime) ?? d.deadTime
+    }
+}
+
+/// The TLS policies a config can name; `Transports.TLSPolicy` is the same set.
+public enum TLSPolicyName: String, Sendable, Decodable, CaseIterable {
+    case none, may, encrypt, verify
+}
+
+/// One line of the ordered `routes` table: which recipients (and, optionally, which senders)
+/// it covers, and where their mail goes. The first line that matches wins.
+public struct RouteConfig: Sendable, Decodable {
+    public enum Transport: String, Sendable, Decodable, CaseIterable { case mx, smarthost }
+
+    public var name: String
+    /// Recipient domains: `example.com` (exactly), `.example.com` (its subdomains) or `*`.
+    public var domains: [String]
+    /// Sender domains, the same forms; the route applies only to mail from these when set.
+    public var senderDomains: [String]?
+    public var transport: Transport
+    public var smarthost: SmarthostConfig?
+    /// Lane limits for this route's destinations; unset keys come from `delivery.lane`.
+    public var lane: LaneOverrides?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case name, domains
+        case senderDomains = "sender_domains"
+        case transport, smarthost, lane
+    }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        domains = try c.decode([String].self, forKey: .domains).map { $0.lowercased() }
+        senderDomains = try c.decodeIfPresent([String].self, forKey: .senderDomains)?.map { $0.lowercased() }
+        guard let t = try c.decodeEnum(.transport) as Transport? else {
+            throw DecodingError.keyNotFound(CodingKeys.transport, .init(codingPath: c.codingPath, debugDescription: "transport is required"))
+        }
+        transport = t
+        smarthost = try c.decodeIfPresent(SmarthostConfig.self, forKey: .smarthost)
+        lane = try c.decodeIfPresent(LaneOverrides.self, forKey: .lane)
+        for pattern in domains + (senderDomains ?? []) where !Self.isValidPattern(pattern) {
+            throw DecodingError.dataCorruptedError(
+                forKey: .domains, in: c, debugDescription: "'\(pattern)' is not a domain, a .subdomain pattern or *")
+        }
+        switch (transport, smarthost) {
+        case (.smarthost, nil):
+            throw DecodingError.dataCorruptedError(forKey: .smarthost, in: c, debugDescription: "transport smarthost needs a smarthost: section")
+        case (.mx, .some):
+            throw DecodingError.dataCorruptedError(forKey: .smarthost, in: c, debugDescription: "only for transport: smarthost")
+        default: break
+        }
+    }
+
+    static func isValidPattern(_ p: String) -> Bool {
+        if p == "*" { return true }
+        let body = p.hasPrefix(".") ? p.dropFirst() : Substring(p)
+        return !body.isEmpty && !body.contains("@") && !body.contains(" ") && !body.hasPrefix(".") && !body.hasSuffix(".")
+    }
+}
+
+/// Route-level lane limits; each key overrides `delivery.lane` when present.
+public struct LaneOverrides: Sendable, Decodable {
+    public var maxConnections: Int?
+    public var messagesPerConnection: Int?
+    public var initialConnections: Int?
+    public var deadTime: ConfigDuration?
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(LaneLimits.CodingKeys.self)
+        let c = try decoder.container(keyedBy: LaneLimits.CodingKeys.self)
+        maxConnections = try c.decodePositive(.maxConnections)
+        messagesPerConnection = try c.decodePositive(.messagesPerConnection)
+        initialConnections = try c.decodePositive(.initialConnections)
+        deadTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .deadTime)
+    }
+
+    public func applied(to defaults: LaneLimits) -> LaneLimits {
+        var l = defaults
+        if let v = maxConnections { l.maxConnections = v }
+        if let v = messagesPerConnection { l.messagesPerConnection = v }
+        if let v = initialConnections { l.initialConnections = v }
+        if let v = deadTime { l.deadTime = v }
+        l.initialConnections = min(l.initialConnections, l.maxConnections)
+        return l
+    }
+}
+
+/// An upstream relay (SES, Mailgun, a managed relay).
+public struct SmarthostConfig: Sendable, Decodable {
+    public var host: String
+    public var port: Int
+    /// `verify` by default: a smarthost gets our credentials and all our mail.
+    public var tls: TLSPolicyName
+    /// PEM CA bundle for `verify`; the system's trust store when unset.
+    public var caFile: String?
+    public var auth: SmarthostAuth?
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case host, port, tls
+        case caFile = "ca_file"
+        case auth
+    }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        host = try c.decode(String.self, forKey: .host)
+        port = try c.decodeIfPresent(Int.self, forKey: .port) ?? 587
+        guard (1...65535).contains(port) else {
+            throw DecodingError.dataCorruptedError(forKey: .port, in: c, debugDescription: "must be a port, 1 to 65535")
+        }
+        tls = try c.decodeEnum(.tls) ?? .verify
+        caFile = try c.decodeIfPresent(String.self, forKey: .caFile)
+        auth = try c.decodeIfPresent(SmarthostAuth.self, forKey: .auth)
+    }
+}
+
+public struct SmarthostAuth: Sendable, Decodable {
+    public var user: String
+    /// A file holding the password on its first line. It must not be readable by group or
+    /// others (like Postfix's `sasl_passwd`); Tern refuses to start otherwise.
+    public var passwordFile: String
+    /// AUTH over a connection without TLS; off unless set here explicitly.
+    public var allowPlaintext: Bool
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case user
+        case passwordFile = "password_file"
+        case allowPlaintext = "allow_plaintext"
+    }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        user = try c.decode(String.self, forKey: .user)
+        passwordFile = try c.decode(String.self, forKey: .passwordFile)
+        allowPlaintext = try c.decodeIfPresent(Bool.self, forKey: .allowPlaintext) ?? false
+    }
+
+    /// Reads the password, refusing a file that group or others can read.
+    public func readPassword() throws(ConfigError) -> String {
+        var st = stat()
+        guard stat(passwordFile, &st) == 0 else {
+            throw ConfigError(file: passwordFile, line: nil, keyPath: "", message: "cannot read: \(String(cString: strerror(errno)))")
+        }
+        guard st.st_mode & 0o077 == 0 else {
+            let mode = String(st.st_mode & 0o777, radix: 8)
+            throw ConfigError(
+                file: passwordFile, line: nil, keyPath: "",
+                message: "mode \(mode) lets other users read the password; chmod 600 it")
+        }
+        guard let text = ConfigLoader.readFile(passwordFile) else {
+            throw ConfigError(file: passwordFile, line: nil, keyPath: "", message: "cannot read: \(String(cString: strerror(errno)))")
+        }
+        let line = text.split(separator: "\n", maxSplits: 1, omittingEmptySubsequences: false).first.map(String.init) ?? ""
+        let password = line.hasSuffix("\r") ? String(line.dropLast()) : line
+        guard !password.isEmpty else {
+            throw ConfigError(file: passwordFile, line: nil, keyPath: "", message: "the first line (the password) is empty")
+        }
+        return password
+    }
+}
+
+extension KeyedDecodingContainer {
+    /// An enum value, with the allowed values named in the error.
+    func decodeEnum<T: RawRepresentable & Decodable & CaseIterable>(_ key: Key) throws -> T? where T.RawValue == String {
+        do {
+            return try decodeIfPresent(T.self, forKey: key)
+        } catch DecodingError.dataCorrupted {
+            throw DecodingError.dataCorruptedError(
+                forKey: key, in: self, debugDescription: "must be one of \(T.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+    }
+}

@@ -1,0 +1,108 @@
+import Delivery
+import TernCore
+import XCTest
+
+final class RouterTests: XCTestCase {
+    func config(_ yaml: String) throws -> TernConfig {
+        try ConfigLoader.parse("listeners:\n  - { name: mx, kind: smtp, address: \"127.0.0.1:2525\" }\n" + yaml, file: "t.yaml")
+    }
+
+    func testFirstMatchWinsAndPatternsMeanWhatTheySay() throws {
+        let c = try config(
+            """
+            routes:
+              - { name: partner, domains: [partner.example], transport: mx }
+              - name: subs
+                domains: [.corp.example]
+                transport: smarthost
+                smarthost: { host: relay.corp.example, port: 2525, tls: encrypt }
+              - name: ses
+                domains: ["*"]
+                transport: smarthost
+                smarthost: { host: email-smtp.example, port: 587 }
+            """)
+        let router = Router(routes: c.routes, delivery: c.delivery)
+        XCTAssertEqual(router.route(recipient: "a@Partner.Example", sender: "s@x.example").nextHop, .mx(domain: "partner.example"))
+        let sub = router.route(recipient: "a@eu.corp.example", sender: "")
+        XCTAssertEqual(sub.name, "subs")
+        XCTAssertEqual(sub.nextHop, .smarthost(host: "relay.corp.example", port: 2525))
+        XCTAssertEqual(sub.tls, .encrypt)
+        XCTAssertEqual(router.route(recipient: "a@corp.example", sender: "").name, "ses", ".corp.example covers subdomains only")
+        let ses = router.route(recipient: "a@gmail.example", sender: "")
+        XCTAssertEqual(ses.tls, .verify, "a smarthost verifies by default")
+        XCTAssertEqual(ses.laneKey, "email-smtp.example:587")
+    }
+
+    func testSenderDependentRouteAndDefault() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("router-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let secret = dir.appendingPathComponent("pw").path
+        try "s3cret\n".write(toFile: secret, atomically: true, encoding: .utf8)
+        chmod(secret, 0o600)
+        let c = try config(
+            """
+            routes:
+              - name: tenant-a
+                domains: ["*"]
+                sender_domains: [tenant-a.example]
+                transport: smarthost
+                smarthost: { host: smtp.example, auth: { user: a, password_file: \(secret) } }
+            """)
+        let router = Router(routes: c.routes, delivery: c.delivery)
+        let a = router.route(recipient: "x@y.example", sender: "app@tenant-a.example")
+        XCTAssertEqual(a.name, "tenant-a")
+        XCTAssertEqual(a.laneKey, "a@smtp.example:587", "each login gets its own lane")
+        XCTAssertEqual(router.route(recipient: "x@y.example", sender: "app@other.example").name, "default")
+        XCTAssertEqual(router.route(recipient: "x@y.example", sender: "").nextHop, .mx(domain: "y.example"), "<> matches no sender route")
+        XCTAssertEqual(try c.routes[0].smarthost?.auth?.readPassword(), "s3cret")
+
+        chmod(secret, 0o644)
+        XCTAssertThrowsError(try config("routes:\n  - { name: t, domains: [\"*\"], transport: smarthost, smarthost: { host: h, auth: { user: a, password_file: \(secret) } } }\n")) {
+            let text = "\($0)"
+            XCTAssertTrue(text.contains("routes[0].smarthost.auth.password_file") && text.contains("644"), text)
+        }
+    }
+
+    func testBadRoutesAreConfigErrors() {
+        for (yaml, expected) in [
+            ("routes:\n  - { name: r, domains: [\"a b\"], transport: mx }\n", "routes[0].domains"),
+            ("routes:\n  - { name: r, domains: [x.example], transport: smarthost }\n", "routes[0].smarthost"),
+            ("routes:\n  - { name: r, domains: [x.example], transport: uucp }\n", "must be one of mx, smarthost"),
+            ("routes:\n  - { name: r, domains: [x.example], transport: mx }\n  - { name: r, domains: [y.example], transport: mx }\n", "routes[1].name"),
+            ("delivery: { retry_first: 10m, retry_maximum: 5m }\n", "delivery.retry_maximum"),
+            ("delivery: { lane: { max_conections: 3 } }\n", "delivery.lane.max_conections: unknown key"),
+        ] {
+            XCTAssertThrowsError(try config(yaml), yaml) { XCTAssertTrue("\($0)".contains(expected), "\($0) should name \(expected)") }
+        }
+    }
+}
+
+final class LaneWindowTests: XCTestCase {
+    func testWindowOpensOnSuccessClosesOnFailureAndParksADeadDestination() throws {
+        var limits = LaneLimits()
+        limits.maxConnections = 6
+        limits.initialConnections = 3
+        limits.deadTime = ConfigDuration(.seconds(60))
+        var w = LaneWindow(limits: limits)
+        for _ in 0..<3 {
+            XCTAssertTrue(w.mayOpen(now: 0))
+            w.opened()
+        }
+        XCTAssertFalse(w.mayOpen(now: 0), "the window starts at initial_connections")
+        for _ in 0..<10 { w.succeeded() }
+        XCTAssertEqual(w.window, 6, "and grows one per success up to max_connections")
+        XCTAssertTrue(w.mayOpen(now: 0))
+
+        XCTAssertFalse(w.failed(now: 1000))
+        XCTAssertEqual(w.window, 5)
+        XCTAssertFalse(w.failed(now: 1000))
+        XCTAssertTrue(w.failed(now: 1000), "three failures in a row against a window shrunk to three: dead")
+        XCTAssertTrue(w.isDead(now: 60_999))
+        XCTAssertFalse(w.mayOpen(now: 30_000), "a dead destination is not retried in a tight loop")
+        XCTAssertFalse(w.isDead(now: 61_000))
+        XCTAssertEqual(w.window, 1, "after the rest, one probe")
+        XCTAssertTrue(w.failed(now: 61_000), "a failed probe parks it again at once")
+        w.revive()
+        XCTAssertTrue(w.mayOpen(now: 61_001) == (w.active < w.window))
+    }
+}
