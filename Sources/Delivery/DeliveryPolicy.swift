@@ -108,3 +108,16 @@ public enum DeliveryPolicy {
         }
     }
 }
+
+extension AttemptOutcome: CustomStringConvertible {
+    /// For log lines: the reply, or what went wrong instead.
+    public var description: String {
+        switch self {
+        case .reply(let reply): return reply.description
+        case .connection(let text): return text
+        case .timeout(let text): return "timed out: \(text)"
+        case .tls(let text): return "TLS failed: \(text)"
+        case .protocolError(let text): return "protocol error: \(text)"
+        }
+    }
+}

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Delivery
 import NIOCore
 import NIOPosix
@@ -126,7 +131,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
                     }
                 }
         } catch {
-            throw ConnectionFailure(stage: .connect, outcome: .connection("\(host):\(port): \(error)"))
+            throw ConnectionFailure(stage: .connect, outcome: Self.connectOutcome(error, target: "\(host):\(port)"))
         }
         let peer = "\(configuration.serverName)[\(host)]:\(port)"
         let (inbound, outbound) = Self.streams(of: channel)
@@ -303,6 +308,16 @@ public final class SMTPClientConnection: @unchecked Sendable {
         }
         outbound.finish()
         try? await channel.close().get()
+    }
+
+    /// A failed connect in the words an operator expects: `Connection refused`, not NIO's
+    /// error structure.
+    static func connectOutcome(_ error: any Error, target: String) -> AttemptOutcome {
+        var cause = error
+        if let e = error as? NIOConnectionError, let first = e.connectionErrors.first?.error { cause = first }
+        if case ChannelError.connectTimeout = cause { return .timeout("connect to \(target)") }
+        if let io = cause as? IOError { return .connection("\(target): \(String(cString: strerror(io.errnoCode)))") }
+        return .connection("\(target): \(cause)")
     }
 
     /// What an error from the channel means for delivery.

@@ -223,3 +223,38 @@ def authenticated_outsider(tern, certs, listener="mx"):
     s.starttls(context=tls_client_context(certs))
     s.login("alice", "wonderland")
     return s
+
+
+@pytest.fixture
+def dns():
+    """A DNS server on loopback (dnslib) that the test fills with records."""
+    from peers import DNS
+    d = DNS()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def mx_port():
+    """One port, free on every test MX address (127.0.0.11-20): Tern's delivery.mx_port."""
+    from peers import HOSTS, free_port
+    return free_port(HOSTS)
+
+
+@pytest.fixture
+def sinks(mx_port):
+    """Starts receiving servers (aiosmtpd) on a test MX address and mx_port; stops them after."""
+    from peers import Sink
+    started = []
+
+    def start(host, **kw):
+        s = Sink(host=host, port=kw.pop("port", mx_port), **kw)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        try:
+            s.stop()
+        except Exception:
+            pass

@@ -214,3 +214,51 @@ class Blackhole:
         for c in self.held:
             c.close()
         self.sock.close()
+
+
+# MARK: - Helpers for delivery tests
+
+HOSTS = [f"127.0.0.{n}" for n in range(11, 21)]
+
+
+def delivery(dns, mx_port, extra=""):
+    """Tern's `delivery:` settings for a test: its DNS server, its MX port, quick retries."""
+    return (f'{{ resolver: "127.0.0.1:{dns.port}", mx_port: {mx_port}, retry_first: 1s, retry_maximum: 2s, '
+            f'retry_jitter: 0, connect_timeout: 3s{extra} }}')
+
+
+def send(tern, sender, recipients, subject="test", body="hello\r\n", options=(), listener="mx"):
+    import smtplib
+    with smtplib.SMTP("127.0.0.1", tern.port(listener), timeout=10) as s:
+        s.sendmail(sender, recipients, f"From: {sender}\r\nSubject: {subject}\r\n\r\n{body}".encode(), rcpt_options=list(options))
+
+
+def wait_log(tern, pattern, timeout=20):
+    import re
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = re.search(pattern, tern.log())
+        if m:
+            return m
+        time.sleep(0.05)
+    raise AssertionError(f"no log line matching {pattern!r}:\n{tern.log()[-3000:]}")
+
+
+def wait_empty(tern, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not tern.queue():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"queue not empty: {tern.queue()}")
+
+
+def dsn_parts(received):
+    """(per-message fields, [per-recipient fields], MIME parts) of a DSN, checked as RFC 3464."""
+    msg = received.message()
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    parts = msg.get_payload()
+    assert parts[1].get_content_type() == "message/delivery-status"
+    groups = parts[1].get_payload()
+    return groups[0], groups[1:], parts

@@ -1,72 +1,9 @@
 """Direct MX delivery against a DNS server and receiving servers on loopback."""
 import re
-import smtplib
-import time
 
 import pytest
 
-from peers import DNS, Sink, free_port
-
-HOSTS = ["127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"]
-
-
-@pytest.fixture
-def dns():
-    d = DNS()
-    yield d
-    d.stop()
-
-
-@pytest.fixture
-def mx_port():
-    return free_port(HOSTS)
-
-
-@pytest.fixture
-def sinks(mx_port):
-    started = {}
-
-    def start(host, **kw):
-        s = Sink(host=host, port=mx_port, **kw)
-        started[host] = s
-        return s
-
-    yield start
-    for s in started.values():
-        try:
-            s.stop()
-        except Exception:
-            pass
-
-
-def delivery(dns, mx_port, extra=""):
-    return (f'{{ resolver: "127.0.0.1:{dns.port}", mx_port: {mx_port}, retry_first: 1s, retry_maximum: 2s, '
-            f'retry_jitter: 0, connect_timeout: 3s{extra} }}')
-
-
-def send(tern, sender, recipients, subject="test", body="hello\r\n", options=()):
-    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
-        s.sendmail(sender, recipients, f"From: {sender}\r\nSubject: {subject}\r\n\r\n{body}".encode(), rcpt_options=list(options))
-
-
-def wait_log(tern, pattern, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        m = re.search(pattern, tern.log())
-        if m:
-            return m
-        time.sleep(0.05)
-    raise AssertionError(f"no log line matching {pattern!r}:\n{tern.log()[-3000:]}")
-
-
-def wait_empty(tern, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not tern.queue():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"queue not empty: {tern.queue()}")
-
+from peers import delivery, dsn_parts, send, wait_empty, wait_log
 
 def test_preference_order_and_log_line(make_tern, dns, mx_port, sinks):
     dns.add("pref.example", ("MX", 20, "mx2.pref.example"), ("MX", 10, "mx1.pref.example"))
@@ -119,21 +56,6 @@ def test_implicit_mx(make_tern, dns, mx_port, sinks):
     assert host.wait(1)[0].rcpt_tos == ["u@plain.example"]
 
 
-def bounce_for(sender_sink, count=1):
-    msgs = sender_sink.wait(count)
-    return msgs[count - 1]
-
-
-def dsn_fields(received):
-    msg = received.message()
-    assert msg.get_content_type() == "multipart/report"
-    assert msg.get_param("report-type") == "delivery-status"
-    parts = msg.get_payload()
-    assert parts[1].get_content_type() == "message/delivery-status"
-    groups = parts[1].get_payload()
-    return groups[0], groups[1:], parts
-
-
 @pytest.mark.parametrize("domain,records,status", [
     ("nullmx.example", [("MX", 0, ".")], "5.1.10"),
     ("nosuch.example", None, "5.1.2"),
@@ -146,10 +68,10 @@ def test_null_mx_and_nxdomain_bounce(make_tern, dns, mx_port, sinks, domain, rec
     sender_side = sinks("127.0.0.14")
     tern = make_tern(delivery=delivery(dns, mx_port))
     send(tern, "app@client.example", [f"u@{domain}"])
-    bounce = bounce_for(sender_side)
+    [bounce] = sender_side.wait(1)
     assert bounce.mail_from in ("", "<>"), "a bounce is sent from the null sender"
     assert bounce.rcpt_tos == ["app@client.example"]
-    per_message, per_recipient, parts = dsn_fields(bounce)
+    per_message, per_recipient, parts = dsn_parts(bounce)
     assert per_message["Reporting-MTA"] == "dns; relay.test"
     assert per_recipient[0]["Final-Recipient"] == f"rfc822; u@{domain}"
     assert per_recipient[0]["Action"] == "failed"
