@@ -396,6 +396,10 @@ public actor Scheduler {
         for (id, entry) in entries where entry.meta.held != held {
             guard !selection.recipients(id, entry.envelope, entry.states, entry.meta).isEmpty else { continue }
             entries[id]!.meta.held = held
+            if !held {
+                // Released mail is attempted at once, not at its old retry time.
+                for i in entries[id]!.meta.recipients.keys { entries[id]!.meta.recipients[i]!.nextAttemptMillis = 0 }
+            }
             changed.append(id)
         }
         for id in changed {

@@ -35,7 +35,7 @@ class Tern:
         self.proc = subprocess.Popen(
             [BINARY, "serve", "--config", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
         )
-        names = re.findall(r"name: (\S+),", self.config_path.read_text())
+        names = re.findall(r"\{ name: (\S+), kind:", self.config_path.read_text())
         deadline = time.time() + timeout
         while time.time() < deadline:
             text = self.log_path.read_bytes()[self.log_offset:].decode(errors="replace")

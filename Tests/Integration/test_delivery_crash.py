@@ -1,0 +1,55 @@
+"""kill -9 during delivery, twice, then a restart: every accepted message arrives; duplicates
+are allowed (at-least-once) and reported, losses are not."""
+import collections
+import smtplib
+import threading
+import time
+
+from peers import delivery, wait_empty
+
+
+def test_kill9_during_delivery_loses_nothing(make_tern, dns, mx_port, sinks, capsys):
+    dns.add("far.example", ("A", "127.0.0.11"))
+    receiver = sinks("127.0.0.11", data_delay=0.02)
+    tern = make_tern(delivery=delivery(dns, mx_port, ", lane: { max_connections: 4 }"))
+    total = 120
+    accepted = []
+
+    def client(k):
+        with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+            for i in range(k, total, 4):
+                s.sendmail("app@client.example", [f"u{i % 7}@far.example", f"w{i % 5}@far.example"],
+                           f"Subject: crash-{i}\r\nMessage-ID: <crash-{i}@client.example>\r\n\r\nbody {i}\r\n".encode())
+                accepted.append(i)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(accepted) == total
+
+    # Kill it while deliveries are under way, twice.
+    for _ in range(2):
+        deadline = time.time() + 20
+        seen = len(receiver.received)
+        while len(receiver.received) < seen + 15 and time.time() < deadline:
+            time.sleep(0.01)
+        tern.kill9()
+        tern.start()
+
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        subjects = collections.Counter(m.message()["Subject"] for m in receiver.received)
+        if len(subjects) == total:
+            break
+        time.sleep(0.1)
+    subjects = collections.Counter(m.message()["Subject"] for m in receiver.received)
+    missing = {f"crash-{i}" for i in range(total)} - set(subjects)
+    assert not missing, f"lost: {sorted(missing)}"
+    wait_empty(tern, timeout=30)
+    duplicates = sum(n - 1 for n in subjects.values())
+    with capsys.disabled():
+        print(f"\n  kill -9 x2 during delivery: {total} messages accepted, {total} delivered, {duplicates} duplicates, 0 lost")
+    for m in receiver.received:
+        assert sorted(m.rcpt_tos) == sorted(set(m.rcpt_tos)), "no recipient twice in one transaction"

@@ -1,0 +1,96 @@
+"""Queue control while the daemon runs, each command checked against what the receiving
+server then gets."""
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import BINARY
+from peers import delivery, send, wait_log
+
+
+def tern_cmd(tern, *args, check=True):
+    out = subprocess.run([BINARY, *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True, timeout=20)
+    if check:
+        assert out.returncode == 0, out.stderr
+    return out
+
+
+@pytest.fixture
+def deferred_world(make_tern, dns, mx_port, sinks):
+    """Mail for a/b/c.example and from two senders, all deferred once (451), next try in an hour."""
+    for d in ("a", "b", "c"):
+        dns.add(f"{d}.example", ("A", "127.0.0.11"))
+    receiver = sinks("127.0.0.11")
+    for r in ("x@a.example", "y@a.example", "x@b.example", "x@c.example"):
+        receiver.replies[r] = ["451 4.3.0 not now", "250 ok"]
+    tern = make_tern(delivery=delivery(dns, mx_port).replace("retry_first: 1s, retry_maximum: 2s", "retry_first: 1h, retry_maximum: 2h"))
+    send(tern, "app@client.example", ["x@a.example"], subject="for a")
+    send(tern, "shop@client.example", ["y@a.example", "x@b.example"], subject="for a and b")
+    send(tern, "app@client.example", ["x@c.example"], subject="for c")
+    deadline = time.time() + 15
+    while tern.log().count("status=deferred") < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    assert tern.log().count("status=deferred") == 4
+    return tern, receiver
+
+
+def test_list_and_show(deferred_world):
+    tern, _ = deferred_world
+    listed = tern.queue()
+    assert len(listed) == 3
+    r = listed[0]["recipients"][0]
+    assert r["state"] == "deferred" and r["attempts"] == 1 and r["last_error"] == "smtp; 451 4.3.0 not now"
+    assert r["next_attempt"].endswith("Z")
+    table = tern_cmd(tern, "queue", "list").stdout
+    assert "[deferred, 1 attempt, next " in table and "(smtp; 451 4.3.0 not now)" in table
+    show = tern_cmd(tern, "queue", "show", listed[1]["id"]).stdout
+    assert '"sender" : "shop@client.example"' in show and "Subject: for a and b" in show
+    assert tern_cmd(tern, "queue", "show", "0000000000000000", check=False).returncode == 1
+
+
+def test_flush_by_domain(deferred_world):
+    tern, receiver = deferred_world
+    assert "flushed: 2 messages" in tern_cmd(tern, "queue", "flush", "--domain", "a.example").stdout
+    receiver.wait(2)
+    time.sleep(1)
+    assert sorted(receiver.recipients()) == ["x@a.example", "y@a.example"], "only a.example was attempted"
+    left = {r["address"]: r["state"] for m in tern.queue() for r in m["recipients"]}
+    assert left == {"y@a.example": "delivered", "x@b.example": "deferred", "x@c.example": "deferred"}
+
+
+def test_hold_and_release(deferred_world):
+    tern, receiver = deferred_world
+    assert "held: 2 messages" in tern_cmd(tern, "queue", "hold", "--sender", "app@client.example").stdout
+    assert sum(m["held"] for m in tern.queue()) == 2
+    tern_cmd(tern, "queue", "flush")
+    receiver.wait(1)
+    time.sleep(1)
+    assert sorted(receiver.recipients()) == ["x@b.example", "y@a.example"], "held mail is not delivered, even on flush"
+    assert "released: 2 messages" in tern_cmd(tern, "queue", "release", "--all").stdout
+    receiver.wait(3)
+    assert sorted(receiver.recipients()) == ["x@a.example", "x@b.example", "x@c.example", "y@a.example"]
+
+
+def test_delete_by_domain_id_and_all(deferred_world):
+    tern, receiver = deferred_world
+    assert "deleted: 1 message" in tern_cmd(tern, "queue", "delete", "--domain", "c.example").stdout
+    assert all(r["address"] != "x@c.example" for m in tern.queue() for r in m["recipients"])
+    first = tern.queue()[0]["id"]
+    tern_cmd(tern, "queue", "delete", first)
+    assert first not in [m["id"] for m in tern.queue()]
+    wait_log(tern, first + r": removed")
+    tern_cmd(tern, "queue", "flush")
+    receiver.wait(1)
+    time.sleep(1)
+    assert sorted(receiver.recipients()) == ["x@b.example", "y@a.example"], "deleted mail never leaves"
+    assert tern.queue() == []
+    assert tern_cmd(tern, "queue", "delete", check=False).returncode != 0, "a delete must say what"
+
+
+def test_without_daemon_control_commands_say_so(make_tern):
+    tern = make_tern()
+    tern.stop()
+    out = tern_cmd(tern, "queue", "flush", check=False)
+    assert out.returncode == 75 and "tern serve" in out.stderr
