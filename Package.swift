@@ -124,7 +124,8 @@ let package = Package(
         .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
         .testTarget(
             name: "TransportsTests",
-            dependencies: ["Transports", "Delivery", "SMTPProtocol", "TernCore", .product(name: "NIOPosix", package: "swift-nio")]
+            dependencies: ["Transports", "Delivery", "SMTPProtocol", "TernCore", .product(name: "NIOPosix", package: "swift-nio")],
+            exclude: ["Peers"]
         ),
         .testTarget(
             name: "SpoolTests",

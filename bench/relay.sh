@@ -1,0 +1,172 @@
+#!/usr/bin/env bash
+# End-to-end relay benchmark: smtp-source -> relay -> smtp-sink, counted at the sink until
+# every message has arrived, for Tern and for a Postfix instance relaying to the same sink
+# (relayhost) in the same run.
+#
+#   bench/relay.sh [MESSAGES]              # default 5000 per case
+#   QUEUE=100000 bench/relay.sh 0          # only the queue case: RSS with that many queued
+#   BENCH_DIR=/some/dir bench/relay.sh     # where the spools go (default /var/tmp)
+#
+# Prints, for 1 and 20 sessions and 1 KB and 100 KB messages: end-to-end messages/s for
+# each, the ratio, server CPU seconds (machine busy time minus smtp-source and smtp-sink)
+# and peak RSS (Tern: VmHWM; Postfix: the largest sum over its processes, sampled). Both
+# servers fsync what they accept before answering 250. Must run as root (Postfix drops to
+# its own user). Binds only 127.0.0.1. Everything it starts it stops by PID.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MESSAGES="${1:-5000}"
+QUEUE="${QUEUE:-0}"
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/tern-relay.XXXXXX")
+chmod 755 "$WORK"
+TERN_PORT=22535
+POSTFIX_PORT=22536
+SINK_PORT=22537
+TERN_PID=""
+SINK_PID=""
+PF="$WORK/postfix"
+
+cleanup() {
+    [ -n "$TERN_PID" ] && kill "$TERN_PID" 2>/dev/null && wait "$TERN_PID" 2>/dev/null || true
+    [ -n "$SINK_PID" ] && kill "$SINK_PID" 2>/dev/null && wait "$SINK_PID" 2>/dev/null || true
+    [ -f "$PF/conf/main.cf" ] && script -qec "postfix -c $PF/conf stop" /dev/null >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+swift build -c release --product tern >/dev/null
+
+start_tern() {
+    .build/release/tern serve --config "$WORK/tern/tern.yaml" 2>>"$WORK/tern/log" &
+    TERN_PID=$!
+}
+
+mkdir -p "$WORK/tern"
+cat > "$WORK/tern/tern.yaml" <<YAML
+hostname: bench.tern
+spool: $WORK/tern/spool
+listeners:
+  - { name: bench, kind: smtp, address: "127.0.0.1:$TERN_PORT" }
+access:
+  mynetworks: ["127.0.0.0/8"]
+limits: { max_message_size: 10MB, max_connections: 1000, max_connections_per_client: 1000 }
+delivery: { paused: ${TERN_PAUSED:-false} }
+routes:
+  - name: sink
+    domains: ["*"]
+    transport: smarthost
+    smarthost: { host: 127.0.0.1, port: $SINK_PORT, tls: none }
+    lane: { max_connections: 20 }
+log: { level: warning }
+YAML
+
+mkdir -p "$PF/conf" "$PF/queue" "$PF/data"
+chown postfix "$PF/data"
+cp /etc/postfix/master.cf "$PF/conf/master.cf"
+sed -i -E "s/^smtp( +)inet/127.0.0.1:$POSTFIX_PORT\1inet/" "$PF/conf/master.cf"
+cat > "$PF/conf/main.cf" <<CF
+compatibility_level = 3.6
+queue_directory = $PF/queue
+data_directory = $PF/data
+myhostname = bench.postfix
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:$SINK_PORT
+smtp_tls_security_level = none
+default_destination_concurrency_limit = 20
+message_size_limit = 10485760
+default_process_limit = 200
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+maillog_file = $PF/maillog
+maillog_file_prefixes = $WORK
+CF
+pf() { script -qec "postfix -c $PF/conf $*" /dev/null; }
+
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+proc_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+
+start_sink() {
+    : > "$WORK/sink.out"
+    smtp-sink -u postfix -c "127.0.0.1:$SINK_PORT" 256 > "$WORK/sink.out" 2>&1 &
+    SINK_PID=$!
+    wait_port $SINK_PORT
+}
+stop_sink() { kill "$SINK_PID"; wait "$SINK_PID" 2>/dev/null || true; SINK_PID=""; }
+# The last counter line only: reading the whole output each time would bill the benchmark's
+# own polling to the server under test.
+sink_count() { tail -c 48 "$WORK/sink.out" | tr '\r' '\n' | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2; }
+
+# Largest total RSS (KB) of Postfix's processes, sampled while a case runs.
+postfix_rss_sampler() {
+    local master peak=0 now
+    master=$(head -1 "$PF/queue/pid/master.pid" | tr -d ' ')
+    while [ -f "$WORK/sampling" ]; do
+        now=$( (echo "$master"; pgrep -P "$master") | xargs -r ps -o rss= -p 2>/dev/null | awk '{s+=$1} END {print s+0}')
+        [ "$now" -gt "$peak" ] && peak=$now && echo "$peak" > "$WORK/pf_rss"
+        sleep 0.2
+    done
+}
+
+# run PORT SESSIONS SIZE -> "msgs_per_s server_cpu_s"
+run() {
+    local port=$1 sessions=$2 size=$3
+    start_sink
+    local b0 t0 t1 b1 client s0 s1
+    b0=$(busy_ticks); s0=$(proc_ticks "$SINK_PID"); t0=$(date +%s.%N)
+    client=$( { /usr/bin/time -f "%U %S" smtp-source -s "$sessions" -m "$MESSAGES" -l "$size" \
+        -f bench@client.test -t user@example.org "127.0.0.1:$port" >/dev/null; } 2>&1 | tail -1)
+    local deadline=$((SECONDS + 600))
+    while [ "$(sink_count || echo 0)" != "$MESSAGES" ]; do
+        [ $SECONDS -gt $deadline ] && { echo "sink got $(sink_count) of $MESSAGES" >&2; exit 1; }
+        sleep 0.02
+    done
+    t1=$(date +%s.%N); b1=$(busy_ticks); s1=$(proc_ticks "$SINK_PID")
+    stop_sink
+    awk -v n="$MESSAGES" -v t0="$t0" -v t1="$t1" -v b0="$b0" -v b1="$b1" -v s0="$s0" -v s1="$s1" -v hz="$HZ" -v c="$client" 'BEGIN {
+        split(c, u, " "); server = (b1 - b0 - (s1 - s0)) / hz - (u[1] + u[2]);
+        printf "%.0f %.1f", n / (t1 - t0), server }'
+}
+
+if [ "$MESSAGES" -gt 0 ]; then
+    start_tern
+    pf check
+    pf start
+    wait_port $TERN_PORT
+    wait_port $POSTFIX_PORT
+    touch "$WORK/sampling"; echo 0 > "$WORK/pf_rss"
+    postfix_rss_sampler &
+    SAMPLER=$!
+    echo "messages per case: $MESSAGES (smtp-source, a new connection per message; counted at smtp-sink)"
+    printf "%-16s %10s %12s %7s %12s %14s\n" case "tern msg/s" "postfix msg/s" ratio "tern CPU s" "postfix CPU s"
+    for size in 1024 102400; do
+        for sessions in 1 20; do
+            read -r t_rate t_cpu <<<"$(run $TERN_PORT $sessions $size)"
+            read -r p_rate p_cpu <<<"$(run $POSTFIX_PORT $sessions $size)"
+            printf "%-16s %10s %12s %7s %12s %14s\n" "${sessions} sess, $((size / 1024)) KB" "$t_rate" "$p_rate" \
+                "$(awk -v a="$t_rate" -v b="$p_rate" 'BEGIN{printf "%.2fx", a/b}')" "$t_cpu" "$p_cpu"
+        done
+    done
+    rm -f "$WORK/sampling"; wait "$SAMPLER" 2>/dev/null || true
+    echo "peak RSS: tern $(awk '/VmHWM/{print $2, $3}' /proc/$TERN_PID/status); postfix (all processes) $(cat "$WORK/pf_rss") kB"
+    echo "left in queue: tern $(ls "$WORK/tern/spool/queue" | wc -l); postfix $(find "$PF/queue/deferred" "$PF/queue/active" "$PF/queue/incoming" -type f | wc -l)"
+    kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true; TERN_PID=""
+fi
+
+if [ "$QUEUE" -gt 0 ]; then
+    # Tern's memory with a large queue: accept QUEUE messages with delivery paused, then
+    # restart so the scheduler loads them all from the spool.
+    sed -i "s/paused: .*}/paused: true }/" "$WORK/tern/tern.yaml"
+    start_tern
+    wait_port $TERN_PORT
+    smtp-source -s 20 -m "$QUEUE" -l 1024 -f bench@client.test -t user@example.org "127.0.0.1:$TERN_PORT" >/dev/null
+    echo "tern with $QUEUE messages accepted: RSS $(awk '/VmRSS/{print $2, $3}' /proc/$TERN_PID/status), peak $(awk '/VmHWM/{print $2, $3}' /proc/$TERN_PID/status)"
+    kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true
+    start_tern
+    wait_port $TERN_PORT
+    echo "tern restarted over $(ls "$WORK/tern/spool/queue" | wc -l) queued messages: RSS $(awk '/VmRSS/{print $2, $3}' /proc/$TERN_PID/status)"
+fi
