@@ -188,6 +188,28 @@ struct Check: AsyncParsableCommand {
             "limits: max_message_size \(l.maxMessageSize), max_recipients \(l.maxRecipients), max_connections \(l.maxConnections), "
                 + "max_connections_per_client \(l.maxConnectionsPerClient), command_timeout \(l.commandTimeout), data_timeout \(l.dataTimeout), "
                 + "max_errors \(l.maxErrors), max_auth_failures \(l.maxAuthFailures) per \(l.authFailureWindow)")
+        let d = config.delivery
+        print("delivery:\(d.paused ? " PAUSED (mail is queued, not delivered)" : "")")
+        print("  DNS: \(d.resolver.map { "\($0)" } ?? "servers in /etc/resolv.conf"); MX port \(d.mxPort), TLS \(d.mxTLS.rawValue)")
+        print(
+            "  retries from \(d.retryFirst) doubling to \(d.retryMaximum) (jitter \(d.retryJitter)), bounced after \(d.queueLifetime)"
+                + (d.delayWarning.map { "; delay warning after \($0)" } ?? ""))
+        print("  bounces of bounces: \(d.postmaster.map { "to \($0)" } ?? "logged and dropped")")
+        print(
+            "  lanes: max_connections \(d.lane.maxConnections), initial_connections \(d.lane.initialConnections), "
+                + "messages_per_connection \(d.lane.messagesPerConnection), dead_time \(d.lane.deadTime)")
+        print("routes (first match wins):")
+        for route in config.routes {
+            let senders = route.senderDomains.map { " from \($0.joined(separator: ", "))" } ?? ""
+            let target: String
+            if let s = route.smarthost {
+                target = "smarthost \(s.host):\(s.port), tls \(s.tls.rawValue)\(s.auth.map { ", AUTH as \($0.user)" } ?? "")"
+            } else {
+                target = "MX, tls \(d.mxTLS.rawValue)"
+            }
+            print("  \(route.name): \(route.domains.joined(separator: ", "))\(senders) -> \(target)")
+        }
+        print("  otherwise: MX, tls \(d.mxTLS.rawValue)")
     }
 }
 
