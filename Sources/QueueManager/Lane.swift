@@ -78,13 +78,15 @@ actor Lane {
         }
         while queued > 0, window.mayOpen(now: now) {
             window.opened()
-            let worker = LaneWorker(lane: self, environment: environment, limits: window.limits)
+            let worker = LaneWorker(lane: self, environment: environment, limits: window.limits, report: report)
             Task { await worker.run() }
         }
     }
 
-    /// The next job for a worker; waits a little for one before telling it to close.
+    /// The next job for a worker; waits a little for one before telling it to close. A
+    /// resting lane gives none: its waiting jobs are deferred when the worker is done.
     func next() async -> DeliveryJob? {
+        if window.isDead(now: environment.now()) { return nil }
         if let job = take() { return job }
         let id = nextWaiter
         nextWaiter += 1
@@ -138,11 +140,6 @@ actor Lane {
         deadReason = nil
     }
 
-    func isDead() -> Bool { window.isDead(now: environment.now()) }
-
-    func deliveryFinished(_ outcome: JobOutcome) async {
-        await report(outcome)
-    }
 }
 
 /// One connection's worth of work in a lane: take a job, deliver it (reusing the open
@@ -151,6 +148,7 @@ struct LaneWorker: Sendable {
     let lane: Lane
     let environment: LaneEnvironment
     let limits: LaneLimits
+    let report: @Sendable (JobOutcome) async -> Void
 
     /// The open connection and what it has carried.
     final class Held: @unchecked Sendable {
@@ -166,10 +164,6 @@ struct LaneWorker: Sendable {
     func run() async {
         var held: Held?
         while let job = await lane.next() {
-            if await lane.isDead() {
-                await lane.submit(job)
-                break
-            }
             held = await deliver(job, held: held)
         }
         if let held { await held.connection.quit() }
@@ -201,15 +195,15 @@ struct LaneWorker: Sendable {
             case .hosts(let found): hosts = found
             case .nullMX:
                 finish(job.recipients, .bounced(status: EnhancedStatusCode(5, 1, 10), diagnostic: "X-Tern; \(domain) accepts no mail (null MX)"))
-                await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+                await report(JobOutcome(job: job, results: results, times: times))
                 return held
             case .notFound(let why):
                 finish(job.recipients, .bounced(status: EnhancedStatusCode(5, 1, 2), diagnostic: "X-Tern; Host or domain name not found: \(why)"))
-                await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+                await report(JobOutcome(job: job, results: results, times: times))
                 return held
             case .temporaryFailure(let why):
                 finish(job.recipients, .deferred(status: EnhancedStatusCode(4, 4, 3), diagnostic: "X-Tern; DNS lookup failed: \(why)"))
-                await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+                await report(JobOutcome(job: job, results: results, times: times))
                 return held
             }
         }
@@ -272,7 +266,7 @@ struct LaneWorker: Sendable {
         if !remaining.isEmpty {
             finish(remaining, DeliveryPolicy.exhausted(lastOutcome, note: nil), relay: held?.connection.peer ?? "none")
         }
-        await lane.deliveryFinished(JobOutcome(job: job, results: results, times: times))
+        await report(JobOutcome(job: job, results: results, times: times))
         return held
     }
 }
@@ -283,7 +277,7 @@ struct SpoolContent: MessageContent {
     let id: QueueID
     let size: Int
 
-    func chunks() -> AsyncThrowingStream<[UInt8], any Error> {
-        spool.content(id, size: size)
+    func forEachChunk(_ body: ([UInt8]) async throws -> Void) async throws {
+        try await spool.readContent(id, size: size, body)
     }
 }

@@ -211,12 +211,7 @@ public actor Scheduler {
             entries[id] = nil
             waiting[id] = nil
             depth.record(entries.count)
-            do {
-                try await spool.remove(id)
-                logger.info("\(id): removed")
-            } catch {
-                logger.error("\(id): cannot remove from the spool: \(error)")
-            }
+            spool.remove(id, hasMeta: current.meta != DeliveryMeta())
             return
         }
         do {
@@ -380,8 +375,7 @@ public actor Scheduler {
             if e.allFinal, e.inFlight.isEmpty, e.busy == 0 {
                 entries[id] = nil
                 waiting[id] = nil
-                try? await spool.remove(id)
-                logger.info("\(id): removed")
+                do { try await spool.removeNow(id) } catch { logger.error("\(id): cannot remove: \(error)") }
             } else {
                 try? await spool.mark(id, changes)
             }

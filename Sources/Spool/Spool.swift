@@ -9,6 +9,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import TernCore
@@ -28,6 +29,12 @@ public final class Spool: Sendable {
     let ids = QueueIDGenerator()
     let queueSync: DirectorySyncer
     let logger: Logger
+    let removals = NIOLockedValueBox(Removals())
+
+    struct Removals {
+        var pending: [(QueueID, Bool)] = []
+        var running = false
+    }
 
     /// Data is written to disk in pieces of this size while a message streams in.
     public static let writeChunk = 64 * 1024

@@ -96,15 +96,49 @@ extension Spool {
         }
     }
 
-    /// Removes a message whose recipients are all final. No directory sync: if a crash
-    /// brings the name back, its recipients are sent again (a duplicate, never a loss).
-    public func remove(_ id: QueueID) async throws {
+    /// Removes a message whose recipients are all final, soon: removals are gathered and
+    /// done by one job on the spool's threads, so a busy queue pays one thread trip for many.
+    /// No directory sync: if a crash brings a name back, its recipients are sent again (a
+    /// duplicate, never a loss). Logs `<id>: removed` when done.
+    public func remove(_ id: QueueID, hasMeta: Bool) {
+        let start = removals.withLockedValue { state -> Bool in
+            state.pending.append((id, hasMeta))
+            if state.running { return false }
+            state.running = true
+            return true
+        }
+        guard start else { return }
+        pool.submit { [self] _ in
+            while true {
+                let batch = removals.withLockedValue { state -> [(QueueID, Bool)] in
+                    let batch = state.pending
+                    state.pending.removeAll(keepingCapacity: true)
+                    if batch.isEmpty { state.running = false }
+                    return batch
+                }
+                if batch.isEmpty { return }
+                for (id, hasMeta) in batch {
+                    let path = queue + "/" + id.rawValue
+                    if unlink(path) != 0, errno != ENOENT {
+                        logger.error("\(id): cannot remove \(path): \(String(cString: strerror(errno)))")
+                        continue
+                    }
+                    if hasMeta { unlink(metaDirectory + "/" + id.rawValue) }
+                    logger.info("\(id): removed")
+                }
+            }
+        }
+    }
+
+    /// Removes a message now (an operator's delete: the command returns after it).
+    public func removeNow(_ id: QueueID) async throws {
         let path = queue + "/" + id.rawValue
         let meta = metaDirectory + "/" + id.rawValue
         try await pool.runIfActive {
             guard unlink(path) == 0 || errno == ENOENT else { throw SpoolError("unlink", path, errno: errno) }
             unlink(meta)
         }
+        logger.info("\(id): removed")
     }
 
     /// Replaces the message's delivery notes.
@@ -113,34 +147,35 @@ extension Spool {
         try await pool.runIfActive { try SpoolFiles.writeMeta(path, meta) }
     }
 
-    /// The message content (Tern's `Received:` header and the message, CRLF line endings),
-    /// read in pieces on the spool's threads.
-    public func content(_ id: QueueID, size: Int) -> AsyncThrowingStream<[UInt8], any Error> {
+    /// Reads the message content (Tern's `Received:` header and the message, CRLF line
+    /// endings) in pieces of `writeChunk` on the spool's threads; a message of one piece
+    /// costs one trip there (open, read, close).
+    public func readContent(_ id: QueueID, size: Int, _ body: ([UInt8]) async throws -> Void) async throws {
         let path = queue + "/" + id.rawValue
-        let pool = self.pool
-        return AsyncThrowingStream { continuation in
-            let task = Task {
-                do {
-                    let fd = try await pool.runIfActive { () throws -> CInt in
-                        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-                        guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
-                        return fd
-                    }
-                    defer { close(fd) }
-                    var offset = 0
-                    while offset < size {
-                        let count = min(Spool.writeChunk, size - offset)
-                        let at = offset
-                        let chunk = try await pool.runIfActive { try SpoolFiles.pread(fd, count: count, at: at, path: path) }
-                        continuation.yield(chunk)
-                        offset += count
-                    }
-                    continuation.finish()
-                } catch {
-                    continuation.finish(throwing: error)
+        let first = min(size, Spool.writeChunk)
+        let (fd, chunk) = try await pool.runIfActive { () throws -> (CInt, [UInt8]) in
+            let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+            do {
+                let chunk = try SpoolFiles.pread(fd, count: first, at: 0, path: path)
+                if first == size {
+                    close(fd)
+                    return (-1, chunk)
                 }
+                return (fd, chunk)
+            } catch {
+                close(fd)
+                throw error
             }
-            continuation.onTermination = { _ in task.cancel() }
+        }
+        defer { if fd >= 0 { close(fd) } }
+        try await body(chunk)
+        var offset = first
+        while offset < size {
+            let count = min(Spool.writeChunk, size - offset)
+            let at = offset
+            try await body(try await pool.runIfActive { try SpoolFiles.pread(fd, count: count, at: at, path: path) })
+            offset += count
         }
     }
 

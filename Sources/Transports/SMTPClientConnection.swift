@@ -43,22 +43,21 @@ public struct SMTPClientConfiguration: Sendable {
 
 /// Where a message's content comes from, in pieces (the spool reads it from disk).
 public protocol MessageContent: Sendable {
-    func chunks() -> AsyncThrowingStream<[UInt8], any Error>
+    /// Calls `body` with each piece in order. A small message is one piece, read with one
+    /// trip to the disk's thread, not a stream with a task of its own.
+    func forEachChunk(_ body: ([UInt8]) async throws -> Void) async throws
 }
 
 /// Content already in memory.
 public struct InMemoryContent: MessageContent {
     public let bytes: [UInt8]
     public init(_ bytes: [UInt8]) { self.bytes = bytes }
-    public func chunks() -> AsyncThrowingStream<[UInt8], any Error> {
-        AsyncThrowingStream { continuation in
-            var offset = 0
-            while offset < bytes.count {
-                let end = min(bytes.count, offset + 65536)
-                continuation.yield(Array(bytes[offset..<end]))
-                offset = end
-            }
-            continuation.finish()
+    public func forEachChunk(_ body: ([UInt8]) async throws -> Void) async throws {
+        var offset = 0
+        while offset < bytes.count {
+            let end = min(bytes.count, offset + 65536)
+            try await body(Array(bytes[offset..<end]))
+            offset = end
         }
     }
 }
@@ -266,13 +265,16 @@ public final class SMTPClientConnection: @unchecked Sendable {
 
     private func sendContent(_ content: some MessageContent) async throws {
         var stuffer = DotStuffer()
-        for try await chunk in content.chunks() {
+        var last: [UInt8]?
+        try await content.forEachChunk { chunk in
+            if let previous = last { try await outbound.write(ByteBuffer(bytes: previous)) }
             var out: [UInt8] = []
-            out.reserveCapacity(chunk.count + chunk.count / 64)
+            out.reserveCapacity(chunk.count + chunk.count / 64 + 5)
             chunk.withUnsafeBytes { stuffer.stuff($0, into: &out) }
-            try await outbound.write(ByteBuffer(bytes: out))
+            last = out
         }
-        try await outbound.write(ByteBuffer(bytes: stuffer.terminator))
+        // The final dot goes out in the same write as the last piece.
+        try await outbound.write(ByteBuffer(bytes: (last ?? []) + stuffer.terminator))
     }
 
     private func startTLS() async throws {
