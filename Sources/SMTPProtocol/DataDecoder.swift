@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Decodes the DATA stream: removes dot-stuffing and finds the end of data.
 ///
 /// End of data is only `CRLF "." CRLF` (the start of DATA counts as a CRLF). A bare LF or bare
@@ -137,13 +143,22 @@ public struct DotStuffer: Sendable {
     /// Appends `input` to `output` with stuffing; the caller appends `CRLF . CRLF` at the end
     /// (after a CRLF if the message did not end with one: see `terminator`).
     public mutating func stuff(_ input: UnsafeRawBufferPointer, into output: inout [UInt8]) {
-        var previous: UInt8 = atLineStart ? 0x0A : 0
-        for b in input {
-            if b == 0x2E && previous == 0x0A { output.append(0x2E) }
-            output.append(b)
-            previous = b
+        guard let base = input.baseAddress, !input.isEmpty else { return }
+        let n = input.count
+        // Whole lines are copied at once; only a dot right after a line feed adds a byte.
+        var start = 0
+        if atLineStart, input[0] == 0x2E { output.append(0x2E) }
+        while start < n {
+            guard let found = memchr(base + start, 0x0A, n - start) else {
+                output.append(contentsOf: UnsafeRawBufferPointer(rebasing: input[start..<n]))
+                break
+            }
+            let lf = base.distance(to: UnsafeRawPointer(found))
+            output.append(contentsOf: UnsafeRawBufferPointer(rebasing: input[start...lf]))
+            if lf + 1 < n, input[lf + 1] == 0x2E { output.append(0x2E) }
+            start = lf + 1
         }
-        if let last = input.last { atLineStart = last == 0x0A }
+        atLineStart = input[n - 1] == 0x0A
     }
 
     /// What ends the data: `.CRLF`, preceded by a CRLF when the message did not end with one.

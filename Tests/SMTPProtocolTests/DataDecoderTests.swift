@@ -92,6 +92,23 @@ final class DataDecoderTests: XCTestCase {
         XCTAssertEqual(decoded?.message, message + bytes("\r\n"))
         XCTAssertEqual(decoded?.rest, [])
     }
+
+    func testDotStufferGivesTheSameWireAtEverySplit() {
+        let message = bytes(".a\r\n.\r\nb\r\n..c\r\nd.e\r\n.")
+        var whole = DotStuffer()
+        var expected: [UInt8] = []
+        message.withUnsafeBytes { whole.stuff($0, into: &expected) }
+        expected += whole.terminator
+        for split in 0...message.count {
+            var stuffer = DotStuffer()
+            var wire: [UInt8] = []
+            Array(message[..<split]).withUnsafeBytes { stuffer.stuff($0, into: &wire) }
+            Array(message[split...]).withUnsafeBytes { stuffer.stuff($0, into: &wire) }
+            wire += stuffer.terminator
+            XCTAssertEqual(wire, expected, "split at \(split)")
+        }
+        XCTAssertEqual(String(decoding: expected, as: UTF8.self), "..a\r\n..\r\nb\r\n...c\r\nd.e\r\n..\r\n.\r\n")
+    }
 }
 
 final class LineEndingCheckerTests: XCTestCase {
