@@ -1,4 +1,5 @@
 import Logging
+import Metrics
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -15,6 +16,7 @@ public final class SMTPServer: Service, Sendable {
     let environment: SessionEnvironment
     let group: any EventLoopGroup
     let limiter: ConnectionLimiter
+    let connections = Counter(label: "tern_connections_total")
     private let openSessions = NIOLockedValueBox(OpenSessions())
     private let boundAddresses = NIOLockedValueBox([String: SocketAddress]())
 
@@ -135,6 +137,7 @@ public final class SMTPServer: Service, Sendable {
             return
         }
         defer { limiter.release(address) }
+        connections.increment()
         logger.info("connect from \(client) to \(listener.name)")
         let trusted = IPAddress(parsing: address).map { ip in config.access.mynetworks.contains { $0.contains(ip) } } ?? false
         let policy = SessionPolicy(

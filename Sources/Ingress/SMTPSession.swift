@@ -1,4 +1,5 @@
 import Logging
+import Metrics
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -22,6 +23,9 @@ struct SessionEnvironment: Sendable {
     var logger: Logger
     /// Told of each committed message (the queue manager), after the commit.
     var onQueued: @Sendable (QueueID, Envelope, Int) -> Void
+    /// Messages committed to the spool, and their bytes.
+    var accepted = Counter(label: "tern_messages_accepted_total")
+    var acceptedBytes = Counter(label: "tern_accepted_bytes_total")
 }
 
 /// Drives one connection: reads frames, feeds them to the state machine, carries out its
@@ -215,6 +219,8 @@ struct SMTPSession {
                 logger.info(
                     "\(writer.id): from=<\(transaction.sender)>, size=\(writer.size), nrcpt=\(transaction.recipients.count), client=\(client)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")\(intake.tlsVersion.map { ", tls=\($0)" } ?? "")"
                 )
+                environment.accepted.increment()
+                environment.acceptedBytes.increment(by: writer.size)
                 environment.onQueued(writer.id, envelope, writer.size)
                 return .queued(writer.id.rawValue)
             } catch {

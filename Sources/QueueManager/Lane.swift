@@ -1,5 +1,6 @@
 import Delivery
 import Logging
+import Metrics
 import SMTPProtocol
 import Spool
 import TernCore
@@ -38,12 +39,16 @@ actor Lane {
     private var deadReason: AttemptOutcome?
     private let environment: LaneEnvironment
     private let report: @Sendable (JobOutcome) async -> Void
+    private let connectionGauge: Gauge
+    private let queuedGauge: Gauge
 
     init(key: String, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
         self.key = key
         self.window = LaneWindow(limits: limits)
         self.environment = environment
         self.report = report
+        self.connectionGauge = Gauge(label: "tern_lane_connections", dimensions: [("lane", key)])
+        self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key)])
     }
 
     var queued: Int { jobs.count - head }
@@ -75,6 +80,10 @@ actor Lane {
                 Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
             }
             return
+        }
+        defer {
+            connectionGauge.record(window.active)
+            queuedGauge.record(queued)
         }
         while queued > 0, window.mayOpen(now: now) {
             window.opened()

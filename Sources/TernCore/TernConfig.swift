@@ -19,9 +19,11 @@ public struct TernConfig: Sendable, Decodable {
     public var delivery: DeliveryConfig
     /// Ordered; the first match wins. Without routes, all mail goes to the recipients' MX hosts.
     public var routes: [RouteConfig]
+    /// Where Prometheus scrapes `/metrics`; off when unset.
+    public var metrics: MetricsConfig?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case hostname, spool, listeners, tls, access, limits, log, delivery, routes
+        case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics
     }
 
     public init(from decoder: any Decoder) throws {
@@ -36,6 +38,7 @@ public struct TernConfig: Sendable, Decodable {
         log = try c.decodeIfPresent(LogConfig.self, forKey: .log) ?? LogConfig()
         delivery = try c.decodeIfPresent(DeliveryConfig.self, forKey: .delivery) ?? DeliveryConfig()
         routes = try c.decodeIfPresent([RouteConfig].self, forKey: .routes) ?? []
+        metrics = try c.decodeIfPresent(MetricsConfig.self, forKey: .metrics)
     }
 
     static func systemHostname() -> String {
@@ -188,6 +191,19 @@ public struct LimitsConfig: Sendable, Decodable {
         maxErrors = try c.decodePositive(.maxErrors) ?? d.maxErrors
         maxAuthFailures = try c.decodePositive(.maxAuthFailures) ?? d.maxAuthFailures
         authFailureWindow = try c.decodeIfPresent(ConfigDuration.self, forKey: .authFailureWindow) ?? d.authFailureWindow
+    }
+}
+
+public struct MetricsConfig: Sendable, Decodable {
+    /// `host:port` of the HTTP endpoint serving `/metrics` in the Prometheus text format.
+    public var address: ListenAddress
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case address }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        address = try c.decode(ListenAddress.self, forKey: .address)
     }
 }
 

@@ -2,9 +2,11 @@ import ArgumentParser
 import Delivery
 import Ingress
 import Logging
+import Metrics
 import NIOCore
 import NIOPosix
 import NIOSSL
+import Prometheus
 import QueueManager
 import ServiceLifecycle
 import Spool
@@ -99,6 +101,12 @@ struct Serve: AsyncParsableCommand {
         let level = Logger.Level(rawValue: config.log.level) ?? .info
         LoggingSystem.bootstrap { TernLogHandler(label: $0, level: level) }
         let logger = Logger(label: "tern")
+        var metricsEndpoint: MetricsEndpoint?
+        if let metrics = config.metrics {
+            let registry = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+            metricsEndpoint = MetricsEndpoint(address: metrics.address, registry: registry, logger: logger)
+        }
 
         // File I/O blocks; it runs here, never on an event loop. Many threads let the
         // kernel merge concurrent fsyncs into one journal commit.
@@ -138,7 +146,8 @@ struct Serve: AsyncParsableCommand {
         // Services stop in reverse order: the listeners first, the queue manager after them.
         let group = ServiceGroup(
             configuration: .init(
-                services: [.init(service: queueManager), .init(service: server)],
+                services: [metricsEndpoint.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }].compactMap { $0 }
+                    + [.init(service: queueManager), .init(service: server)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: Logger(label: "tern.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })
             ))

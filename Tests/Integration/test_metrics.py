@@ -1,0 +1,43 @@
+"""The Prometheus endpoint: counters for what the logs say."""
+import urllib.error
+import urllib.request
+
+import pytest
+
+from peers import delivery, free_port, send, wait_empty
+
+
+def scrape(port, path="/metrics"):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return r.read().decode()
+
+
+def value(text, series):
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_metrics_count_accepted_and_delivered_mail(make_tern, dns, mx_port, sinks):
+    dns.add("ok.example", ("A", "127.0.0.11"))
+    dns.add("gone.example", ("A", "127.0.0.11"))
+    receiver = sinks("127.0.0.11")
+    receiver.replies["x@gone.example"] = "550 5.1.1 no such user"
+    port = free_port()
+    tern = make_tern(delivery=delivery(dns, mx_port), extra=f'metrics: {{ address: "127.0.0.1:{port}" }}')
+    send(tern, "app@client.example", ["a@ok.example", "b@ok.example"])
+    send(tern, "", ["x@gone.example"])
+    receiver.wait(1)
+    wait_empty(tern)
+    text = scrape(port)
+    assert value(text, "tern_messages_accepted_total") == 2
+    assert value(text, "tern_connections_total") == 2
+    assert value(text, 'tern_delivery_attempts_total{status="sent"}') == 2
+    assert value(text, 'tern_delivery_attempts_total{status="bounced"}') == 1
+    assert value(text, "tern_queue_messages") == 0
+    assert value(text, 'tern_lane_connections{lane="ok.example"}') is not None
+    with pytest.raises(urllib.error.HTTPError) as e:
+        scrape(port, "/")
+    assert e.value.code == 404
