@@ -102,7 +102,8 @@ class Sink:
     list consumed one per attempt, the last repeating). Counts simultaneous connections.
     Optional: TLS (STARTTLS), required AUTH with one user, a delay before each DATA reply."""
 
-    def __init__(self, host="127.0.0.1", port=None, tls=None, auth=None, data_delay=0.0, hostname="sink.test"):
+    def __init__(self, host="127.0.0.1", port=None, tls=None, auth=None, data_delay=0.0, hostname="sink.test",
+                 data_size_limit=33554432):
         self.host = host
         self.port = port or free_port((host,))
         self.received = []
@@ -164,7 +165,7 @@ class Sink:
                     extra.update(tls_context=context, require_starttls=True)
                 if auth:
                     extra.update(auth_required=True, authenticator=authenticator, auth_require_tls=True)
-                return CountingSMTP(self.handler, decode_data=False, hostname=hostname, **extra)
+                return CountingSMTP(self.handler, decode_data=False, hostname=hostname, data_size_limit=data_size_limit, **extra)
 
         self.controller = C(Handler(), hostname=host, port=self.port)
         self.controller.start()

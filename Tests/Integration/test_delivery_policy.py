@@ -169,3 +169,39 @@ def test_postfix_smtp_sink_accepts_and_hard_rejects(make_tern, dns, mx_port, wor
     _, [r], _ = dsn_parts(bounce)
     assert r["Final-Recipient"] == "rfc822; x@sink.example" and r["Status"].startswith("5.")
     wait_empty(tern)
+
+
+def test_size_and_smtputf8_limits_of_the_receiver_bounce(make_tern, dns, mx_port, sinks, world):
+    _, sender_side = world
+    dns.add("small.example", ("A", "127.0.0.12"))
+    # A receiver that declares SIZE 2000 and does not offer SMTPUTF8 (aiosmtpd's default).
+    from peers import Sink
+    tiny = Sink(host="127.0.0.12", port=mx_port, data_size_limit=2000)
+    try:
+        tern = make_tern(delivery=delivery(dns, mx_port))
+        send(tern, "app@client.example", ["big@small.example"], body=("x" * 70 + "\r\n") * 70)
+        import smtplib
+        with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+            s.sendmail("app@client.example", ["j\u00fcrgen@small.example"], "Subject: gr\u00fc\u00dfe\r\n\r\nhi\r\n".encode(),
+                       mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        bounces = sender_side.wait(2)
+        statuses = sorted(dsn_parts(b)[1][0]["Status"] for b in bounces)
+        assert statuses == ["5.3.4", "5.6.7"], statuses
+        assert tiny.received == [], "nothing was sent that the server said it cannot take"
+    finally:
+        tiny.stop()
+
+
+def test_restart_keeps_the_retry_schedule(make_tern, dns, mx_port, world):
+    receiver, _ = world
+    receiver.replies["later@rcpt.example"] = ["451 4.3.0 come back later", "250 ok"]
+    tern = make_tern(delivery=delivery(dns, mx_port).replace("retry_first: 1s, retry_maximum: 2s", "retry_first: 1h, retry_maximum: 2h"))
+    send(tern, "app@client.example", ["later@rcpt.example"])
+    wait_log(tern, r"to=<later@rcpt\.example>, .*status=deferred")
+    [before] = tern.queue()
+    tern.stop()
+    tern.start()
+    time.sleep(2)
+    [after] = tern.queue()
+    assert after["recipients"] == before["recipients"], "attempts, next attempt and last error survive a restart"
+    assert receiver.received == [], "deferred mail is not retried early after a restart"
