@@ -75,6 +75,7 @@ public final class QueueManagerService: Service, Sendable {
                 }
             }
         }
+        await scheduler.drain(timeout: .seconds(10))
     }
 
     private func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async {

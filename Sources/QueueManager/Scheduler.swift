@@ -45,6 +45,7 @@ public actor Scheduler {
     private let logger: Logger
     private var random = SystemRandomNumberGenerator()
     private let tick: Duration
+    private var stopping = false
 
     private let attempts = (
         sent: Counter(label: "tern_delivery_attempts_total", dimensions: [("status", "sent")]),
@@ -113,7 +114,7 @@ public actor Scheduler {
     // MARK: - Dispatch
 
     private func dispatch(_ id: QueueID) async {
-        guard !config.delivery.paused, var entry = entries[id], !entry.meta.held else { return }
+        guard !config.delivery.paused, !stopping, var entry = entries[id], !entry.meta.held else { return }
         let now = environment.now()
         var groups: [String: (Route, [Int])] = [:]
         var order: [String] = []
@@ -343,10 +344,10 @@ public actor Scheduler {
     /// Attempts the selected recipients now, and wakes resting lanes they go to.
     public func flush(_ selection: Selection) async -> Int {
         var count = 0
-        for (id, entry) in entries where !entry.meta.held {
-            let chosen = selection.recipients(id, entry.envelope, entry.states, entry.meta)
+        for id in Array(entries.keys) {
+            guard var e = entries[id], !e.meta.held else { continue }
+            let chosen = selection.recipients(id, e.envelope, e.states, e.meta)
             guard !chosen.isEmpty else { continue }
-            var e = entry
             for i in chosen { e.meta.recipients[i]?.nextAttemptMillis = 0 }
             entries[id] = e
             count += 1
@@ -360,10 +361,11 @@ public actor Scheduler {
     /// notification to the sender, as `postsuper -d` does.
     public func delete(_ selection: Selection) async -> Int {
         var count = 0
-        for (id, entry) in entries {
-            let chosen = selection.recipients(id, entry.envelope, entry.states, entry.meta)
+        // Each message is read afresh: a delivery may have finished during the last await.
+        for id in Array(entries.keys) {
+            guard var e = entries[id] else { continue }
+            let chosen = selection.recipients(id, e.envelope, e.states, e.meta)
             guard !chosen.isEmpty else { continue }
-            var e = entry
             var changes: [Int: RecipientState] = [:]
             for i in chosen {
                 e.states[i] = .deleted
@@ -388,6 +390,7 @@ public actor Scheduler {
     public func hold(_ selection: Selection, _ held: Bool) async -> Int {
         var changed: [QueueID] = []
         for (id, entry) in entries where entry.meta.held != held {
+            // No await in this loop: the snapshot is current.
             guard !selection.recipients(id, entry.envelope, entry.states, entry.meta).isEmpty else { continue }
             entries[id]!.meta.held = held
             if !held {
@@ -403,6 +406,18 @@ public actor Scheduler {
             if !held { await dispatch(id) }
         }
         return changed.count
+    }
+
+    /// On shutdown: dispatch nothing more and give deliveries under way up to `timeout` to
+    /// finish and be recorded, so a restart does not send them again.
+    public func drain(timeout: Duration) async {
+        stopping = true
+        let deadline = ContinuousClock.now + timeout
+        while entries.values.contains(where: { !$0.inFlight.isEmpty || $0.busy > 0 }), ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        let left = entries.values.filter { !$0.inFlight.isEmpty }.count
+        if left > 0 { logger.notice("stopping with \(left) deliveries under way; they are tried again after the restart") }
     }
 
     /// The scheduler's view of the queue: what is in flight now.

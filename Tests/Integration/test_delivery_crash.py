@@ -53,3 +53,22 @@ def test_kill9_during_delivery_loses_nothing(make_tern, dns, mx_port, sinks, cap
         print(f"\n  kill -9 x2 during delivery: {total} messages accepted, {total} delivered, {duplicates} duplicates, 0 lost")
     for m in receiver.received:
         assert sorted(m.rcpt_tos) == sorted(set(m.rcpt_tos)), "no recipient twice in one transaction"
+
+
+def test_sigterm_lets_deliveries_under_way_finish(make_tern, dns, mx_port, sinks):
+    from peers import send, wait_log
+    dns.add("slow.example", ("A", "127.0.0.12"))
+    receiver = sinks("127.0.0.12", data_delay=2.0)
+    tern = make_tern(delivery=delivery(dns, mx_port))
+    send(tern, "app@client.example", ["u@slow.example"])
+    deadline = time.time() + 10
+    while receiver.connections == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert tern.stop() == 0
+    assert len(receiver.received) == 1
+    assert "status=sent" in tern.log(), "the delivery finished and was recorded before the exit"
+    tern.start()
+    time.sleep(1.5)
+    assert len(receiver.received) == 1, "nothing is sent twice after a clean stop"
+    assert tern.queue() == []
