@@ -82,9 +82,13 @@ public actor Scheduler {
 
     /// Loads what the spool holds (after a restart: deferred mail keeps its schedule).
     public func load() async throws {
-        for message in try await spool.load() {
-            entries[message.id] = Entry(envelope: message.envelope, contentSize: message.contentSize, states: message.states, meta: message.meta)
-            waiting[message.id] = 0
+        let loaded = try await spool.load { m in
+            (m.id, Entry(envelope: m.envelope, contentSize: m.contentSize, states: m.states, meta: m.meta))
+        }
+        entries.reserveCapacity(loaded.count)
+        for (id, entry) in loaded {
+            entries[id] = entry
+            waiting[id] = 0
         }
         depth.record(entries.count)
     }

@@ -63,19 +63,35 @@ extension Spool {
     /// Every complete message with its recipient states and delivery notes, oldest first.
     /// Works on a spool that no daemon has open.
     public static func load(root: String) throws -> [SpooledMessage] {
-        if access(root + "/queue", F_OK) != 0, errno == ENOENT { return [] }
-        return try SpoolFiles.list(root + "/queue").compactMap { name -> SpooledMessage? in
-            guard let id = QueueID(name), let record = try? SpoolFiles.readRecord(root + "/queue/" + name) else { return nil }
-            let meta = SpoolFiles.readMeta(root + "/meta/" + name) ?? DeliveryMeta()
-            return SpooledMessage(
-                id: id, envelope: record.envelope, contentSize: record.contentSize,
-                states: record.states.map { RecipientState(rawValue: $0) ?? .pending }, meta: meta)
-        }.sorted { $0.id < $1.id }
+        var out: [SpooledMessage] = []
+        try forEach(root: root) { out.append($0) }
+        return out.sorted { $0.id < $1.id }
     }
 
-    public func load() async throws -> [SpooledMessage] {
+    /// Each complete message in turn, in directory order, without holding them all.
+    static func forEach(root: String, _ body: (SpooledMessage) -> Void) throws {
+        if access(root + "/queue", F_OK) != 0, errno == ENOENT { return }
+        let decoder = JSONDecoder()
+        for name in try SpoolFiles.list(root + "/queue") {
+            guard let id = QueueID(name), let record = try? SpoolFiles.readRecord(root + "/queue/" + name, decoder: decoder) else { continue }
+            let meta = SpoolFiles.readMeta(root + "/meta/" + name) ?? DeliveryMeta()
+            body(
+                SpooledMessage(
+                    id: id, envelope: record.envelope, contentSize: record.contentSize,
+                    states: record.states.map { RecipientState(rawValue: $0) ?? .pending }, meta: meta))
+        }
+    }
+
+    /// Reads every message on the spool's threads and hands each to `transform`; what it
+    /// returns is collected. The queue manager builds its index this way on start, without
+    /// a second copy of the whole queue in memory.
+    public func load<T: Sendable>(_ transform: @escaping @Sendable (SpooledMessage) -> T) async throws -> [T] {
         let root = self.root
-        return try await pool.runIfActive { try Self.load(root: root) }
+        return try await pool.runIfActive {
+            var out: [T] = []
+            try Self.forEach(root: root) { out.append(transform($0)) }
+            return out
+        }
     }
 
     /// Marks recipients final in place and syncs the file, so a restart does not send to

@@ -71,7 +71,7 @@ enum SpoolFiles {
         var states: [UInt8]
     }
 
-    static func readRecord(_ path: String) throws -> Record {
+    static func readRecord(_ path: String, decoder: JSONDecoder = JSONDecoder()) throws -> Record {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
         defer { close(fd) }
@@ -87,7 +87,7 @@ enum SpoolFiles {
             envelopeOffset < stateOffset, stateOffset < fileSize
         else { throw SpoolError(SpoolError.noTrailer, path) }
         let json = try pread(fd, count: stateOffset - envelopeOffset - 1, at: envelopeOffset, path: path)
-        let envelope = try JSONDecoder().decode(Envelope.self, from: Data(json))
+        let envelope = try decoder.decode(Envelope.self, from: Data(json))
         let stateCount = fileSize - trailerLength - 1 - stateOffset
         guard stateCount == envelope.recipients.count else { throw SpoolError("recipient states do not match the envelope in", path) }
         let states = try pread(fd, count: stateCount, at: stateOffset, path: path)
