@@ -123,9 +123,13 @@ struct Serve: AsyncParsableCommand {
         logger.info(
             "spool \(config.spool): \(report.queued) queued, \(report.removedIncomplete) half-written removed, \(report.corrupt) corrupt"
         )
+        // Lookups block a thread for as long as the DNS takes (seconds when a server is
+        // down); they get threads of their own so that they never hold up the spool.
+        let dnsThreads = NIOThreadPool(numberOfThreads: 8)
+        dnsThreads.start()
         let resolver: MXResolver
         do {
-            resolver = try MXResolver(server: config.delivery.resolver.map { ($0.host, $0.port) }, threadPool: threadPool)
+            resolver = try MXResolver(server: config.delivery.resolver.map { ($0.host, $0.port) }, threadPool: dnsThreads)
         } catch {
             printError("tern: \(options.config): delivery.resolver: \(error)")
             throw ExitCode(78)
@@ -154,6 +158,7 @@ struct Serve: AsyncParsableCommand {
         logger.info("tern starting, hostname \(config.hostname)")
         try await group.run()
         try await threadPool.shutdownGracefully()
+        try? await dnsThreads.shutdownGracefully()
         logger.info("tern stopped")
     }
 }
