@@ -39,37 +39,17 @@ listeners:
 access:
   mynetworks: ["127.0.0.0/8"]
 limits: { max_message_size: 10MB, max_connections: 1000, max_connections_per_client: 1000 }
+# Accept and queue only, like the Postfix instance with defer_transports.
+delivery: { paused: true }
 log: { level: warning }
 YAML
 .build/release/tern serve --config "$WORK/tern/tern.yaml" 2>"$WORK/tern/log" &
 TERN_PID=$!
 
 # --- Postfix ---
-mkdir -p "$PF/conf" "$PF/queue" "$PF/data"
-chown postfix "$PF/data"
-cp /etc/postfix/master.cf "$PF/conf/master.cf"
-# Replace the public smtp listener with one on our loopback port.
-sed -i -E "s/^smtp( +)inet/127.0.0.1:$POSTFIX_PORT\1inet/" "$PF/conf/master.cf"
-cat > "$PF/conf/main.cf" <<CF
-compatibility_level = 3.6
-queue_directory = $PF/queue
-data_directory = $PF/data
-myhostname = bench.postfix
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-defer_transports = smtp
-message_size_limit = 10485760
-default_process_limit = 200
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-maillog_file = $PF/maillog
-maillog_file_prefixes = $WORK
-CF
-# postfix reports errors only to syslog or a terminal: give it a terminal.
-pf() { script -qec "postfix -c $PF/conf $*" /dev/null; }
+. bench/postfix-instance.sh
+# defer_transports: mail stays in Postfix's queue, as Tern's bench config keeps it queued.
+postfix_instance "$PF" $POSTFIX_PORT "defer_transports = smtp"
 pf check
 pf start
 

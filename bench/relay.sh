@@ -59,31 +59,10 @@ routes:
 log: { level: warning }
 YAML
 
-mkdir -p "$PF/conf" "$PF/queue" "$PF/data"
-chown postfix "$PF/data"
-cp /etc/postfix/master.cf "$PF/conf/master.cf"
-sed -i -E "s/^smtp( +)inet/127.0.0.1:$POSTFIX_PORT\1inet/" "$PF/conf/master.cf"
-cat > "$PF/conf/main.cf" <<CF
-compatibility_level = 3.6
-queue_directory = $PF/queue
-data_directory = $PF/data
-myhostname = bench.postfix
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-relayhost = [127.0.0.1]:$SINK_PORT
+. bench/postfix-instance.sh
+postfix_instance "$PF" $POSTFIX_PORT "relayhost = [127.0.0.1]:$SINK_PORT
 smtp_tls_security_level = none
-default_destination_concurrency_limit = 20
-message_size_limit = 10485760
-default_process_limit = 200
-smtpd_client_connection_count_limit = 0
-smtpd_client_connection_rate_limit = 0
-maillog_file = $PF/maillog
-maillog_file_prefixes = $WORK
-CF
-pf() { script -qec "postfix -c $PF/conf $*" /dev/null; }
+default_destination_concurrency_limit = 20"
 
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
 busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }

@@ -1,0 +1,35 @@
+# Sourced by the benchmarks: a Postfix instance of their own, never /etc/postfix.
+#
+#   postfix_instance DIR PORT "extra main.cf lines"
+#
+# writes DIR/conf (master.cf with the public smtp listener moved to 127.0.0.1:PORT, and a
+# main.cf for a relay that trusts 127.0.0.0/8), DIR/queue and DIR/data, and defines
+# `pf ARGS`, which runs `postfix -c DIR/conf ARGS` under a terminal (postfix reports errors
+# only to syslog or a terminal).
+postfix_instance() {
+    local dir=$1 port=$2 extra=$3
+    mkdir -p "$dir/conf" "$dir/queue" "$dir/data"
+    chown postfix "$dir/data"
+    cp /etc/postfix/master.cf "$dir/conf/master.cf"
+    sed -i -E "s/^smtp( +)inet/127.0.0.1:$port\1inet/" "$dir/conf/master.cf"
+    cat > "$dir/conf/main.cf" <<CF
+compatibility_level = 3.6
+queue_directory = $dir/queue
+data_directory = $dir/data
+myhostname = bench.postfix
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+message_size_limit = 10485760
+default_process_limit = 200
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+maillog_file = $dir/maillog
+maillog_file_prefixes = $(dirname "$dir")
+$extra
+CF
+    PF_CONF="$dir/conf"
+}
+pf() { script -qec "postfix -c $PF_CONF $*" /dev/null; }
