@@ -64,10 +64,13 @@ public struct DeliveryStatusNotification: Sendable {
     /// from the queue id and a random part.
     public func render(original: [UInt8], boundary: String, messageID: String) -> [UInt8] {
         let delayed = recipients.allSatisfy { $0.action == .delayed }
+        let success = recipients.allSatisfy { $0.action == .relayed || $0.action == .delivered }
         var out = ""
         out += "From: MAILER-DAEMON@\(reportingMTA) (Mail Delivery System)\r\n"
         out += "To: <\(envelopeSender)>\r\n"
-        out += "Subject: \(delayed ? "Delayed Mail (still being retried)" : "Undelivered Mail Returned to Sender")\r\n"
+        let subject =
+            success ? "Successful Mail Delivery Report" : delayed ? "Delayed Mail (still being retried)" : "Undelivered Mail Returned to Sender"
+        out += "Subject: \(subject)\r\n"
         out += "Date: \(date)\r\n"
         out += "Message-ID: <\(messageID)>\r\n"
         out += "Auto-Submitted: auto-replied\r\n"
@@ -75,7 +78,7 @@ public struct DeliveryStatusNotification: Sendable {
         out += "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"\(boundary)\"\r\n"
         out += "\r\nThis is a MIME-encapsulated message.\r\n\r\n"
 
-        let human = humanText(delayed: delayed)
+        let human = humanText(delayed: delayed, success: success)
         out += "--\(boundary)\r\nContent-Description: Notification\r\nContent-Type: text/plain; charset=utf-8\r\n"
         if !human.utf8.allSatisfy({ $0 < 0x80 }) { out += "Content-Transfer-Encoding: 8bit\r\n" }
         out += "\r\n" + human
@@ -95,7 +98,8 @@ public struct DeliveryStatusNotification: Sendable {
             if let d = r.diagnostic { out += "Diagnostic-Code: \(Self.clean(d))\r\n" }
         }
 
-        let headersOnly = returnHeadersOnly || original.count > returnLimit
+        // A success report returns the headers only, as Postfix does: the sender has the rest.
+        let headersOnly = returnHeadersOnly || success || original.count > returnLimit
         out += "\r\n--\(boundary)\r\n"
         out += headersOnly
             ? "Content-Description: Undelivered Message Headers\r\nContent-Type: text/rfc822-headers\r\n\r\n"
@@ -108,9 +112,12 @@ public struct DeliveryStatusNotification: Sendable {
         return bytes
     }
 
-    private func humanText(delayed: Bool) -> String {
+    private func humanText(delayed: Bool, success: Bool) -> String {
         var t = "This is the mail system at host \(reportingMTA).\r\n\r\n"
-        if delayed {
+        if success {
+            t += "Your message was delivered to the destination's mail server. It does not offer\r\n"
+            t += "delivery status notifications, so this is the last report you will get.\r\n"
+        } else if delayed {
             t += "Your message could not be delivered yet. It is still in the queue and will be\r\n"
             t += "tried again; you do not need to send it again.\r\n"
         } else {
@@ -118,7 +125,7 @@ public struct DeliveryStatusNotification: Sendable {
             t += "or more recipients. The report below says why.\r\n"
         }
         t += "\r\n"
-        for r in recipients where r.action == .failed || r.action == .delayed {
+        for r in recipients where r.action != .expanded {
             t += "<\(r.finalRecipient)>: \(Self.clean(r.diagnostic ?? r.status.description))\r\n"
         }
         return t

@@ -22,6 +22,8 @@ struct RecipientResult: Sendable {
     var relay: String
     /// `dns; host` for the DSN's Remote-MTA.
     var remoteMTA: String?
+    /// Delivered to a server that does not offer DSN: NOTIFY=SUCCESS is ours to answer.
+    var relayedWithoutDSN = false
 }
 
 /// How long each part of an attempt took, in milliseconds, for `delays=a/b/c/d` (as

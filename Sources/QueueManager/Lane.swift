@@ -262,7 +262,10 @@ struct LaneWorker: Sendable {
                         next.append(index)
                         lastOutcome = outcome
                     } else {
-                        results.append(RecipientResult(index: index, verdict: verdict, relay: h.connection.peer, remoteMTA: "dns; \(host.name)"))
+                        results.append(
+                            RecipientResult(
+                                index: index, verdict: verdict, relay: h.connection.peer, remoteMTA: "dns; \(host.name)",
+                                relayedWithoutDSN: !h.connection.extensions.dsn))
                     }
                 }
                 remaining = next

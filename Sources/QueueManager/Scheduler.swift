@@ -164,6 +164,7 @@ public actor Scheduler {
         entry.busy += 1
         var final: [Int: RecipientState] = [:]
         var bounces: [DeliveryStatusNotification.Recipient] = []
+        var successes: [DeliveryStatusNotification.Recipient] = []
         var deferredAny = false
         for result in outcome.results {
             entry.inFlight.remove(result.index)
@@ -176,11 +177,18 @@ public actor Scheduler {
             let recipient = entry.envelope.recipients[result.index]
             log(id, recipient: recipient.address, result: result, verdict: verdict, times: outcome.times, arrival: entry.envelope.arrivalMillis, now: now)
             switch verdict {
-            case .delivered:
+            case .delivered(let reply):
                 attempts.sent.increment()
                 entry.states[result.index] = .delivered
                 final[result.index] = .delivered
                 entry.meta.recipients[result.index] = nil
+                // RFC 3461 §5.2.2.2: a server without DSN cannot report success itself.
+                if result.relayedWithoutDSN, recipient.notify?.contains(.success) == true {
+                    successes.append(
+                        .init(
+                            finalRecipient: recipient.address, originalRecipient: recipient.orcpt, action: .relayed,
+                            status: reply.enhanced ?? EnhancedStatusCode(2, 0, 0), remoteMTA: result.remoteMTA, diagnostic: "smtp; \(reply)"))
+                }
             case .bounced(let status, let diagnostic):
                 attempts.bounced.increment()
                 entry.states[result.index] = .bounced
@@ -208,6 +216,7 @@ public actor Scheduler {
         // The bounce is in the spool before its recipients are marked bounced.
         if !bounces.isEmpty { await notify(id, entry: entry, recipients: bounces) }
         if !warnings.isEmpty { await notify(id, entry: entry, recipients: warnings) }
+        if !successes.isEmpty { await notify(id, entry: entry, recipients: successes) }
 
         guard var current = entries[id] else { return }
         current.busy -= 1
@@ -282,7 +291,9 @@ public actor Scheduler {
                 client: ClientInfo(address: "127.0.0.1", port: 0, helo: config.hostname, protocol: "local"), listener: "bounce",
                 arrivalMillis: now)
             try await writer.commit(envelope)
-            let kind = recipients.contains(where: { $0.action == .failed }) ? "non-delivery" : "delay"
+            let kind =
+                recipients.contains(where: { $0.action == .failed })
+                ? "non-delivery" : recipients.contains(where: { $0.action == .delayed }) ? "delay" : "success"
             logger.info("\(id): sender \(kind) notification: \(writer.id)")
             await queued(writer.id, envelope: envelope, size: writer.size)
         } catch {

@@ -205,3 +205,19 @@ def test_restart_keeps_the_retry_schedule(make_tern, dns, mx_port, world):
     [after] = tern.queue()
     assert after["recipients"] == before["recipients"], "attempts, next attempt and last error survive a restart"
     assert receiver.received == [], "deferred mail is not retried early after a restart"
+
+
+def test_notify_success_to_a_server_without_dsn_gets_a_relayed_report(make_tern, dns, mx_port, world):
+    receiver, sender_side = world
+    tern = make_tern(delivery=delivery(dns, mx_port))
+    send(tern, "app@client.example", ["asked@rcpt.example"], subject="tell me", options=["NOTIFY=SUCCESS,FAILURE"])
+    send(tern, "app@client.example", ["quiet@rcpt.example"], options=["NOTIFY=FAILURE"])
+    receiver.wait(2)
+    [report] = sender_side.wait(1)
+    assert report.message()["Subject"] == "Successful Mail Delivery Report"
+    _, [r], parts = dsn_parts(report)
+    assert r["Final-Recipient"] == "rfc822; asked@rcpt.example"
+    assert (r["Action"], r["Status"]) == ("relayed", "2.0.0")
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    time.sleep(1)
+    assert len(sender_side.received) == 1, "no report for NOTIFY=FAILURE when delivered"
