@@ -104,7 +104,7 @@ actor Lane {
             idle.append((id, continuation))
             Task {
                 try? await Task.sleep(for: idleTime)
-                await self.expire(id)
+                self.expire(id)
             }
         }
     }

@@ -19,7 +19,10 @@ import TernCore
 ///
 /// A message is written to `queue/<id>`, its fixed-length trailer last; the file is fsync'd,
 /// then `queue/` is fsync'd; only then does the client hear 250. A file without a valid
-/// trailer is half-written and recovery removes it. Directory syncs are grouped: every
+/// trailer is half-written and recovery removes it. Files of finished messages are kept in
+/// `free/` and renamed back into `queue/` for new messages: creating a file on ext4 costs
+/// up to half a millisecond of kernel time while recently deleted inodes are around (the
+/// allocator skips each one), and a relay deletes a file for every message it delivers. Directory syncs are grouped: every
 /// commit whose file existed before a sync began is covered by it, so a burst of sessions
 /// costs one directory sync, not one each, while file syncs run in parallel on the pool.
 public final class Spool: Sendable {
@@ -30,6 +33,11 @@ public final class Spool: Sendable {
     let queueSync: DirectorySyncer
     let logger: Logger
     let removals = NIOLockedValueBox(Removals())
+    let free: String
+    /// Names in `free/`, ready to be renamed into `queue/` for a new message.
+    let freeFiles = NIOLockedValueBox([String]())
+    /// More finished files than this are deleted, not kept.
+    static let freeLimit = 4096
 
     struct Removals {
         var pending: [(QueueID, Bool)] = []
@@ -42,6 +50,7 @@ public final class Spool: Sendable {
     private init(root: String, pool: NIOThreadPool, queueFD: CInt, logger: Logger) {
         self.root = root
         self.queue = root + "/queue"
+        self.free = root + "/free"
         self.pool = pool
         self.queueSync = DirectorySyncer(fd: queueFD, path: root + "/queue")
         self.logger = logger
@@ -59,7 +68,7 @@ public final class Spool: Sendable {
     /// Opens the spool, creating its directories, and recovers from whatever a crash left.
     public static func open(root: String, threadPool: NIOThreadPool, logger: Logger) async throws -> (Spool, RecoveryReport) {
         try await threadPool.runIfActive {
-            for dir in [root, root + "/queue", root + "/corrupt", root + "/meta"] {
+            for dir in [root, root + "/queue", root + "/corrupt", root + "/meta", root + "/free"] {
                 try SpoolFiles.makeDirectory(dir)
             }
             let fd = Glibc.open(root + "/queue", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -78,6 +87,16 @@ public final class Spool: Sendable {
         for name in try SpoolFiles.list(metaDirectory) where !kept.contains(name) {
             unlink(metaDirectory + "/" + name)
         }
+        // Finished files kept for reuse (before the loop below adds more).
+        var pooled = 0
+        for name in try SpoolFiles.list(free) {
+            if pooled < Self.freeLimit, QueueID(name) != nil {
+                freeFiles.withLockedValue { $0.append(name) }
+                pooled += 1
+            } else {
+                unlink(free + "/" + name)
+            }
+        }
         for name in names {
             let path = queue + "/" + name
             switch QueueID(name) == nil ? .corrupt : SpoolFiles.check(path) {
@@ -85,7 +104,7 @@ public final class Spool: Sendable {
                 report.queued += 1
             case .incomplete:
                 // No trailer: the commit never finished, so the client never heard 250.
-                unlink(path)
+                recycle(path, name: name)
                 report.removedIncomplete += 1
                 logger.notice("\(name): removed half-written message")
             case .corrupt:
@@ -97,6 +116,29 @@ public final class Spool: Sendable {
         if report.removedIncomplete + report.corrupt > 0 { try SpoolFiles.syncDirectory(queue) }
         if report.corrupt > 0 { try SpoolFiles.syncDirectory(root + "/corrupt") }
         return report
+    }
+
+    /// A file for a new message at `path`: a finished one from `free/` when there is one
+    /// (then `reused`: it may be longer than what is written now), else a new one.
+    func createFile(_ path: String) throws -> (fd: CInt, reused: Bool) {
+        while let name = freeFiles.withLockedValue({ $0.popLast() }) {
+            guard rename(free + "/" + name, path) == 0 else { continue }
+            let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
+            if fd >= 0 { return (fd, true) }
+            unlink(path)
+        }
+        return (try SpoolFiles.create(path), false)
+    }
+
+    /// Takes a file out of `queue/`: into `free/` for reuse, or deleted when enough are kept.
+    /// Its trailer names its old queue id, so it never passes for a message again.
+    func recycle(_ path: String, name: String) {
+        let keep = freeFiles.withLockedValue { $0.count < Self.freeLimit }
+        if keep, rename(path, free + "/" + name) == 0 {
+            freeFiles.withLockedValue { $0.append(name) }
+        } else {
+            unlink(path)
+        }
     }
 
     /// Starts a message. Nothing touches the disk until the first chunk or the commit.
@@ -152,6 +194,8 @@ public final class SpoolWriter: @unchecked Sendable {
     public let id: QueueID
     private let spool: Spool
     private var fd: CInt = -1
+    /// The file came from `free/` and may hold older, longer content past what we write.
+    private var reused = false
     private var pending: [UInt8] = []
     public private(set) var size = 0
 
@@ -175,29 +219,37 @@ public final class SpoolWriter: @unchecked Sendable {
         pending.removeAll(keepingCapacity: true)
         let path = self.path
         let current = fd
-        fd = try await spool.pool.runIfActive {
-            let f = current >= 0 ? current : try SpoolFiles.create(path)
+        let spool = self.spool
+        let (f, reused) = try await spool.pool.runIfActive { () throws -> (CInt, Bool) in
+            let (f, reused) = current >= 0 ? (current, false) : try spool.createFile(path)
             try SpoolFiles.writeAll(f, data, path: path)
-            return f
+            return (f, reused)
         }
+        fd = f
+        self.reused = self.reused || reused
     }
 
     /// Writes the envelope and the trailer, syncs the file, then the queue directory. When
     /// this returns the message survives a crash.
     public func commit(_ envelope: Envelope) async throws {
-        let record = try SpoolFiles.envelopeRecord(envelope, contentSize: size)
+        let record = try SpoolFiles.envelopeRecord(envelope, contentSize: size, id: id)
         pending.append(contentsOf: record)
         let data = pending
         pending = []
         let path = self.path
         let current = fd
+        let length = size + record.count
+        let wasReused = reused
         fd = -1
+        let spool = self.spool
         let directory = spool.queueSync
         do {
             try await spool.pool.runIfActive {
-                let f = current >= 0 ? current : try SpoolFiles.create(path)
+                let (f, reused) = current >= 0 ? (current, wasReused) : try spool.createFile(path)
                 defer { close(f) }
                 try SpoolFiles.writeAll(f, data, path: path)
+                // A recycled file may be longer: the trailer must be the last bytes.
+                if reused, ftruncate(f, off_t(length)) != 0 { throw SpoolError("truncate", path, errno: errno) }
                 guard fsync(f) == 0 else { throw SpoolError("fsync", path, errno: errno) }
                 try directory.sync()
             }
@@ -215,9 +267,11 @@ public final class SpoolWriter: @unchecked Sendable {
         let f = fd
         fd = -1
         let path = self.path
+        let spool = self.spool
+        let name = id.rawValue
         _ = try? await spool.pool.runIfActive {
             close(f)
-            unlink(path)
+            spool.recycle(path, name: name)
         }
     }
 }

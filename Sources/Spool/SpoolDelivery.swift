@@ -134,11 +134,7 @@ extension Spool {
                 }
                 if batch.isEmpty { return }
                 for (id, hasMeta) in batch {
-                    let path = queue + "/" + id.rawValue
-                    if unlink(path) != 0, errno != ENOENT {
-                        logger.error("\(id): cannot remove \(path): \(String(cString: strerror(errno)))")
-                        continue
-                    }
+                    recycle(queue + "/" + id.rawValue, name: id.rawValue)
                     if hasMeta { unlink(metaDirectory + "/" + id.rawValue) }
                     logger.info("\(id): removed")
                 }
@@ -150,8 +146,8 @@ extension Spool {
     public func removeNow(_ id: QueueID) async throws {
         let path = queue + "/" + id.rawValue
         let meta = metaDirectory + "/" + id.rawValue
-        try await pool.runIfActive {
-            guard unlink(path) == 0 || errno == ENOENT else { throw SpoolError("unlink", path, errno: errno) }
+        try await pool.runIfActive { [self] in
+            recycle(path, name: id.rawValue)
             unlink(meta)
         }
         logger.info("\(id): removed")

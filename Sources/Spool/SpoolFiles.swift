@@ -15,13 +15,15 @@ import TernCore
 /// from the spool's thread pool or from command-line tools, never from an event loop.
 ///
 /// A file is the message content, then the envelope as one line of JSON, then one state byte
-/// per recipient (`-` pending; delivery marks them in place), then a fixed 47-byte trailer
-/// `TERN-SPOOL-1 <envelope offset, 16 hex> <state offset, 16 hex>\n`.
+/// per recipient (`-` pending; delivery marks them in place), then a fixed 64-byte trailer
+/// `TERN-SPOOL-2 <queue id> <envelope offset, 16 hex> <state offset, 16 hex>\n`. The queue id
+/// in the trailer must be the file's own name: a recycled file that still ends with its
+/// previous message's trailer is therefore never mistaken for a complete message.
 enum SpoolFiles {
-    static let magic = "TERN-SPOOL-1 "
-    static let trailerLength = 47
+    static let magic = "TERN-SPOOL-2 "
+    static let trailerLength = 64
 
-    static func envelopeRecord(_ envelope: Envelope, contentSize: Int) throws -> [UInt8] {
+    static func envelopeRecord(_ envelope: Envelope, contentSize: Int, id: QueueID) throws -> [UInt8] {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         var json = Array(try encoder.encode(envelope))
@@ -31,7 +33,7 @@ enum SpoolFiles {
         let stateOffset = contentSize + out.count
         out.append(contentsOf: [UInt8](repeating: UInt8(ascii: "-"), count: envelope.recipients.count))
         out.append(0x0A)
-        out.append(contentsOf: Array((magic + hex16(contentSize) + " " + hex16(stateOffset) + "\n").utf8))
+        out.append(contentsOf: Array((magic + id.rawValue + " " + hex16(contentSize) + " " + hex16(stateOffset) + "\n").utf8))
         return out
     }
 
@@ -83,8 +85,9 @@ enum SpoolFiles {
         let text = String(decoding: trailer, as: UTF8.self)
         guard text.hasPrefix(magic), text.hasSuffix("\n") else { throw SpoolError(SpoolError.noTrailer, path) }
         let fields = text.dropFirst(magic.count).dropLast().split(separator: " ")
-        guard fields.count == 2, let envelopeOffset = Int(fields[0], radix: 16), let stateOffset = Int(fields[1], radix: 16),
-            envelopeOffset < stateOffset, stateOffset < fileSize
+        let name = path.split(separator: "/").last.map(String.init) ?? path
+        guard fields.count == 3, fields[0] == name, let envelopeOffset = Int(fields[1], radix: 16),
+            let stateOffset = Int(fields[2], radix: 16), envelopeOffset < stateOffset, stateOffset < fileSize
         else { throw SpoolError(SpoolError.noTrailer, path) }
         let json = try pread(fd, count: stateOffset - envelopeOffset - 1, at: envelopeOffset, path: path)
         let envelope = try decoder.decode(Envelope.self, from: Data(json))

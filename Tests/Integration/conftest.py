@@ -77,8 +77,8 @@ class Tern:
     def message_bytes(self, queue_id):
         """The message content of a queued message (without the envelope records)."""
         data = (self.dir / "var/spool/queue" / queue_id).read_bytes()
-        trailer = data[-47:].decode()
-        return data[: int(trailer.split()[1], 16)]
+        trailer = data[-64:].decode()
+        return data[: int(trailer.split()[2], 16)]
 
 
 @pytest.fixture(scope="session")

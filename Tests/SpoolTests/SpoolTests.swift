@@ -77,7 +77,7 @@ final class SpoolTests: XCTestCase {
             // the process "dies" here: `half` is never committed nor aborted
         }
         // A complete-looking file whose envelope is damaged.
-        FileManagerLite.write(root + "/queue/0000000000000000", "x\n{not json\n-\nTERN-SPOOL-1 0000000000000002 000000000000000c\n")
+        FileManagerLite.write(root + "/queue/0000000000000000", "x\n{not json\n-\nTERN-SPOOL-2 0000000000000000 0000000000000002 000000000000000c\n")
         let (spool, report) = try await open()
         XCTAssertEqual(report, .init(queued: 1, removedIncomplete: 1, corrupt: 1))
         XCTAssertEqual(try spool.list().count, 1)
@@ -116,10 +116,45 @@ final class SpoolTests: XCTestCase {
     }
 
     func testEnvelopeRecordTrailerIsFixedLength() throws {
-        let record = try SpoolFiles.envelopeRecord(envelope(), contentSize: 1234)
+        let id = QueueID("1K0W8MTXPC400000")!
+        let record = try SpoolFiles.envelopeRecord(envelope(), contentSize: 1234, id: id)
         let trailer = String(decoding: record.suffix(SpoolFiles.trailerLength), as: UTF8.self)
-        XCTAssertTrue(trailer.hasPrefix("TERN-SPOOL-1 00000000000004d2 "))
+        XCTAssertTrue(trailer.hasPrefix("TERN-SPOOL-2 1K0W8MTXPC400000 00000000000004d2 "), trailer)
         XCTAssertTrue(trailer.hasSuffix("\n"))
+        XCTAssertEqual(trailer.utf8.count, 64)
+    }
+
+    func testFinishedFilesAreReusedAndNeverPassForMessages() async throws {
+        let (spool, _) = try await open()
+        let long = spool.begin()
+        try await long.append([UInt8](repeating: UInt8(ascii: "L"), count: 90_000))
+        try await long.commit(envelope(["a@example.org", "b@example.org"]))
+        try await spool.removeNow(long.id)
+        XCTAssertEqual(try SpoolFiles.list(root + "/free"), [long.id.rawValue], "a finished file is kept for reuse")
+
+        // The next message takes that file; it is shorter, so the file is cut to its length.
+        let short = spool.begin()
+        try await short.append(Array("Subject: short\r\n\r\nhi\r\n".utf8))
+        try await short.commit(envelope())
+        XCTAssertEqual(try SpoolFiles.list(root + "/free"), [])
+        let listed = try spool.list()
+        XCTAssertEqual(listed.map(\.id), [short.id])
+        XCTAssertEqual(listed[0].size, 22)
+        XCTAssertEqual(listed[0].envelope.recipients.map(\.address), ["u@example.org"])
+        var content: [UInt8] = []
+        try await spool.readContent(short.id, size: 22) { content += $0 }
+        XCTAssertEqual(String(decoding: content, as: UTF8.self), "Subject: short\r\n\r\nhi\r\n")
+
+        // A recycled file renamed into the queue but never rewritten (a crash right after the
+        // rename) still ends with its old message's trailer: not a message under its new name.
+        try await spool.removeNow(short.id)
+        let stale = root + "/queue/" + spool.begin().id.rawValue
+        XCTAssertEqual(rename(root + "/free/" + short.id.rawValue, stale), 0)
+        XCTAssertEqual(SpoolFiles.check(stale), .incomplete)
+        let (reopened, report) = try await Spool.open(root: root, threadPool: pool, logger: Logger(label: "test"))
+        XCTAssertEqual(report, .init(queued: 0, removedIncomplete: 1, corrupt: 0))
+        XCTAssertEqual(try reopened.list().count, 0)
+        XCTAssertEqual(try SpoolFiles.list(root + "/free").count, 1, "and it goes back to free/")
     }
 }
 
