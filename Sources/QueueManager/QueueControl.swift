@@ -119,6 +119,8 @@ public final class QueueManagerService: Service, Sendable {
 public enum ControlClient {
     public struct Failure: Error, CustomStringConvertible {
         public var description: String
+        /// Nothing listens on the socket: no daemon runs on this spool.
+        public var noDaemon = false
     }
 
     public static func send(_ request: ControlRequest, socket path: String) throws -> ControlReply {
@@ -136,7 +138,12 @@ public enum ControlClient {
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        guard connected == 0 else { throw Failure(description: "cannot reach the daemon at \(path): \(String(cString: strerror(errno)))") }
+        guard connected == 0 else {
+            let code = errno
+            throw Failure(
+                description: "cannot reach the daemon at \(path): \(String(cString: strerror(code)))",
+                noDaemon: code == ENOENT || code == ECONNREFUSED)
+        }
         var out = Array(try JSONEncoder().encode(request))
         out.append(0x0A)
         var sent = 0
@@ -157,5 +164,38 @@ public enum ControlClient {
         } catch {
             throw Failure(description: "bad reply from the daemon: \(error)")
         }
+    }
+}
+
+/// The same operations on a spool that no daemon has open (as Postfix's postsuper works on
+/// a stopped queue). Only when `ControlClient` found nobody listening.
+public enum OfflineQueueControl {
+    public static func perform(_ request: ControlRequest, spool root: String) throws -> Int {
+        var count = 0
+        for message in try Spool.load(root: root) {
+            let chosen = request.selection.recipients(message.id, message.envelope, message.states, message.meta)
+            guard !chosen.isEmpty else { continue }
+            switch request.operation {
+            case .delete:
+                var states = message.states
+                for i in chosen { states[i] = .deleted }
+                if states.allSatisfy(\.isFinal) {
+                    try Spool.removeOffline(root: root, id: message.id)
+                } else {
+                    try Spool.markOffline(root: root, id: message.id, Dictionary(uniqueKeysWithValues: chosen.map { ($0, .deleted) }))
+                }
+            case .hold, .release:
+                let held = request.operation == .hold
+                guard message.meta.held != held else { continue }
+                var meta = message.meta
+                meta.held = held
+                if !held { for i in meta.recipients.keys { meta.recipients[i]!.nextAttemptMillis = 0 } }
+                try Spool.writeMetaOffline(root: root, id: message.id, meta)
+            case .flush, .inflight:
+                return 0
+            }
+            count += 1
+        }
+        return count
     }
 }

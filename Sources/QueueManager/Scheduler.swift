@@ -344,7 +344,7 @@ public actor Scheduler {
         }
 
         /// The recipients of a message it selects; empty when it selects none.
-        func recipients(_ id: QueueID, _ envelope: Envelope, _ states: [RecipientState], _ meta: DeliveryMeta) -> [Int] {
+        public func recipients(_ id: QueueID, _ envelope: Envelope, _ states: [RecipientState], _ meta: DeliveryMeta) -> [Int] {
             let pending = states.indices.filter { states[$0] == .pending }
             if let ids, !ids.contains(id.rawValue) { return [] }
             if let sender, sender.lowercased() != envelope.sender.lowercased() { return [] }

@@ -241,3 +241,31 @@ extension Spool {
         return head
     }
 }
+
+// MARK: - Without a daemon
+
+extension Spool {
+    /// `mark`, for `tern queue` on a spool no daemon has open.
+    public static func markOffline(root: String, id: QueueID, _ states: [Int: RecipientState]) throws {
+        let path = root + "/queue/" + id.rawValue
+        let record = try SpoolFiles.readRecord(path)
+        let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+        defer { close(fd) }
+        for (index, state) in states where index < record.states.count {
+            var byte = state.rawValue
+            guard pwrite(fd, &byte, 1, off_t(record.stateOffset + index)) == 1 else { throw SpoolError("write", path, errno: errno) }
+        }
+        guard fdatasync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+    }
+
+    public static func removeOffline(root: String, id: QueueID) throws {
+        let path = root + "/queue/" + id.rawValue
+        guard unlink(path) == 0 || errno == ENOENT else { throw SpoolError("unlink", path, errno: errno) }
+        unlink(root + "/meta/" + id.rawValue)
+    }
+
+    public static func writeMetaOffline(root: String, id: QueueID, _ meta: DeliveryMeta) throws {
+        try SpoolFiles.writeMeta(root + "/meta/" + id.rawValue, meta)
+    }
+}

@@ -232,7 +232,8 @@ struct Queue: AsyncParsableCommand {
         abstract: "Inspect and control the queue.",
         discussion: """
             list and show read the spool directly. flush, delete, hold and release talk to the running \
-            daemon over the control socket in the spool directory.
+            daemon over the control socket in the spool directory; when no daemon runs, delete, hold \
+            and release change the spool's files themselves.
             """,
         subcommands: [List.self, Show.self, Flush.self, Delete.self, Hold.self, Release.self]
     )
@@ -364,6 +365,14 @@ func control(_ config: TernConfig, _ operation: ControlRequest.Operation, _ sele
             throw ExitCode(1)
         }
         return reply.count
+    } catch let error as ControlClient.Failure where error.noDaemon && operation != .flush {
+        // No daemon: work on the files directly, as postsuper does.
+        do {
+            return try OfflineQueueControl.perform(ControlRequest(operation: operation, selection: selection), spool: config.spool)
+        } catch {
+            printError("tern: \(config.spool): \(error)")
+            throw ExitCode(75)
+        }
     } catch let error as ControlClient.Failure {
         printError("tern: \(error.description) (is `tern serve` running with this config?)")
         throw ExitCode(75)

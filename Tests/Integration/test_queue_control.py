@@ -89,8 +89,18 @@ def test_delete_by_domain_id_and_all(deferred_world):
     assert tern_cmd(tern, "queue", "delete", check=False).returncode != 0, "a delete must say what"
 
 
-def test_without_daemon_control_commands_say_so(make_tern):
-    tern = make_tern()
-    tern.stop()
+def test_without_daemon_delete_hold_release_work_on_the_files(make_tern):
+    tern = make_tern()  # delivery paused: mail stays queued
+    send(tern, "app@client.example", ["x@a.example", "y@b.example"], subject="two domains")
+    send(tern, "shop@client.example", ["z@b.example"], subject="b only")
+    tern.kill9()
     out = tern_cmd(tern, "queue", "flush", check=False)
-    assert out.returncode == 75 and "tern serve" in out.stderr
+    assert out.returncode == 75 and "tern serve" in out.stderr, "flush needs the daemon"
+    assert "held: 1 message" in tern_cmd(tern, "queue", "hold", "--sender", "app@client.example").stdout
+    assert "deleted: 2 messages" in tern_cmd(tern, "queue", "delete", "--domain", "b.example").stdout
+    [left] = tern.queue()
+    assert left["held"] and [(r["address"], r["state"]) for r in left["recipients"]] == [("x@a.example", "pending"), ("y@b.example", "deleted")]
+    assert "released: 1 message" in tern_cmd(tern, "queue", "release", "--all").stdout
+    assert not tern.queue()[0]["held"]
+    tern.start()
+    assert len(tern.queue()) == 1
