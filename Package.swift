@@ -89,6 +89,10 @@ let package = Package(
             swiftSettings: strict
         ),
 
+        // Pre-queue filter plugins: each knows only TernCore's Filter protocol (and its own
+        // C library); the executable lists them in its registry.
+        .target(name: "HeaderRewrite", dependencies: ["TernCore"], path: "Plugins/HeaderRewrite", swiftSettings: strict),
+
         // The queue manager: the scheduler and the lanes that carry queued mail out through
         // the transports, recording each outcome in the spool; bounces; queue control.
         .target(
@@ -107,7 +111,7 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernCore", "Spool", "Ingress", "SMTPProtocol", "Delivery", "Transports", "QueueManager",
+                "TernCore", "Spool", "Ingress", "SMTPProtocol", "Delivery", "Transports", "QueueManager", "HeaderRewrite",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -126,6 +130,7 @@ let package = Package(
 
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
+        .testTarget(name: "HeaderRewriteTests", dependencies: ["HeaderRewrite", "TernCore"]),
         .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
         .testTarget(
             name: "TransportsTests",

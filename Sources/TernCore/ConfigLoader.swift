@@ -28,14 +28,14 @@ public struct ConfigError: Error, CustomStringConvertible, Sendable {
 /// Reads `tern.yaml`: YAML with Yams, decoded strictly into `TernConfig`, then checked for
 /// contradictions. Every error names the key path and, where the key is in the file, its line.
 public enum ConfigLoader {
-    public static func load(path: String) throws(ConfigError) -> TernConfig {
+    public static func load(path: String, plugins: FilterRegistry = FilterRegistry([])) throws(ConfigError) -> TernConfig {
         guard let text = readFile(path) else {
             throw ConfigError(file: path, line: nil, keyPath: "", message: "cannot read the file: \(String(cString: strerror(errno)))")
         }
-        return try parse(text, file: path)
+        return try parse(text, file: path, plugins: plugins)
     }
 
-    public static func parse(_ text: String, file: String) throws(ConfigError) -> TernConfig {
+    public static func parse(_ text: String, file: String, plugins: FilterRegistry = FilterRegistry([])) throws(ConfigError) -> TernConfig {
         let node: Node
         do {
             guard let composed = try Yams.compose(yaml: text) else {
@@ -51,7 +51,7 @@ public enum ConfigLoader {
         }
         let config: TernConfig
         do {
-            config = try YAMLDecoder().decode(TernConfig.self, from: node)
+            config = try YAMLDecoder().decode(TernConfig.self, from: node, userInfo: [FilterConfig.registryKey: plugins])
         } catch let error as UnknownKeyError {
             throw ConfigError(
                 file: file, line: line(of: error.codingPath, in: node, keyItself: true), keyPath: keyPath(error.codingPath),
@@ -111,6 +111,14 @@ public enum ConfigLoader {
         }
         if config.limits.maxConnectionsPerClient > config.limits.maxConnections {
             throw fail(["limits", "max_connections_per_client"], "is larger than limits.max_connections")
+        }
+        var filterNames = Set<String>()
+        let listenerNames = Set(config.listeners.map(\.name))
+        for (i, filter) in config.filters.enumerated() {
+            if !filterNames.insert(filter.name).inserted { throw fail(["filters", "\(i)", "name"], "'\(filter.name)' is used twice") }
+            for (j, l) in (filter.listeners ?? []).enumerated() where !listenerNames.contains(l) {
+                throw fail(["filters", "\(i)", "listeners", "\(j)"], "no listener is named '\(l)'")
+            }
         }
         var routeNames = Set<String>()
         for (i, route) in config.routes.enumerated() {

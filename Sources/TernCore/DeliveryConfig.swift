@@ -286,7 +286,7 @@ public struct SmarthostAuth: Sendable, Decodable {
 
 extension KeyedDecodingContainer {
     /// An enum value, with the allowed values named in the error.
-    func decodeEnum<T: RawRepresentable & Decodable & CaseIterable>(_ key: Key) throws -> T? where T.RawValue == String {
+    public func decodeEnum<T: RawRepresentable & Decodable & CaseIterable>(_ key: Key) throws -> T? where T.RawValue == String {
         do {
             return try decodeIfPresent(T.self, forKey: key)
         } catch DecodingError.dataCorrupted {

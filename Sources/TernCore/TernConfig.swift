@@ -21,9 +21,11 @@ public struct TernConfig: Sendable, Decodable {
     public var routes: [RouteConfig]
     /// Where Prometheus scrapes `/metrics`; off when unset.
     public var metrics: MetricsConfig?
+    /// Pre-queue filters, in the order they run.
+    public var filters: [FilterConfig]
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics
+        case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics, filters
     }
 
     public init(from decoder: any Decoder) throws {
@@ -39,6 +41,7 @@ public struct TernConfig: Sendable, Decodable {
         delivery = try c.decodeIfPresent(DeliveryConfig.self, forKey: .delivery) ?? DeliveryConfig()
         routes = try c.decodeIfPresent([RouteConfig].self, forKey: .routes) ?? []
         metrics = try c.decodeIfPresent(MetricsConfig.self, forKey: .metrics)
+        filters = try c.decodeIfPresent([FilterConfig].self, forKey: .filters) ?? []
     }
 
     static func systemHostname() -> String {
@@ -248,7 +251,7 @@ struct UnknownKeyError: Error {
 extension Decoder {
     /// A misspelt key must not be silently ignored: it usually means a setting the operator
     /// believes is in force is not.
-    func rejectUnknownKeys<K: CodingKey & CaseIterable>(_ keys: K.Type) throws {
+    public func rejectUnknownKeys<K: CodingKey & CaseIterable>(_ keys: K.Type) throws {
         let c = try container(keyedBy: AnyCodingKey.self)
         let known = K.allCases.map(\.stringValue)
         for key in c.allKeys where !known.contains(key.stringValue) {
