@@ -28,7 +28,8 @@ public final class SMTPServer: Service, Sendable {
     public init(
         config: TernConfig, spool: Spool, users: UserDatabase?, tlsContext: NIOSSLContext?,
         group: any EventLoopGroup, threadPool: NIOThreadPool, logger: Logger,
-        onQueued: @escaping @Sendable (QueueID, Envelope, Int) -> Void = { _, _, _ in }
+        filters: FilterChain = FilterChain([]),
+        onQueued: @escaping @Sendable (QueueID, Envelope, Int, _ held: Bool) -> Void = { _, _, _, _ in }
     ) {
         self.config = config
         self.group = group
@@ -37,7 +38,7 @@ public final class SMTPServer: Service, Sendable {
         self.environment = SessionEnvironment(
             spool: spool, users: users, tlsContext: tlsContext, threadPool: threadPool,
             authThrottle: AuthThrottle(limit: config.limits.maxAuthFailures, window: config.limits.authFailureWindow.duration),
-            logger: logger, onQueued: onQueued)
+            logger: logger, onQueued: onQueued, filters: filters)
     }
 
     /// The address each listener is bound to, by name, once `run` has bound them.

@@ -22,7 +22,10 @@ struct SessionEnvironment: Sendable {
     var authThrottle: AuthThrottle
     var logger: Logger
     /// Told of each committed message (the queue manager), after the commit.
-    var onQueued: @Sendable (QueueID, Envelope, Int) -> Void
+    var onQueued: @Sendable (QueueID, Envelope, Int, _ held: Bool) -> Void
+    /// Pre-queue filters; a message for a listener they apply to is held in memory until
+    /// they have run.
+    var filters = FilterChain([])
     /// Messages committed to the spool, and their bytes.
     var accepted = Counter(label: "tern_messages_accepted_total")
     var acceptedBytes = Counter(label: "tern_accepted_bytes_total")
@@ -153,6 +156,8 @@ struct SMTPSession {
     struct Intake {
         let writer: SpoolWriter
         let tlsVersion: String?
+        /// The whole message, when filters must see it before anything is written.
+        var buffer: [UInt8]?
         var size = 0
         var tooBig = false
         var writeFailed = false
@@ -163,6 +168,7 @@ struct SMTPSession {
         guard let transaction = machine.transaction else { preconditionFailure("a message without a transaction") }
         let writer = environment.spool.begin()
         var intake = Intake(writer: writer, tlsVersion: await currentTLSVersion())
+        if environment.filters.applies(to: listener.name) { intake.buffer = [] }
         let received = ReceivedHeader.make(
             helo: machine.helo, clientAddress: clientAddress, hostname: machine.policy.hostname,
             protocolName: machine.protocolName, queueID: writer.id.rawValue, tlsVersion: intake.tlsVersion,
@@ -179,6 +185,10 @@ struct SMTPSession {
             if intake.size > machine.policy.maxMessageSize { intake.tooBig = true }
         }
         guard !intake.tooBig, !intake.writeFailed else { return }
+        if intake.buffer != nil {
+            intake.buffer!.append(contentsOf: bytes)
+            return
+        }
         do {
             try await intake.writer.append(bytes)
         } catch {
@@ -201,7 +211,7 @@ struct SMTPSession {
         } else if intake.writeFailed {
             outcome = .spoolFailure
         } else {
-            let envelope = Envelope(
+            var envelope = Envelope(
                 sender: transaction.sender.description,
                 recipients: transaction.recipients,
                 body: transaction.parameters.body?.rawValue,
@@ -214,14 +224,24 @@ struct SMTPSession {
                 authUser: machine.authUser,
                 listener: listener.name,
                 arrivalMillis: Self.nowMillis())
+            var held = false
+            if let buffer = intake.buffer {
+                switch await runFilters(buffer, envelope: &envelope, writer: writer) {
+                case .proceed(let hold): held = hold
+                case .stop(let outcome):
+                    await writer.abort()
+                    return outcome
+                }
+            }
             do {
+                if held { try await environment.spool.writeMeta(writer.id, { var m = DeliveryMeta(); m.held = true; return m }()) }
                 try await writer.commit(envelope)
                 logger.info(
                     "\(writer.id): from=<\(transaction.sender)>, size=\(writer.size), nrcpt=\(transaction.recipients.count), client=\(client)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")\(intake.tlsVersion.map { ", tls=\($0)" } ?? "")"
                 )
                 environment.accepted.increment()
                 environment.acceptedBytes.increment(by: writer.size)
-                environment.onQueued(writer.id, envelope, writer.size)
+                environment.onQueued(writer.id, envelope, writer.size, held)
                 return .queued(writer.id.rawValue)
             } catch {
                 logger.error("\(writer.id): spool commit failed: \(error)")
@@ -232,6 +252,51 @@ struct SMTPSession {
         await writer.abort()
         logger.info("reject: message from \(client): \(outcome); from=<\(transaction.sender)>")
         return outcome
+    }
+
+    enum FilterResult {
+        case proceed(hold: Bool)
+        case stop(DataOutcome)
+    }
+
+    /// Runs the chain over a buffered message; writes what they leave (edited headers, body,
+    /// envelope) to the spool writer, or says how the message ends instead.
+    private func runFilters(_ buffer: [UInt8], envelope: inout Envelope, writer: SpoolWriter) async -> FilterResult {
+        let (headers, bodyOffset) = HeaderBlock.parse(buffer)
+        var message = FilterMessage(
+            queueID: writer.id.rawValue, sender: envelope.sender, recipients: envelope.recipients, headers: headers,
+            body: Array(buffer[bodyOffset...]))
+        let session = FilterSession(
+            client: envelope.client, listener: listener.name, authUser: machine.authUser, hostname: machine.policy.hostname)
+        let outcome = await environment.filters.endOfMessage(session, &message)
+        for failure in outcome.failures { logger.warning("\(writer.id): filter \(failure)") }
+        let filter = outcome.filter ?? "-"
+        var hold = false
+        switch outcome.verdict {
+        case .continue, .accept: break
+        case .reject(let reply), .tempfail(let reply):
+            logger.info("\(writer.id): reject by filter \(filter): \(reply); from=<\(envelope.sender)>")
+            return .stop(.filtered(reply))
+        case .discard:
+            logger.info("\(writer.id): discarded by filter \(filter); from=<\(envelope.sender)>")
+            return .stop(.discarded(writer.id.rawValue))
+        case .quarantine(let reason):
+            logger.info("\(writer.id): held by filter \(filter): \(reason)")
+            hold = true
+        }
+        guard !message.recipients.isEmpty else {
+            logger.info("\(writer.id): discarded: the filters removed every recipient")
+            return .stop(.discarded(writer.id.rawValue))
+        }
+        envelope.sender = message.sender
+        envelope.recipients = message.recipients
+        do {
+            try await writer.append(message.content)
+        } catch {
+            logger.error("\(writer.id): spool write failed: \(error)")
+            return .stop(.spoolFailure)
+        }
+        return .proceed(hold: hold)
     }
 
     /// Streams a DATA message into the spool and reports how it ended.

@@ -23,6 +23,10 @@ enum DataOutcome: Equatable, Sendable {
     case containsNUL
     case bareLineEnding
     case spoolFailure
+    /// A filter refused the message (its own reply), or failed and its default refused it.
+    case filtered(SMTPReply)
+    /// A filter said to drop it: the client hears the usual 250, nothing is queued.
+    case discarded(String)
 }
 
 /// The SMTP server session as a pure state machine: methods named after events, each
@@ -200,6 +204,8 @@ struct SessionStateMachine {
         case .bareLineEnding:
             reply = SMTPReply(550, .badLineEnding, "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
         case .spoolFailure: reply = SMTPReply(451, .transientSystem, "Error: queue file write error")
+        case .filtered(let filterReply): reply = filterReply
+        case .discarded(let id): reply = SMTPReply(250, .ok, "Ok: queued as \(id)")
         }
         if closeWhenIdle {
             phase = .closed

@@ -94,9 +94,11 @@ public actor Scheduler {
     }
 
     /// A message the ingress just committed: try it now.
-    public func queued(_ id: QueueID, envelope: Envelope, size: Int) async {
+    public func queued(_ id: QueueID, envelope: Envelope, size: Int, held: Bool = false) async {
+        var meta = DeliveryMeta()
+        meta.held = held
         entries[id] = Entry(
-            envelope: envelope, contentSize: size, states: Array(repeating: .pending, count: envelope.recipients.count), meta: DeliveryMeta())
+            envelope: envelope, contentSize: size, states: Array(repeating: .pending, count: envelope.recipients.count), meta: meta)
         depth.record(entries.count)
         await dispatch(id)
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Delivery
+import HeaderRewrite
 import Ingress
 import Logging
 import Metrics
@@ -35,13 +36,18 @@ struct ConfigOption: ParsableArguments {
     /// Loads and validates the configuration; on error prints it and exits with EX_CONFIG.
     func load() throws -> TernConfig {
         do {
-            return try ConfigLoader.load(path: config)
+            return try ConfigLoader.load(path: config, plugins: filterPlugins)
         } catch {
             printError("tern: \(error)")
             throw ExitCode(78)
         }
     }
 }
+
+/// The filter plugins this executable offers (`filters[].type`). A new plugin is one line here.
+let filterPlugins = FilterRegistry([
+    FilterRegistry.plugin(HeaderRewritePlugin.self)
+])
 
 func printError(_ text: String) {
     (text + "\n").withCString { _ = write(2, $0, strlen($0)) }
@@ -142,11 +148,19 @@ struct Serve: AsyncParsableCommand {
             printError("tern: cannot read the spool \(config.spool): \(error)")
             throw ExitCode(73)
         }
+        let filters: FilterChain
+        do {
+            filters = try filterPlugins.chain(config.filters)
+        } catch {
+            printError("tern: \(options.config): filters: \(error)")
+            throw ExitCode(78)
+        }
         let queueManager = QueueManagerService(scheduler: scheduler, spoolRoot: config.spool, logger: logger)
         let server = SMTPServer(
             config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
             group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
-            onQueued: { id, envelope, size in Task { await scheduler.queued(id, envelope: envelope, size: size) } })
+            filters: filters,
+            onQueued: { id, envelope, size, held in Task { await scheduler.queued(id, envelope: envelope, size: size, held: held) } })
         // Services stop in reverse order: the listeners first, the queue manager after them.
         let group = ServiceGroup(
             configuration: .init(
@@ -224,6 +238,10 @@ struct Check: AsyncParsableCommand {
             print("  \(route.name): \(route.domains.joined(separator: ", "))\(senders) -> \(target)")
         }
         print("  otherwise: MX, tls \(d.mxTLS.rawValue)")
+        print("filters (in order, before queueing):\(config.filters.isEmpty ? " none" : "")")
+        for f in config.filters {
+            print("  \(f.name): \(f.type) on \(f.listeners?.joined(separator: ", ") ?? "every listener"); on failure \(f.onFailure.rawValue)")
+        }
     }
 }
 

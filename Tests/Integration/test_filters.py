@@ -1,0 +1,62 @@
+"""Pre-queue filters: header clean-up before the message is queued."""
+import smtplib
+
+
+def queued_content(tern):
+    [m] = tern.queue()
+    return tern.message_bytes(m["id"]).decode()
+
+
+FILTER = """filters:
+  - name: cleanup
+    type: header_rewrite
+    {listeners}settings:
+      strip_x_mailer: true
+      rules:
+        - {{ match: "^X-Env:", action: replace, with: "X-Env: production" }}
+"""
+
+
+def test_private_received_lines_and_origin_headers_are_stripped(make_tern):
+    tern = make_tern(extra=FILTER.format(listeners=""))
+    message = (
+        "Received: from mx.partner.example (mx.partner.example [198.51.100.7])\r\n\tby gw.example; Sun, 22 Nov 2026 10:00:00 +0000\r\n"
+        "Received: from app1 (app1 [10.1.2.3])\r\n\tby gw.example; Sun, 22 Nov 2026 10:00:00 +0000\r\n"
+        "X-Originating-IP: [10.0.0.9]\r\n"
+        "X-PHP-Originating-Script: 33:mailer.php\r\n"
+        "X-Mailer: PHPMailer 6\r\n"
+        "X-Env: staging\r\n"
+        "Subject: hello\r\n"
+        "\r\n"
+        "Received: from 10.0.0.1 in the body stays\r\n"
+    )
+    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+        s.sendmail("app@client.example", ["u@example.org"], message.encode())
+    content = queued_content(tern)
+    assert "198.51.100.7" in content
+    for gone in ("10.1.2.3", "X-Originating-IP", "X-PHP-Originating-Script", "X-Mailer", "[127.0.0.1]"):
+        assert gone not in content.split("\r\n\r\n")[0], gone
+    assert "X-Env: production\r\n" in content
+    assert content.endswith("\r\n\r\nReceived: from 10.0.0.1 in the body stays\r\n"), "the body is not touched"
+
+
+def test_nothing_to_strip_passes_byte_identical(make_tern):
+    tern = make_tern(extra=FILTER.format(listeners=""))
+    message = "From: a@client.example\r\nTo: u@example.org\r\nSubject:  spaced  \r\nX-Folded: one\r\n  two\r\n\r\nbody\r\n.dot\r\n"
+    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+        s.sendmail("a@client.example", ["u@example.org"], message.encode())
+    # Tern's own Received line names the client's loopback address, so it goes too.
+    assert queued_content(tern) == message
+
+
+def test_filter_applies_only_to_its_listeners(make_tern):
+    tern = make_tern(listeners=[("mx", "smtp"), ("apps", "smtp")], extra=FILTER.format(listeners="listeners: [apps]\n    "))
+    for listener in ("mx", "apps"):
+        with smtplib.SMTP("127.0.0.1", tern.port(listener), timeout=10) as s:
+            s.sendmail("a@client.example", ["u@example.org"], f"Subject: via {listener}\r\nX-Originating-IP: [10.0.0.9]\r\n\r\nx\r\n".encode())
+    by_subject = {}
+    for m in tern.queue():
+        text = tern.message_bytes(m["id"]).decode()
+        by_subject["via mx" in text] = text
+    assert "X-Originating-IP" in by_subject[True]
+    assert "X-Originating-IP" not in by_subject[False]
