@@ -34,6 +34,9 @@ let package = Package(
         // libunbound, the caching resolver library, for MX and address lookups.
         .systemLibrary(name: "CUnbound", providers: [.apt(["libunbound-dev"])]),
 
+        // libopendkim, the reference DKIM implementation, for the DKIMSigning plugin.
+        .systemLibrary(name: "COpenDKIM", pkgConfig: "opendkim", providers: [.apt(["libopendkim-dev"])]),
+
         // Configuration model, shared types, log names.
         .target(
             name: "TernCore",
@@ -92,6 +95,10 @@ let package = Package(
         // Pre-queue filter plugins: each knows only TernCore's Filter protocol (and its own
         // C library); the executable lists them in its registry.
         .target(name: "HeaderRewrite", dependencies: ["TernCore"], path: "Plugins/HeaderRewrite", swiftSettings: strict),
+        .target(
+            name: "DKIMSigning",
+            dependencies: ["TernCore", "COpenDKIM", .product(name: "Logging", package: "swift-log")],
+            path: "Plugins/DKIMSigning", swiftSettings: strict),
 
         // The queue manager: the scheduler and the lanes that carry queued mail out through
         // the transports, recording each outcome in the spool; bounces; queue control.
@@ -111,7 +118,7 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernCore", "Spool", "Ingress", "SMTPProtocol", "Delivery", "Transports", "QueueManager", "HeaderRewrite",
+                "TernCore", "Spool", "Ingress", "SMTPProtocol", "Delivery", "Transports", "QueueManager", "HeaderRewrite", "DKIMSigning",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),

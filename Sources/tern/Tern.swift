@@ -1,4 +1,5 @@
 import ArgumentParser
+import DKIMSigning
 import Delivery
 import HeaderRewrite
 import Ingress
@@ -46,7 +47,8 @@ struct ConfigOption: ParsableArguments {
 
 /// The filter plugins this executable offers (`filters[].type`). A new plugin is one line here.
 let filterPlugins = FilterRegistry([
-    FilterRegistry.plugin(HeaderRewritePlugin.self)
+    FilterRegistry.plugin(HeaderRewritePlugin.self),
+    FilterRegistry.plugin(DKIMSigningPlugin.self),
 ])
 
 func printError(_ text: String) {

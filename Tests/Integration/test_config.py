@@ -63,10 +63,11 @@ def test_shipped_configs_are_valid(tmp_path):
     for example in examples:
         text = example.read_text()
         # Point file paths at stand-ins so the check can read them.
-        for key in ("certificate", "key", "users_file", "password_file", "ca_file"):
+        pem = subprocess.run(["openssl", "genpkey", "-algorithm", "ED25519"], capture_output=True, text=True, check=True).stdout
+        for key in ("certificate", "key", "users_file", "password_file", "ca_file", "key_file"):
             for value in re.findall(rf"{key}: (\S+?)[,}}\s]", text):
                 stub = tmp_path / pathlib.Path(value).name
-                stub.write_text("alice:$6$salt$hash\n" if key == "users_file" else "stub\n")
+                stub.write_text({"users_file": "alice:$6$salt$hash\n", "key_file": pem}.get(key, "stub\n"))
                 stub.chmod(0o600)
                 text = text.replace(value, str(stub))
         patched = tmp_path / example.name
