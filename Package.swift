@@ -36,6 +36,8 @@ let package = Package(
 
         // libopendkim, the reference DKIM implementation, for the DKIMSigning plugin.
         .systemLibrary(name: "COpenDKIM", pkgConfig: "opendkim", providers: [.apt(["libopendkim-dev"])]),
+        // OpenSSL's libcrypto, for `tern dkim keygen`.
+        .systemLibrary(name: "CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
 
         // Configuration model, shared types, log names.
         .target(
@@ -97,7 +99,7 @@ let package = Package(
         .target(name: "HeaderRewrite", dependencies: ["TernCore"], path: "Plugins/HeaderRewrite", swiftSettings: strict),
         .target(
             name: "DKIMSigning",
-            dependencies: ["TernCore", "COpenDKIM", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["TernCore", "SMTPProtocol", "COpenDKIM", "CCrypto", .product(name: "Logging", package: "swift-log")],
             path: "Plugins/DKIMSigning", swiftSettings: strict),
 
         // The queue manager: the scheduler and the lanes that carry queued mail out through
@@ -138,6 +140,7 @@ let package = Package(
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
         .testTarget(name: "HeaderRewriteTests", dependencies: ["HeaderRewrite", "TernCore"]),
+        .testTarget(name: "DKIMSigningTests", dependencies: ["DKIMSigning", "TernCore"]),
         .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
         .testTarget(
             name: "TransportsTests",

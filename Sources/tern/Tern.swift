@@ -26,7 +26,7 @@ struct Tern: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tern",
         abstract: "Tern, an outbound SMTP relay.",
-        subcommands: [Serve.self, Check.self, Queue.self, Route.self]
+        subcommands: [Serve.self, Check.self, Queue.self, Route.self, DKIM.self]
     )
 }
 
@@ -432,6 +432,49 @@ struct Route: AsyncParsableCommand {
             print(
                 "lane limits: max_connections \(l.maxConnections), initial_connections \(l.initialConnections), "
                     + "messages_per_connection \(l.messagesPerConnection), dead_time \(l.deadTime)")
+        }
+    }
+}
+
+struct DKIM: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "dkim", abstract: "DKIM keys.", subcommands: [Keygen.self])
+
+    struct Keygen: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write a new DKIM private key (mode 600) and print the DNS TXT record to publish.",
+            discussion: "Then add { domain, selector, key_file, algorithm } to a dkim_sign filter's keys.")
+
+        @Option(help: "The signing domain (d=).") var domain: String
+        @Option(help: "The selector (s=).") var selector: String
+        @Option(help: "rsa-sha256 (RSA 2048) or ed25519-sha256 (also: rsa, ed25519).") var algorithm: String = "rsa-sha256"
+        @Option(help: "Where to write the private key (default: SELECTOR.DOMAIN.key).") var out: String?
+
+        func run() async throws {
+            let name = algorithm.lowercased()
+            let chosen: DKIMKey.Algorithm
+            switch name {
+            case "rsa", "rsa-sha256": chosen = .rsaSHA256
+            case "ed25519", "ed25519-sha256": chosen = .ed25519SHA256
+            default: throw ValidationError("--algorithm must be rsa-sha256 or ed25519-sha256")
+            }
+            let path = out ?? "\(selector).\(domain).key"
+            let pair = try DKIMKeyGenerator.generate(chosen)
+            let fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0o600)
+            guard fd >= 0 else {
+                printError("tern: cannot create \(path): \(String(cString: strerror(errno)))")
+                throw ExitCode(73)
+            }
+            _ = pair.privateKeyPEM.withCString { write(fd, $0, strlen($0)) }
+            close(fd)
+            print("private key: \(path) (\(chosen.rawValue), mode 600)")
+            print("publish this TXT record:")
+            // TXT strings are at most 255 bytes each (RFC 1035); long RSA keys are split.
+            let chunks = stride(from: 0, to: pair.record.count, by: 250).map { i -> String in
+                let start = pair.record.index(pair.record.startIndex, offsetBy: i)
+                let end = pair.record.index(start, offsetBy: min(250, pair.record.count - i))
+                return "\"\(pair.record[start..<end])\""
+            }
+            print("\(selector)._domainkey.\(domain). IN TXT ( \(chunks.joined(separator: " ")) )")
         }
     }
 }
