@@ -36,6 +36,8 @@ let package = Package(
 
         // libopendkim, the reference DKIM implementation, for the DKIMSigning plugin.
         .systemLibrary(name: "COpenDKIM", pkgConfig: "opendkim", providers: [.apt(["libopendkim-dev"])]),
+        // libmilter's protocol numbers (mfdef.h, mfapi.h), for the MilterBridge plugin.
+        .systemLibrary(name: "CMilter", providers: [.apt(["libmilter-dev"])]),
         // OpenSSL's libcrypto, for `tern dkim keygen`.
         .systemLibrary(name: "CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
 
@@ -101,6 +103,15 @@ let package = Package(
             name: "DKIMSigning",
             dependencies: ["TernCore", "SMTPProtocol", "COpenDKIM", "CCrypto", .product(name: "Logging", package: "swift-log")],
             path: "Plugins/DKIMSigning", swiftSettings: strict),
+        .target(
+            name: "MilterBridge",
+            dependencies: [
+                "TernCore", "SMTPProtocol", "CMilter",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            path: "Plugins/MilterBridge", swiftSettings: strict),
 
         // The queue manager: the scheduler and the lanes that carry queued mail out through
         // the transports, recording each outcome in the spool; bounces; queue control.
@@ -120,7 +131,7 @@ let package = Package(
         .executableTarget(
             name: "tern",
             dependencies: [
-                "TernCore", "Spool", "Ingress", "SMTPProtocol", "Delivery", "Transports", "QueueManager", "HeaderRewrite", "DKIMSigning",
+                "TernCore", "Spool", "Ingress", "SMTPProtocol", "Delivery", "Transports", "QueueManager", "HeaderRewrite", "DKIMSigning", "MilterBridge",
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "Metrics", package: "swift-metrics"),

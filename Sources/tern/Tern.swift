@@ -2,6 +2,7 @@ import ArgumentParser
 import DKIMSigning
 import Delivery
 import HeaderRewrite
+import MilterBridge
 import Ingress
 import Logging
 import Metrics
@@ -49,6 +50,7 @@ struct ConfigOption: ParsableArguments {
 let filterPlugins = FilterRegistry([
     FilterRegistry.plugin(HeaderRewritePlugin.self),
     FilterRegistry.plugin(DKIMSigningPlugin.self),
+    FilterRegistry.plugin(MilterPlugin.self),
 ])
 
 func printError(_ text: String) {

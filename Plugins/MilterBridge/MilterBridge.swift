@@ -1,0 +1,334 @@
+import CMilter
+import Logging
+import NIOCore
+import NIOPosix
+import SMTPProtocol
+import TernCore
+
+/// An external milter (OpenDKIM, rspamd, a spam or virus scanner) as a pre-queue filter.
+///
+/// At the end of DATA the bridge opens a connection, negotiates options, and replays the
+/// session to the milter: connect, HELO, MAIL, each RCPT, DATA, the headers, the end of
+/// headers, the body in chunks of at most 65,535 bytes and the end of the message, each
+/// with the macros milters look for. It then applies the milter's changes (headers, body,
+/// sender, recipients) and ends the connection with QUIT. Every refusal therefore reaches
+/// the client as the reply to DATA.
+public struct MilterFilter: MessageFilter {
+    public enum Endpoint: Sendable, Equatable {
+        case inet(host: String, port: Int)
+        case unix(String)
+
+        /// `inet:host:port`, `inet:port@host` (sendmail's form) or `unix:/path`.
+        public init?(_ text: String) {
+            if text.hasPrefix("unix:") || text.hasPrefix("local:") {
+                let path = String(text.drop(while: { $0 != ":" }).dropFirst())
+                guard !path.isEmpty else { return nil }
+                self = .unix(path)
+            } else if text.hasPrefix("inet:") || text.hasPrefix("inet6:") {
+                let rest = String(text.drop(while: { $0 != ":" }).dropFirst())
+                if let at = rest.firstIndex(of: "@"), let port = Int(rest[..<at]) {
+                    self = .inet(host: String(rest[rest.index(after: at)...]), port: port)
+                } else if let colon = rest.lastIndex(of: ":"), let port = Int(rest[rest.index(after: colon)...]) {
+                    var host = String(rest[..<colon])
+                    if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+                    self = .inet(host: host, port: port)
+                } else {
+                    return nil
+                }
+            } else {
+                return nil
+            }
+        }
+    }
+
+    public let name: String
+    public let endpoint: Endpoint
+    public let connectTimeout: Duration
+    public let timeout: Duration
+    let logger = Logger(label: "tern.milter")
+
+    public init(name: String, endpoint: Endpoint, connectTimeout: Duration, timeout: Duration) {
+        self.name = name
+        self.endpoint = endpoint
+        self.connectTimeout = connectTimeout
+        self.timeout = timeout
+    }
+
+    struct Failure: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    public func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async throws -> FilterVerdict {
+        let channel: NIOAsyncChannel<Milter.Packet, Milter.Packet>
+        do {
+            let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connectTimeout(TimeAmount(connectTimeout))
+            let timeout = self.timeout
+            let initializer: @Sendable (any Channel) -> EventLoopFuture<NIOAsyncChannel<Milter.Packet, Milter.Packet>> = { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: TimeAmount(timeout)))
+                    try channel.pipeline.syncOperations.addHandler(MilterTimeoutHandler())
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(MilterPacketDecoder()))
+                    try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(MilterPacketEncoder()))
+                    return try NIOAsyncChannel<Milter.Packet, Milter.Packet>(wrappingChannelSynchronously: channel)
+                }
+            }
+            switch endpoint {
+            case .inet(let host, let port): channel = try await bootstrap.connect(host: host, port: port, channelInitializer: initializer)
+            case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path, channelInitializer: initializer)
+            }
+        } catch {
+            throw Failure(description: "cannot connect to \(endpoint): \(error)")
+        }
+        var copy = message
+        let verdict = try await channel.executeThenClose { inbound, outbound in
+            var conversation = Conversation(inbound: inbound.makeAsyncIterator(), outbound: outbound)
+            return try await conversation.run(session, &copy, logger: logger, milter: name)
+        }
+        message = copy
+        return verdict
+    }
+
+    /// One message's exchange with the milter.
+    struct Conversation {
+        var inbound: NIOAsyncChannelInboundStream<Milter.Packet>.AsyncIterator
+        let outbound: NIOAsyncChannelOutboundWriter<Milter.Packet>
+        var negotiated = Milter.Negotiated(version: 6, actions: 0, flags: 0)
+
+        mutating func read() async throws -> Milter.Packet {
+            guard let packet = try await inbound.next() else { throw Failure(description: "the milter closed the connection") }
+            return packet
+        }
+
+        /// Reads replies until one that is not `progress`.
+        mutating func reply() async throws -> Milter.Reply {
+            while true {
+                let r = try Milter.reply(try await read())
+                if r != .progress { return r }
+            }
+        }
+
+        func send(_ p: Milter.Packet) async throws { try await outbound.write(p) }
+
+        func macros(_ stage: UInt8, _ pairs: [(String, String?)]) async throws {
+            let present = pairs.compactMap { k, v in v.map { [k, $0] } }.flatMap { $0 }
+            guard !present.isEmpty else { return }
+            var data: [UInt8] = [stage]
+            data += Milter.Packet.strings(0, present).data
+            try await send(Milter.Packet(command: TERN_SMFIC_MACRO, data: data))
+        }
+
+        /// Sends a step, and reads its reply unless the milter said it sends none.
+        mutating func step(_ p: Milter.Packet, noReply: Int) async throws -> Milter.Reply {
+            try await send(p)
+            if negotiated.has(noReply) { return .continue }
+            return try await reply()
+        }
+
+        mutating func run(_ session: FilterSession, _ message: inout FilterMessage, logger: Logger, milter: String) async throws -> FilterVerdict {
+            try await send(
+                Milter.Packet(command: TERN_SMFIC_OPTNEG, data: Milter.u32(Milter.version) + Milter.u32(Milter.actions) + Milter.u32(Milter.protocolFlags)))
+            negotiated = try Milter.negotiated(try await read())
+            defer { Task { [outbound] in try? await outbound.write(Milter.Packet(command: TERN_SMFIC_QUIT, data: [])) } }
+
+            let client = session.client
+            let clientName = session.clientName ?? "[\(client.address)]"
+            try await macros(
+                TERN_SMFIC_CONNECT,
+                [
+                    ("j", session.hostname), ("{daemon_name}", session.listener), ("v", "Tern"),
+                    ("_", "\(clientName) [\(client.address)]"), ("{client_addr}", client.address), ("{client_name}", clientName),
+                    ("{client_port}", String(client.port)),
+                ])
+            if !negotiated.has(Int(SMFIP_NOCONNECT)) {
+                let family = client.address.contains(":") ? TERN_SMFIA_INET6 : TERN_SMFIA_INET
+                var data = Milter.Packet.strings(0, [clientName]).data
+                data.append(family)
+                data += [UInt8(client.port >> 8 & 0xFF), UInt8(client.port & 0xFF)]
+                data += Milter.Packet.strings(0, [client.address]).data
+                if let v = try verdict(await step(Milter.Packet(command: TERN_SMFIC_CONNECT, data: data), noReply: Int(SMFIP_NR_CONN))) {
+                    return v
+                }
+            }
+            try await macros(TERN_SMFIC_HELO, [("{tls_version}", client.tlsVersion)])
+            if !negotiated.has(Int(SMFIP_NOHELO)) {
+                let p = Milter.Packet.strings(TERN_SMFIC_HELO, [client.helo ?? clientName])
+                if let v = try verdict(await step(p, noReply: Int(SMFIP_NR_HELO))) { return v }
+            }
+            try await macros(
+                TERN_SMFIC_MAIL,
+                [
+                    ("i", message.queueID), ("{auth_type}", session.authMechanism ?? (session.authUser == nil ? nil : "PLAIN")),
+                    ("{auth_authen}", session.authUser), ("{mail_addr}", message.sender),
+                ])
+            if !negotiated.has(Int(SMFIP_NOMAIL)) {
+                let p = Milter.Packet.strings(TERN_SMFIC_MAIL, ["<\(message.sender)>"])
+                if let v = try verdict(await step(p, noReply: Int(SMFIP_NR_MAIL))) { return v }
+            }
+            var kept: [EnvelopeRecipient] = []
+            var lastRefusal: FilterVerdict?
+            for r in message.recipients {
+                try await macros(TERN_SMFIC_RCPT, [("{rcpt_addr}", r.address)])
+                if negotiated.has(Int(SMFIP_NORCPT)) {
+                    kept.append(r)
+                    continue
+                }
+                let reply = try await step(Milter.Packet.strings(TERN_SMFIC_RCPT, ["<\(r.address)>"]), noReply: Int(SMFIP_NR_RCPT))
+                switch reply {
+                case .reject, .tempfail, .replyCode:
+                    // A refusal at RCPT refuses that recipient only.
+                    lastRefusal = try verdict(reply)
+                    logger.info("\(message.queueID): milter \(milter) refused recipient <\(r.address)>")
+                case .accept, .discard, .connectionFailure:
+                    return try verdict(reply) ?? .continue
+                default:
+                    kept.append(r)
+                }
+            }
+            if kept.isEmpty, let lastRefusal { return lastRefusal }
+            message.recipients = kept
+            if negotiated.version >= 4, !negotiated.has(Int(SMFIP_NODATA)) {
+                if let v = try verdict(await step(Milter.Packet(command: TERN_SMFIC_DATA, data: []), noReply: Int(SMFIP_NR_DATA))) {
+                    return v
+                }
+            }
+            if !negotiated.has(Int(SMFIP_NOHDRS)) {
+                for field in message.headers.fields where !field.name.isEmpty {
+                    var value = Array(field.raw.dropFirst(field.name.utf8.count + 1))
+                    if value.suffix(2) == [0x0D, 0x0A] { value.removeLast(2) }
+                    value.removeAll { $0 == 0x0D }
+                    if !negotiated.has(Int(SMFIP_HDR_LEADSPC)), value.first == 0x20 { value.removeFirst() }
+                    var data = Array(field.name.utf8) + [0]
+                    data += value + [0]
+                    let reply = try await step(Milter.Packet(command: TERN_SMFIC_HEADER, data: data), noReply: Int(SMFIP_NR_HDR))
+                    if let v = try verdict(reply) { return v }
+                }
+            }
+            if !negotiated.has(Int(SMFIP_NOEOH)) {
+                if let v = try verdict(await step(Milter.Packet(command: TERN_SMFIC_EOH, data: []), noReply: Int(SMFIP_NR_EOH))) { return v }
+            }
+            if !negotiated.has(Int(SMFIP_NOBODY)) {
+                var offset = 0
+                bodyLoop: while offset < message.body.count {
+                    let end = min(message.body.count, offset + Milter.chunkSize)
+                    let reply = try await step(
+                        Milter.Packet(command: TERN_SMFIC_BODY, data: Array(message.body[offset..<end])), noReply: Int(SMFIP_NR_BODY))
+                    if reply == .skip { break bodyLoop }
+                    if let v = try verdict(reply) { return v }
+                    offset = end
+                }
+            }
+            try await macros(TERN_SMFIC_BODYEOB, [("i", message.queueID)])
+            try await send(Milter.Packet(command: TERN_SMFIC_BODYEOB, data: []))
+            var modifications: [Milter.Modification] = []
+            var quarantine: String?
+            while true {
+                switch try await reply() {
+                case .modification(let m): modifications.append(m)
+                case .quarantine(let reason): quarantine = reason
+                case let final:
+                    // At the end of the message, accept and continue both mean: keep it,
+                    // with the changes.
+                    if final != .accept, final != .continue, let v = try verdict(final) { return v }
+                    Milter.apply(modifications, to: &message)
+                    if let quarantine { return .quarantine("milter \(milter): \(quarantine)") }
+                    return .continue
+                }
+            }
+        }
+
+        /// nil: go on with the next step. A milter's accept ends its part (`.continue` for the
+        /// chain), not the chain.
+        func verdict(_ reply: Milter.Reply) throws -> FilterVerdict? {
+            switch reply {
+            case .continue, .progress, .skip, .modification: return nil
+            case .accept: return .continue
+            case .reject: return .reject(SMTPReply(550, EnhancedStatusCode(5, 7, 1), "Command rejected"))
+            case .tempfail: return .tempfail(SMTPReply(451, EnhancedStatusCode(4, 7, 1), "Service unavailable - try again later"))
+            case .discard: return .discard
+            case .replyCode(let r): return r.code >= 500 ? .reject(r) : .tempfail(r)
+            case .quarantine(let reason): return .quarantine(reason)
+            case .connectionFailure: throw Failure(description: "the milter asked to fail the connection")
+            }
+        }
+    }
+}
+
+/// Turns a read timeout into an error on the channel.
+final class MilterTimeoutHandler: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+    struct Timeout: Error, CustomStringConvertible {
+        var description: String { "no reply from the milter in time" }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? IdleStateHandler.IdleStateEvent, e == .read {
+            context.fireErrorCaught(Timeout())
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+}
+
+struct MilterPacketDecoder: ByteToMessageDecoder {
+    typealias InboundOut = Milter.Packet
+    /// Body replacements come in pieces of at most 64 KB; anything much larger is not a milter.
+    static let maxPacket = 1 << 20
+
+    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let length = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return .needMoreData }
+        guard length >= 1, length <= Self.maxPacket else { throw Milter.ProtocolError(description: "milter packet of \(length) bytes") }
+        guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
+        buffer.moveReaderIndex(forwardBy: 4)
+        let command: UInt8 = buffer.readInteger()!
+        let data = buffer.readBytes(length: Int(length) - 1)!
+        context.fireChannelRead(wrapInboundOut(Milter.Packet(command: command, data: data)))
+        return .continue
+    }
+}
+
+struct MilterPacketEncoder: MessageToByteEncoder {
+    typealias OutboundIn = Milter.Packet
+    func encode(data: Milter.Packet, out: inout ByteBuffer) throws {
+        out.writeBytes(data.encoded)
+    }
+}
+
+/// `type: milter` in `filters:`.
+public enum MilterPlugin: FilterPlugin {
+    public static let type = "milter"
+
+    struct Settings: Sendable {
+        var endpoint: MilterFilter.Endpoint
+        var connectTimeout: Duration
+        var timeout: Duration
+    }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case socket
+        case connectTimeout = "connect_timeout"
+        case timeout
+    }
+
+    public static func settings(from decoder: (any Decoder)?) throws -> any Sendable {
+        guard let decoder else {
+            throw DecodingError.keyNotFound(CodingKeys.socket, .init(codingPath: [], debugDescription: "a milter needs settings.socket"))
+        }
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let text = try c.decode(String.self, forKey: .socket)
+        guard let endpoint = MilterFilter.Endpoint(text) else {
+            throw DecodingError.dataCorruptedError(
+                forKey: .socket, in: c, debugDescription: "'\(text)' is not inet:host:port, inet:port@host or unix:/path")
+        }
+        return Settings(
+            endpoint: endpoint,
+            connectTimeout: try c.decodeIfPresent(ConfigDuration.self, forKey: .connectTimeout)?.duration ?? .seconds(30),
+            timeout: try c.decodeIfPresent(ConfigDuration.self, forKey: .timeout)?.duration ?? .seconds(60))
+    }
+
+    public static func make(name: String, settings: any Sendable) throws -> any MessageFilter {
+        let s = settings as! Settings
+        return MilterFilter(name: name, endpoint: s.endpoint, connectTimeout: s.connectTimeout, timeout: s.timeout)
+    }
+}
