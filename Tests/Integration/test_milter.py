@@ -125,3 +125,56 @@ def test_dead_or_hanging_milter_applies_the_default_action(make_tern, action, co
     # Nothing listening at all: refused at connect, same default.
     dead = make_tern(extra=filters(f"inet:127.0.0.1:{free_port()}", action))
     assert submit(dead, "x")[0] == code
+
+
+@pytest.fixture
+def opendkim(tmp_path):
+    """OpenDKIM, the Debian package, as a signing milter on a loopback port, with its own
+    config and a key made by opendkim-genkey."""
+    import re
+    keys = tmp_path / "odk"
+    keys.mkdir()
+    subprocess.run(["opendkim-genkey", "-D", str(keys), "-d", "example.com", "-s", "odk"], check=True, capture_output=True)
+    record = "".join(re.findall(r'"([^"]*)"', (keys / "odk.txt").read_text())).encode()
+    port = free_port()
+    conf = tmp_path / "opendkim.conf"
+    conf.write_text(f"""Syslog no
+Background no
+Mode s
+Socket inet:{port}@127.0.0.1
+Domain example.com
+Selector odk
+KeyFile {keys / 'odk.private'}
+Canonicalization relaxed/relaxed
+InternalHosts 10.99.0.0/16
+RequireSafeKeys false
+PidFile {tmp_path / 'opendkim.pid'}
+""")
+    p = subprocess.Popen(["opendkim", "-f", "-x", str(conf)], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "opendkim.err", "w"))
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            sock.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if p.poll() is not None:
+                raise RuntimeError((tmp_path / "opendkim.err").read_text())
+            time.sleep(0.05)
+    yield port, {b"odk._domainkey.example.com.": record}
+    p.kill()
+    p.wait()
+
+
+def test_opendkim_signs_mail_from_an_authenticated_user(make_tern, opendkim, certs, users_file):
+    import dkim
+    from conftest import authenticated_outsider
+    port, records = opendkim
+    tern = make_tern(mynetworks=("127.0.0.1/32",), tls=certs, users=users_file, extra=filters(f"inet:{port}@127.0.0.1"))
+    s = authenticated_outsider(tern, certs)
+    s.sendmail("alice@example.com", ["u@example.org"],
+               b"From: Alice <alice@example.com>\r\nTo: u@example.org\r\nSubject: signed by OpenDKIM\r\n\r\nhello\r\n")
+    s.quit()
+    [m] = tern.queue()
+    content = tern.message_bytes(m["id"])
+    assert b"DKIM-Signature:" in content and b"d=example.com" in content and b"s=odk" in content
+    assert dkim.verify(content, dnsfunc=lambda name, timeout=5: records.get(name))
