@@ -135,7 +135,7 @@ public struct MilterFilter: MessageFilter {
             try await macros(
                 TERN_SMFIC_CONNECT,
                 [
-                    ("j", session.hostname), ("{daemon_name}", session.listener), ("v", "Tern"),
+                    ("j", session.hostname), ("{daemon_name}", session.listener), ("{daemon_addr}", session.listenerAddress), ("v", "Tern"),
                     ("_", "\(clientName) [\(client.address)]"), ("{client_addr}", client.address), ("{client_name}", clientName),
                     ("{client_port}", String(client.port)),
                 ])

@@ -267,7 +267,8 @@ struct SMTPSession {
             queueID: writer.id.rawValue, sender: envelope.sender, recipients: envelope.recipients, headers: headers,
             body: Array(buffer[bodyOffset...]))
         let session = FilterSession(
-            client: envelope.client, listener: listener.name, authUser: machine.authUser, hostname: machine.policy.hostname)
+            client: envelope.client, listener: listener.name, listenerAddress: channel.localAddress?.ipAddress,
+            authUser: machine.authUser, hostname: machine.policy.hostname)
         let outcome = await environment.filters.endOfMessage(session, &message)
         for failure in outcome.failures { logger.warning("\(writer.id): filter \(failure)") }
         let filter = outcome.filter ?? "-"

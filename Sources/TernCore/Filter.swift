@@ -6,15 +6,21 @@ public struct FilterSession: Sendable {
     /// The client's name from reverse DNS, when known.
     public var clientName: String?
     public var listener: String
+    /// The listener's own address (`{daemon_addr}`).
+    public var listenerAddress: String?
     public var authUser: String?
     public var authMechanism: String?
     /// This relay's name (`hostname`).
     public var hostname: String
 
-    public init(client: ClientInfo, clientName: String? = nil, listener: String, authUser: String? = nil, authMechanism: String? = nil, hostname: String) {
+    public init(
+        client: ClientInfo, clientName: String? = nil, listener: String, listenerAddress: String? = nil, authUser: String? = nil,
+        authMechanism: String? = nil, hostname: String
+    ) {
         self.client = client
         self.clientName = clientName
         self.listener = listener
+        self.listenerAddress = listenerAddress
         self.authUser = authUser
         self.authMechanism = authMechanism
         self.hostname = hostname

@@ -85,6 +85,7 @@ def test_modifications_and_macros(make_tern, milter):
     assert body == "replaced body\r\n"
     seen = ast.literal_eval(macros.read_text().splitlines()[-1])
     assert seen["i"] == qid and seen["j"] == "relay.test" and seen["{daemon_name}"] == "mx" and seen["v"] == "Tern"
+    assert seen["{daemon_addr}"] == "127.0.0.1"
     assert seen["{client_addr}"] == "127.0.0.1" and seen["{mail_addr}"] == "app@client.example"
     assert seen["helo"] == "client.example" and seen["rcpts"] == ["<u@example.org>", "<removed@example.org>"]
 

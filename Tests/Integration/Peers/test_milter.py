@@ -12,7 +12,7 @@ import sys
 import Milter
 
 socket, macros_file = sys.argv[1:3]
-WANTED = ["j", "{daemon_name}", "v", "_", "{client_addr}", "{client_name}", "{client_port}", "i", "{auth_type}",
+WANTED = ["j", "{daemon_name}", "{daemon_addr}", "v", "_", "{client_addr}", "{client_name}", "{client_port}", "i", "{auth_type}",
           "{auth_authen}", "{mail_addr}", "{rcpt_addr}", "{tls_version}"]
 
 
