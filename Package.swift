@@ -152,6 +152,7 @@ let package = Package(
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
         .testTarget(name: "HeaderRewriteTests", dependencies: ["HeaderRewrite", "TernCore"]),
         .testTarget(name: "DKIMSigningTests", dependencies: ["DKIMSigning", "TernCore"]),
+        .testTarget(name: "MilterBridgeTests", dependencies: ["MilterBridge", "TernCore", "SMTPProtocol", "CMilter"]),
         .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
         .testTarget(
             name: "TransportsTests",

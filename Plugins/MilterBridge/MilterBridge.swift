@@ -44,14 +44,18 @@ public struct MilterFilter: MessageFilter {
     public let name: String
     public let endpoint: Endpoint
     public let connectTimeout: Duration
+    /// For each reply to a command before the message content.
     public let timeout: Duration
+    /// For each reply once the headers and body are under way (milters scan content).
+    public let contentTimeout: Duration
     let logger = Logger(label: "tern.milter")
 
-    public init(name: String, endpoint: Endpoint, connectTimeout: Duration, timeout: Duration) {
+    public init(name: String, endpoint: Endpoint, connectTimeout: Duration, timeout: Duration, contentTimeout: Duration) {
         self.name = name
         self.endpoint = endpoint
         self.connectTimeout = connectTimeout
         self.timeout = timeout
+        self.contentTimeout = contentTimeout
     }
 
     struct Failure: Error, CustomStringConvertible {
@@ -80,8 +84,17 @@ public struct MilterFilter: MessageFilter {
             throw Failure(description: "cannot connect to \(endpoint): \(error)")
         }
         var copy = message
+        let raw = channel.channel
+        let contentTimeout = self.contentTimeout
         let verdict = try await channel.executeThenClose { inbound, outbound in
-            var conversation = Conversation(inbound: inbound.makeAsyncIterator(), outbound: outbound)
+            var conversation = Conversation(inbound: inbound.makeAsyncIterator(), outbound: outbound) {
+                // From the headers on, replies may take as long as a scan of the content.
+                try await raw.eventLoop.submit {
+                    let ops = raw.pipeline.syncOperations
+                    _ = ops.removeHandler(try ops.handler(type: IdleStateHandler.self))
+                    try ops.addHandler(IdleStateHandler(readTimeout: TimeAmount(contentTimeout)), position: .first)
+                }.get()
+            }
             return try await conversation.run(session, &copy, logger: logger, milter: name)
         }
         message = copy
@@ -92,6 +105,8 @@ public struct MilterFilter: MessageFilter {
     struct Conversation {
         var inbound: NIOAsyncChannelInboundStream<Milter.Packet>.AsyncIterator
         let outbound: NIOAsyncChannelOutboundWriter<Milter.Packet>
+        /// Switches the read timeout to the content timeout.
+        let enterContent: @Sendable () async throws -> Void
         var negotiated = Milter.Negotiated(version: 6, actions: 0, flags: 0)
 
         mutating func read() async throws -> Milter.Packet {
@@ -110,11 +125,30 @@ public struct MilterFilter: MessageFilter {
         func send(_ p: Milter.Packet) async throws { try await outbound.write(p) }
 
         func macros(_ stage: UInt8, _ pairs: [(String, String?)]) async throws {
-            let present = pairs.compactMap { k, v in v.map { [k, $0] } }.flatMap { $0 }
+            // The milter's own list for this stage, when it sent one (names with or without braces).
+            let wanted = negotiated.macroLists[Self.macroStage(stage)]
+            let present = pairs.compactMap { k, v -> [String]? in
+                guard let v else { return nil }
+                if let wanted, !wanted.contains(k), !wanted.contains(k.trimmingCharacters(in: "{").trimmingCharacters(in: "}")) { return nil }
+                return [k, v]
+            }.flatMap { $0 }
             guard !present.isEmpty else { return }
             var data: [UInt8] = [stage]
             data += Milter.Packet.strings(0, present).data
             try await send(Milter.Packet(command: TERN_SMFIC_MACRO, data: data))
+        }
+
+        /// The SMFIM_* stage a command's macros belong to.
+        static func macroStage(_ command: UInt8) -> Int {
+            switch command {
+            case TERN_SMFIC_CONNECT: return Int(SMFIM_CONNECT)
+            case TERN_SMFIC_HELO: return Int(SMFIM_HELO)
+            case TERN_SMFIC_MAIL: return Int(SMFIM_ENVFROM)
+            case TERN_SMFIC_RCPT: return Int(SMFIM_ENVRCPT)
+            case TERN_SMFIC_DATA: return Int(SMFIM_DATA)
+            case TERN_SMFIC_EOH: return Int(SMFIM_EOH)
+            default: return Int(SMFIM_EOM)
+            }
         }
 
         /// Sends a step, and reads its reply unless the milter said it sends none.
@@ -161,7 +195,7 @@ public struct MilterFilter: MessageFilter {
                     ("{auth_authen}", session.authUser), ("{mail_addr}", message.sender),
                 ])
             if !negotiated.has(Int(SMFIP_NOMAIL)) {
-                let p = Milter.Packet.strings(TERN_SMFIC_MAIL, ["<\(message.sender)>"])
+                let p = Milter.Packet.strings(TERN_SMFIC_MAIL, ["<\(message.sender)>"] + session.mailParameters)
                 if let v = try verdict(await step(p, noReply: Int(SMFIP_NR_MAIL))) { return v }
             }
             var kept: [EnvelopeRecipient] = []
@@ -172,7 +206,10 @@ public struct MilterFilter: MessageFilter {
                     kept.append(r)
                     continue
                 }
-                let reply = try await step(Milter.Packet.strings(TERN_SMFIC_RCPT, ["<\(r.address)>"]), noReply: Int(SMFIP_NR_RCPT))
+                var parameters: [String] = []
+                if let notify = r.notify { parameters.append("NOTIFY=\(notify)") }
+                if let orcpt = r.orcpt { parameters.append("ORCPT=\(orcpt.addressType);\(XText.encode(orcpt.address))") }
+                let reply = try await step(Milter.Packet.strings(TERN_SMFIC_RCPT, ["<\(r.address)>"] + parameters), noReply: Int(SMFIP_NR_RCPT))
                 switch reply {
                 case .reject, .tempfail, .replyCode:
                     // A refusal at RCPT refuses that recipient only.
@@ -191,6 +228,7 @@ public struct MilterFilter: MessageFilter {
                     return v
                 }
             }
+            try await enterContent()
             if !negotiated.has(Int(SMFIP_NOHDRS)) {
                 for field in message.headers.fields where !field.name.isEmpty {
                     var value = Array(field.raw.dropFirst(field.name.utf8.count + 1))
@@ -302,12 +340,14 @@ public enum MilterPlugin: FilterPlugin {
         var endpoint: MilterFilter.Endpoint
         var connectTimeout: Duration
         var timeout: Duration
+        var contentTimeout: Duration
     }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case socket
         case connectTimeout = "connect_timeout"
         case timeout
+        case contentTimeout = "content_timeout"
     }
 
     public static func settings(from decoder: (any Decoder)?) throws -> any Sendable {
@@ -324,11 +364,13 @@ public enum MilterPlugin: FilterPlugin {
         return Settings(
             endpoint: endpoint,
             connectTimeout: try c.decodeIfPresent(ConfigDuration.self, forKey: .connectTimeout)?.duration ?? .seconds(30),
-            timeout: try c.decodeIfPresent(ConfigDuration.self, forKey: .timeout)?.duration ?? .seconds(60))
+            timeout: try c.decodeIfPresent(ConfigDuration.self, forKey: .timeout)?.duration ?? .seconds(30),
+            contentTimeout: try c.decodeIfPresent(ConfigDuration.self, forKey: .contentTimeout)?.duration ?? .seconds(300))
     }
 
     public static func make(name: String, settings: any Sendable) throws -> any MessageFilter {
         let s = settings as! Settings
-        return MilterFilter(name: name, endpoint: s.endpoint, connectTimeout: s.connectTimeout, timeout: s.timeout)
+        return MilterFilter(
+            name: name, endpoint: s.endpoint, connectTimeout: s.connectTimeout, timeout: s.timeout, contentTimeout: s.contentTimeout)
     }
 }

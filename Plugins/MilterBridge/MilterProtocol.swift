@@ -58,6 +58,9 @@ enum Milter {
         var version: UInt32
         var actions: UInt32
         var flags: UInt32
+        /// Macro names the milter asked for, by stage (SMFIM_*); stages it did not name get
+        /// Tern's full set.
+        var macroLists: [Int: Set<String>] = [:]
 
         func has(_ flag: Int) -> Bool { flags & UInt32(flag) != 0 }
         func may(_ action: Int) -> Bool { actions & UInt32(action) != 0 }
@@ -73,7 +76,17 @@ enum Milter {
         else { throw ProtocolError(description: "bad option negotiation reply") }
         guard version >= 2 else { throw ProtocolError(description: "milter protocol version \(version) is too old") }
         // A milter may ask for no more than we offered.
-        return Negotiated(version: min(version, Self.version), actions: actions & Self.actions, flags: flags & Self.protocolFlags)
+        var result = Negotiated(version: min(version, Self.version), actions: actions & Self.actions, flags: flags & Self.protocolFlags)
+        // After the three words, optionally: (stage, "space-separated names\0") pairs.
+        var rest = packet.data.dropFirst(12)
+        while let stage = readU32(rest) {
+            rest = rest.dropFirst(4)
+            let end = rest.firstIndex(of: 0) ?? rest.endIndex
+            let names = String(decoding: rest[rest.startIndex..<end], as: UTF8.self).split(separator: " ").map(String.init)
+            result.macroLists[Int(stage)] = Set(names)
+            rest = end < rest.endIndex ? rest[(end + 1)...] : rest[end...]
+        }
+        return result
     }
 
     /// A milter's answer to a command.

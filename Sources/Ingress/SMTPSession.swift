@@ -266,9 +266,12 @@ struct SMTPSession {
         var message = FilterMessage(
             queueID: writer.id.rawValue, sender: envelope.sender, recipients: envelope.recipients, headers: headers,
             body: Array(buffer[bodyOffset...]))
-        let session = FilterSession(
+        var session = FilterSession(
             client: envelope.client, listener: listener.name, listenerAddress: channel.localAddress?.ipAddress,
             authUser: machine.authUser, hostname: machine.policy.hostname)
+        if let body = envelope.body { session.mailParameters.append("BODY=\(body)") }
+        if envelope.smtpUTF8 { session.mailParameters.append("SMTPUTF8") }
+        if let ret = envelope.ret { session.mailParameters.append("RET=\(ret.rawValue)") }
         let outcome = await environment.filters.endOfMessage(session, &message)
         for failure in outcome.failures { logger.warning("\(writer.id): filter \(failure)") }
         let filter = outcome.filter ?? "-"

@@ -12,6 +12,8 @@ public struct FilterSession: Sendable {
     public var authMechanism: String?
     /// This relay's name (`hostname`).
     public var hostname: String
+    /// The MAIL command's ESMTP parameters, as the client gave them (`SIZE=…`, `BODY=…`).
+    public var mailParameters: [String] = []
 
     public init(
         client: ClientInfo, clientName: String? = nil, listener: String, listenerAddress: String? = nil, authUser: String? = nil,

@@ -39,7 +39,7 @@ def filters(socket, extra=""):
   - name: test-milter
     type: milter
     on_failure: {extra or "tempfail"}
-    settings: {{ socket: "{socket}", connect_timeout: 2s, timeout: 3s }}
+    settings: {{ socket: "{socket}", connect_timeout: 2s, timeout: 3s, content_timeout: 3s }}
 """
 
 
