@@ -60,3 +60,20 @@ def test_filter_applies_only_to_its_listeners(make_tern):
         by_subject["via mx" in text] = text
     assert "X-Originating-IP" in by_subject[True]
     assert "X-Originating-IP" not in by_subject[False]
+
+
+def test_bdat_messages_go_through_the_filters_too(make_tern):
+    from conftest import RawClient
+    tern = make_tern(extra=FILTER.format(listeners=""))
+    c = RawClient(tern.port("mx"))
+    assert c.cmd("EHLO client.test")[0] == 250
+    assert c.cmd("MAIL FROM:<a@client.test>")[0] == 250
+    assert c.cmd("RCPT TO:<u@example.org>")[0] == 250
+    first = b"X-Originating-IP: [10.0.0.9]\r\n"
+    second = b"Subject: chunked\r\n\r\nbody\r\n"
+    c.send(b"BDAT %d\r\n" % len(first) + first)
+    assert c.reply()[0] == 250
+    c.send(b"BDAT %d LAST\r\n" % len(second) + second)
+    code, text = c.reply()
+    assert code == 250 and "queued as" in text
+    assert queued_content(tern) == "Subject: chunked\r\n\r\nbody\r\n"
