@@ -137,8 +137,8 @@ def make_tern(tmp_path):
         lines.append("delivery: " + delivery)
         lines.append(extra)
         t = Tern(tmp_path, "\n".join(lines) + "\n")
+        started.append(t)  # before start: a Tern that fails to start is still stopped
         t.start()
-        started.append(t)
         return t
 
     yield make

@@ -12,7 +12,7 @@ import pytest
 
 from peers import Blackhole, free_port
 
-PEER = Path(__file__).parent / "Peers" / "test_milter.py"
+PEER = Path(__file__).parent / "Peers" / "milter_peer.py"
 
 
 @pytest.fixture

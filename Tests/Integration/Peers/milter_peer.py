@@ -5,7 +5,7 @@
   quarantine  hold the message                 edit       change headers, body, sender, recipients
   anything else: continue, untouched. Every macro it sees is appended to MACROS_FILE.
 
-usage: test_milter.py SOCKET MACROS_FILE     (prints "ready" when listening)
+usage: milter_peer.py SOCKET MACROS_FILE     (prints "ready" when listening)
 """
 import sys
 
