@@ -47,19 +47,15 @@ YAML
 TERN_PID=$!
 
 # --- Postfix ---
-. bench/postfix-instance.sh
+. bench/common.sh
 # defer_transports: mail stays in Postfix's queue, as Tern's bench config keeps it queued.
 postfix_instance "$PF" $POSTFIX_PORT "defer_transports = smtp"
 pf check
 pf start
 
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
 wait_port $TERN_PORT
 wait_port $POSTFIX_PORT
 
-# Busy CPU time of the whole machine, in clock ticks.
-busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
-HZ=$(getconf CLK_TCK)
 
 # run PORT SESSIONS SIZE_BYTES -> "msgs_per_s server_cpu_ms_per_msg"
 run() {

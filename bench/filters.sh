@@ -68,14 +68,13 @@ CF
 opendkim -f -x "$WORK/opendkim.conf" 2>"$WORK/opendkim.log" &
 PIDS+=($!)
 
-. bench/postfix-instance.sh
+. bench/common.sh
 postfix_instance "$PF" $POSTFIX_PORT "defer_transports = smtp
 smtpd_milters = inet:127.0.0.1:$MILTER_PORT
 milter_default_action = tempfail"
 pf check
 pf start
 
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
 for p in $PLAIN_PORT $FILTERED_PORT $POSTFIX_PORT $MILTER_PORT; do wait_port $p; done
 
 rate() {

@@ -59,15 +59,12 @@ routes:
 log: { level: warning }
 YAML
 
-. bench/postfix-instance.sh
+. bench/common.sh
 postfix_instance "$PF" $POSTFIX_PORT "relayhost = [127.0.0.1]:$SINK_PORT
 smtp_tls_security_level = none
 default_destination_concurrency_limit = 20"
 
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
-busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 proc_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-HZ=$(getconf CLK_TCK)
 
 start_sink() {
     : > "$WORK/sink.out"

@@ -98,18 +98,7 @@ extension Spool {
     /// them again. (A message whose recipients are all final is removed instead.)
     public func mark(_ id: QueueID, _ states: [Int: RecipientState]) async throws {
         let path = queue + "/" + id.rawValue
-        try await pool.runIfActive {
-            let record = try SpoolFiles.readRecord(path)
-            let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
-            defer { close(fd) }
-            for (index, state) in states {
-                precondition(index < record.states.count, "recipient index out of range")
-                var byte = state.rawValue
-                guard pwrite(fd, &byte, 1, off_t(record.stateOffset + index)) == 1 else { throw SpoolError("write", path, errno: errno) }
-            }
-            guard fdatasync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
-        }
+        try await pool.runIfActive { try SpoolFiles.writeStates(path, states) }
     }
 
     /// Removes a message whose recipients are all final, soon: removals are gathered and
@@ -204,6 +193,20 @@ extension Spool {
 }
 
 extension SpoolFiles {
+    /// Overwrites recipients' state bytes in place and syncs the file's data.
+    static func writeStates(_ path: String, _ states: [Int: RecipientState]) throws {
+        let record = try readRecord(path)
+        let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
+        defer { close(fd) }
+        for (index, state) in states {
+            precondition(index < record.states.count, "recipient index out of range")
+            var byte = state.rawValue
+            guard pwrite(fd, &byte, 1, off_t(record.stateOffset + index)) == 1 else { throw SpoolError("write", path, errno: errno) }
+        }
+        guard fdatasync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+    }
+
     static func readMeta(_ path: String) -> DeliveryMeta? {
         guard let text = ConfigLoader.readFile(path) else { return nil }
         return try? JSONDecoder().decode(DeliveryMeta.self, from: Data(text.utf8))
@@ -247,16 +250,7 @@ extension Spool {
 extension Spool {
     /// `mark`, for `tern queue` on a spool no daemon has open.
     public static func markOffline(root: String, id: QueueID, _ states: [Int: RecipientState]) throws {
-        let path = root + "/queue/" + id.rawValue
-        let record = try SpoolFiles.readRecord(path)
-        let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
-        defer { close(fd) }
-        for (index, state) in states where index < record.states.count {
-            var byte = state.rawValue
-            guard pwrite(fd, &byte, 1, off_t(record.stateOffset + index)) == 1 else { throw SpoolError("write", path, errno: errno) }
-        }
-        guard fdatasync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+        try SpoolFiles.writeStates(root + "/queue/" + id.rawValue, states)
     }
 
     public static func removeOffline(root: String, id: QueueID) throws {

@@ -1,4 +1,8 @@
-# Sourced by the benchmarks: a Postfix instance of their own, never /etc/postfix.
+# Sourced by the benchmarks: helpers, and a Postfix instance of their own (never
+# /etc/postfix).
+#
+#   wait_port PORT        until 127.0.0.1:PORT accepts connections (10 s at most)
+#   busy_ticks            the machine's busy CPU time so far, in clock ticks (HZ per second)
 #
 #   postfix_instance DIR PORT "extra main.cf lines"
 #
@@ -33,3 +37,7 @@ CF
     PF_CONF="$dir/conf"
 }
 pf() { script -qec "postfix -c $PF_CONF $*" /dev/null; }
+
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
+busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
+HZ=$(getconf CLK_TCK)
