@@ -96,10 +96,11 @@ struct LoadedResources {
 
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Run the relay: listen, accept mail from trusted clients, queue it durably.",
+        abstract: "Run the relay: accept mail from trusted clients, filter it, queue it durably, deliver it.",
         discussion: """
             Stops gracefully on SIGTERM or SIGINT: listeners close first, open transactions \
-            finish, idle sessions get 421. Logs go to standard error, one line per event.
+            finish, idle sessions get 421, deliveries under way get up to 10 seconds to finish. \
+            Logs go to standard error, one line per event.
             """
     )
 
