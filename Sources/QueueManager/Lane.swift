@@ -39,6 +39,8 @@ actor Lane {
     private var deadReason: AttemptOutcome?
     private let environment: LaneEnvironment
     private let report: @Sendable (JobOutcome) async -> Void
+    /// The lane's message rate, when it has one.
+    private var bucket: TokenBucket?
     private let connectionGauge: Gauge
     private let queuedGauge: Gauge
 
@@ -47,6 +49,9 @@ actor Lane {
         self.window = LaneWindow(limits: limits)
         self.environment = environment
         self.report = report
+        if let rate = limits.rate {
+            self.bucket = TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: limits.burst, now: environment.now())
+        }
         self.connectionGauge = Gauge(label: "tern_lane_connections", dimensions: [("lane", key)])
         self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key)])
     }
@@ -143,6 +148,14 @@ actor Lane {
         }
     }
 
+    /// Waits, if the lane has a rate, until the next message may go.
+    func permit() async {
+        guard var b = bucket else { return }
+        let wait = b.take(now: environment.now())
+        bucket = b
+        if wait > 0 { try? await Task.sleep(for: .milliseconds(wait)) }
+    }
+
     /// The operator asked for an attempt now (`tern queue flush`): end the rest.
     func revive() {
         window.revive()
@@ -231,7 +244,8 @@ struct LaneWorker: Sendable {
                     let configuration = SMTPClientConfiguration(
                         heloName: environment.heloName, tlsPolicy: tls, credentials: environment.credentials[job.route.name],
                         serverName: host.name, caFile: job.route.caFile, connectTimeout: environment.connectTimeout,
-                        commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout, isLastHost: false)
+                        commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout, isLastHost: false,
+                        sourceAddress: limits.sourceAddress)
                     do {
                         let connection = try await SMTPClientConnection.connect(host: address, port: serverPort, configuration: configuration)
                         held = Held(connection, address: target)
@@ -253,6 +267,7 @@ struct LaneWorker: Sendable {
                     sender: job.envelope.sender, recipients: remaining.map { job.envelope.recipients[$0] }, size: job.contentSize,
                     eightBit: job.envelope.body?.uppercased() == "8BITMIME", needsSMTPUTF8: job.envelope.smtpUTF8,
                     ret: job.envelope.ret, envid: job.envelope.envid)
+                await lane.permit()
                 let verdicts = await h.connection.send(message, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize))
                 h.messages += 1
                 times.transmission += environment.now() - sendStart

@@ -142,9 +142,13 @@ public actor Scheduler {
         entries[id] = entry
         for key in order {
             let (route, indexes) = groups[key]!
-            let job = DeliveryJob(
-                id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: indexes, route: route, dispatchedMillis: now)
-            await lane(for: route).submit(job)
+            // A lane's max_recipients splits a large message into several transactions.
+            for start in stride(from: 0, to: indexes.count, by: route.limits.maxRecipients) {
+                let part = Array(indexes[start..<min(indexes.count, start + route.limits.maxRecipients)])
+                let job = DeliveryJob(
+                    id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: part, route: route, dispatchedMillis: now)
+                await lane(for: route).submit(job)
+            }
         }
     }
 

@@ -102,12 +102,23 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
     /// How long a destination that failed every connection in a window rests before the
     /// next try. Mail for it waits meanwhile, deferred.
     public var deadTime = ConfigDuration(.seconds(300))
+    /// Messages per second, minute or hour, at most (a token bucket); unlimited when unset.
+    public var rate: RateLimit?
+    /// Messages that may go at once after a quiet spell (the bucket's size).
+    public var burst = 1
+    /// Recipients in one transaction, at most; a message with more is sent in several.
+    public var maxRecipients = 100
+    /// The local address connections to this destination leave from.
+    public var sourceAddress: String?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case maxConnections = "max_connections"
         case messagesPerConnection = "messages_per_connection"
         case initialConnections = "initial_connections"
         case deadTime = "dead_time"
+        case rate, burst
+        case maxRecipients = "max_recipients"
+        case sourceAddress = "source_address"
     }
 
     public init() {}
@@ -120,7 +131,48 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
         messagesPerConnection = try c.decodePositive(.messagesPerConnection) ?? d.messagesPerConnection
         initialConnections = min(try c.decodePositive(.initialConnections) ?? d.initialConnections, maxConnections)
         deadTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .deadTime) ?? d.deadTime
+        rate = try c.decodeIfPresent(RateLimit.self, forKey: .rate)
+        burst = try c.decodePositive(.burst) ?? d.burst
+        maxRecipients = try c.decodePositive(.maxRecipients) ?? d.maxRecipients
+        sourceAddress = try Self.decodeAddress(c, .sourceAddress)
     }
+
+    static func decodeAddress(_ c: KeyedDecodingContainer<CodingKeys>, _ key: CodingKeys) throws -> String? {
+        guard let text = try c.decodeIfPresent(String.self, forKey: key) else { return nil }
+        guard IPAddress(parsing: text) != nil else {
+            throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "'\(text)' is not an IP address")
+        }
+        return text
+    }
+}
+
+/// `60/min`, `10/s`, `5000/h`.
+public struct RateLimit: Sendable, Decodable, Equatable, CustomStringConvertible {
+    public var count: Int
+    public var perMillis: Int64
+
+    public init?(parsing text: String) {
+        let parts = text.split(separator: "/")
+        guard parts.count == 2, let n = Int(parts[0].filter { $0 != " " }), n > 0 else { return nil }
+        switch parts[1].filter({ $0 != " " }).lowercased() {
+        case "s", "sec", "second": perMillis = 1000
+        case "m", "min", "minute": perMillis = 60_000
+        case "h", "hour": perMillis = 3_600_000
+        default: return nil
+        }
+        count = n
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        let text = try c.decode(String.self)
+        guard let r = RateLimit(parsing: text) else {
+            throw DecodingError.dataCorruptedError(in: c, debugDescription: "'\(text)' is not a rate such as 10/s, 60/min or 5000/h")
+        }
+        self = r
+    }
+
+    public var description: String { "\(count)/\(perMillis == 1000 ? "s" : perMillis == 60_000 ? "min" : "h")" }
 }
 
 /// The TLS policies a config can name; `Transports.TLSPolicy` is the same set.
@@ -187,6 +239,10 @@ public struct LaneOverrides: Sendable, Decodable {
     public var messagesPerConnection: Int?
     public var initialConnections: Int?
     public var deadTime: ConfigDuration?
+    public var rate: RateLimit?
+    public var burst: Int?
+    public var maxRecipients: Int?
+    public var sourceAddress: String?
 
     public init(from decoder: any Decoder) throws {
         try decoder.rejectUnknownKeys(LaneLimits.CodingKeys.self)
@@ -195,6 +251,10 @@ public struct LaneOverrides: Sendable, Decodable {
         messagesPerConnection = try c.decodePositive(.messagesPerConnection)
         initialConnections = try c.decodePositive(.initialConnections)
         deadTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .deadTime)
+        rate = try c.decodeIfPresent(RateLimit.self, forKey: .rate)
+        burst = try c.decodePositive(.burst)
+        maxRecipients = try c.decodePositive(.maxRecipients)
+        sourceAddress = try LaneLimits.decodeAddress(c, .sourceAddress)
     }
 
     public func applied(to defaults: LaneLimits) -> LaneLimits {
@@ -203,6 +263,10 @@ public struct LaneOverrides: Sendable, Decodable {
         if let v = messagesPerConnection { l.messagesPerConnection = v }
         if let v = initialConnections { l.initialConnections = v }
         if let v = deadTime { l.deadTime = v }
+        if let v = rate { l.rate = v }
+        if let v = burst { l.burst = v }
+        if let v = maxRecipients { l.maxRecipients = v }
+        if let v = sourceAddress { l.sourceAddress = v }
         l.initialConnections = min(l.initialConnections, l.maxConnections)
         return l
     }

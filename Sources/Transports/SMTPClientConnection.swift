@@ -23,12 +23,15 @@ public struct SMTPClientConfiguration: Sendable {
     /// For the content and the reply to the final dot.
     public var dataTimeout: Duration
     public var isLastHost: Bool
+    /// The local address to connect from (a lane's egress IP); the system's choice when nil.
+    public var sourceAddress: String?
 
     public init(
         heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil, serverName: String,
         caFile: String? = nil, connectTimeout: Duration = .seconds(30), commandTimeout: Duration = .seconds(300),
-        dataTimeout: Duration = .seconds(600), isLastHost: Bool = true
+        dataTimeout: Duration = .seconds(600), isLastHost: Bool = true, sourceAddress: String? = nil
     ) {
+        self.sourceAddress = sourceAddress
         self.heloName = heloName
         self.tlsPolicy = tlsPolicy
         self.credentials = credentials
@@ -119,7 +122,11 @@ public final class SMTPClientConnection: @unchecked Sendable {
     ) async throws(ConnectionFailure) -> SMTPClientConnection {
         let channel: NIOAsyncChannel<[UInt8], ByteBuffer>
         do {
-            channel = try await ClientBootstrap(group: group)
+            var bootstrap = ClientBootstrap(group: group)
+            if let source = configuration.sourceAddress {
+                bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: source, port: 0))
+            }
+            channel = try await bootstrap
                 .connectTimeout(TimeAmount(configuration.connectTimeout))
                 .channelOption(.socketOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port) { channel in

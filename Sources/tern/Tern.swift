@@ -230,7 +230,8 @@ struct Check: AsyncParsableCommand {
         print("  bounces of bounces: \(d.postmaster.map { "to \($0)" } ?? "logged and dropped")")
         print(
             "  lanes: max_connections \(d.lane.maxConnections), initial_connections \(d.lane.initialConnections), "
-                + "messages_per_connection \(d.lane.messagesPerConnection), dead_time \(d.lane.deadTime)")
+                + "messages_per_connection \(d.lane.messagesPerConnection), dead_time \(d.lane.deadTime), "
+                + "rate \(d.lane.rate.map { "\($0), burst \(d.lane.burst)" } ?? "unlimited"), max_recipients \(d.lane.maxRecipients)")
         print("routes (first match wins):")
         for route in config.routes {
             let senders = route.senderDomains.map { " from \($0.joined(separator: ", "))" } ?? ""
@@ -434,7 +435,9 @@ struct Route: AsyncParsableCommand {
             let l = route.limits
             print(
                 "lane limits: max_connections \(l.maxConnections), initial_connections \(l.initialConnections), "
-                    + "messages_per_connection \(l.messagesPerConnection), dead_time \(l.deadTime)")
+                    + "messages_per_connection \(l.messagesPerConnection), dead_time \(l.deadTime), "
+                    + "rate \(l.rate.map { "\($0), burst \(l.burst)" } ?? "unlimited"), max_recipients \(l.maxRecipients)"
+                    + (l.sourceAddress.map { ", source_address \($0)" } ?? ""))
         }
     }
 }

@@ -106,3 +106,27 @@ final class LaneWindowTests: XCTestCase {
         XCTAssertTrue(w.mayOpen(now: 61_001) == (w.active < w.window))
     }
 }
+
+final class TokenBucketTests: XCTestCase {
+    func testBurstThenSteadyRate() {
+        var b = TokenBucket(rate: 60, perMillis: 60_000, burst: 3, now: 0)
+        XCTAssertEqual([b.take(now: 0), b.take(now: 0), b.take(now: 0)], [0, 0, 0], "the burst goes at once")
+        XCTAssertEqual(b.take(now: 0), 1000, "then one a second")
+        XCTAssertEqual(b.take(now: 0), 2000, "reservations queue up")
+        var c = TokenBucket(rate: 60, perMillis: 60_000, burst: 3, now: 0)
+        for _ in 0..<3 { _ = c.take(now: 0) }
+        XCTAssertEqual(c.take(now: 1000), 0, "a second later one token is back")
+        XCTAssertEqual(c.take(now: 100_000), 0)
+        XCTAssertEqual(c.take(now: 100_000), 0)
+        XCTAssertEqual(c.take(now: 100_000), 0, "a long pause saves up no more than the burst")
+        XCTAssertEqual(c.take(now: 100_000), 1000)
+    }
+
+    func testRatesParse() {
+        XCTAssertEqual(RateLimit(parsing: "60/min"), RateLimit(parsing: "60/m"))
+        XCTAssertEqual(RateLimit(parsing: "10/s")?.perMillis, 1000)
+        XCTAssertEqual(RateLimit(parsing: "5000/h")?.count, 5000)
+        XCTAssertNil(RateLimit(parsing: "fast"))
+        XCTAssertNil(RateLimit(parsing: "0/s"))
+    }
+}

@@ -1,0 +1,46 @@
+"""Lane shaping: message rate, recipients per transaction, source address."""
+import smtplib
+
+from peers import delivery, wait_empty
+
+
+def send_each(tern, count, recipient):
+    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+        for i in range(count):
+            s.sendmail("app@client.example", [recipient.format(i=i)], f"Subject: n{i}\r\n\r\nx\r\n".encode())
+
+
+def test_rate_limit_holds_with_its_burst(make_tern, dns, mx_port, sinks):
+    dns.add("slow.example", ("A", "127.0.0.11"))
+    receiver = sinks("127.0.0.11")
+    tern = make_tern(delivery=delivery(dns, mx_port, ', lane: { rate: "5/s", burst: 2 }'))
+    send_each(tern, 10, "u{i}@slow.example")
+    times = sorted(m.time for m in receiver.wait(10, timeout=20))
+    # In any stretch of t seconds at most 5*t + 2 messages arrive (a little slack for timing).
+    for i in range(len(times)):
+        for j in range(i, len(times)):
+            assert j - i + 1 <= 5 * (times[j] - times[i]) + 2 + 0.5, (i, j, times[j] - times[i])
+    assert times[-1] - times[0] >= (10 - 2) / 5 - 0.2, "the rate was really applied"
+
+
+def test_max_recipients_splits_transactions(make_tern, dns, mx_port, sinks):
+    dns.add("many.example", ("A", "127.0.0.12"))
+    receiver = sinks("127.0.0.12")
+    tern = make_tern(delivery=delivery(dns, mx_port, ", lane: { max_recipients: 2 }"))
+    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+        s.sendmail("app@client.example", [f"r{i}@many.example" for i in range(5)], b"Subject: five\r\n\r\nx\r\n")
+    got = receiver.wait(3)
+    assert sorted(len(m.rcpt_tos) for m in got) == [1, 2, 2]
+    assert sorted(r for m in got for r in m.rcpt_tos) == [f"r{i}@many.example" for i in range(5)]
+    wait_empty(tern)
+
+
+def test_lane_leaves_from_its_source_address(make_tern, dns, mx_port, sinks):
+    dns.add("egress.example", ("A", "127.0.0.13"))
+    receiver = sinks("127.0.0.13")
+    routes = ("routes:\n  - { name: egress, domains: [egress.example], transport: mx, "
+              "lane: { source_address: 127.0.0.5 } }\n")
+    tern = make_tern(delivery=delivery(dns, mx_port), extra=routes)
+    send_each(tern, 1, "u@egress.example")
+    [m] = receiver.wait(1)
+    assert m.peer[0] == "127.0.0.5"
