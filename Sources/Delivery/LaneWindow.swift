@@ -45,6 +45,11 @@ public struct LaneWindow: Sendable, Equatable {
         window = min(limits.maxConnections, window + 1)
     }
 
+    /// The operator suspends the destination until `until` (ms since 1970).
+    public mutating func suspend(until: Int64) {
+        deadUntil = until
+    }
+
     /// Ends a rest early (an operator's flush).
     public mutating func revive() {
         deadUntil = nil

@@ -40,3 +40,26 @@ struct JobOutcome: Sendable {
     var results: [RecipientResult]
     var times: AttemptTimes
 }
+
+/// One lane as `tern lanes` shows it.
+public struct LaneStatus: Sendable, Codable {
+    public var lane: String
+    public var queued: Int
+    public var connections: Int
+    /// The concurrency window now.
+    public var window: Int
+    public var maxConnections: Int
+    public var rate: String?
+    /// Set while the destination rests (after failures, or suspended by the operator).
+    public var restingUntilMillis: Int64?
+    /// Recipient domains seen on this lane.
+    public var domains: Int
+    public var lastReply: String?
+
+    enum CodingKeys: String, CodingKey {
+        case lane, queued, connections, window, domains, rate
+        case maxConnections = "max_connections"
+        case restingUntilMillis = "resting_until_ms"
+        case lastReply = "last_reply"
+    }
+}

@@ -60,7 +60,8 @@ actor Lane {
     var connections: Int { window.active }
 
     func submit(_ job: DeliveryJob) {
-        if let (_, waiter) = idle.popLast() {
+        // A resting lane hands nothing to its idle connections: pump defers the job.
+        if !window.isDead(now: environment.now()), let (_, waiter) = idle.popLast() {
             waiter.resume(returning: job)
             return
         }
@@ -146,6 +147,23 @@ actor Lane {
             deadReason = outcome
             environment.logger.warning("lane \(key): destination dead for \(window.limits.deadTime) after repeated failures (\(outcome))")
         }
+    }
+
+    /// What `tern lanes` shows of this lane.
+    func status() -> LaneStatus {
+        let now = environment.now()
+        return LaneStatus(
+            lane: key, queued: queued, connections: window.active, window: window.window, maxConnections: window.limits.maxConnections,
+            rate: window.limits.rate.map { "\($0)" }, restingUntilMillis: window.isDead(now: now) ? window.deadUntil : nil,
+            domains: 0, lastReply: nil)
+    }
+
+    /// The operator's suspension: mail for the lane waits, deferred, until `until`.
+    func suspend(until: Int64, reason: String) {
+        window.suspend(until: until)
+        deadReason = .connection(reason)
+        environment.logger.notice("lane \(key): suspended by the operator")
+        pump()
     }
 
     /// Waits, if the lane has a rate, until the next message may go.

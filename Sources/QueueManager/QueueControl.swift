@@ -16,13 +16,18 @@ import Spool
 
 /// One operator command to the running daemon, one JSON line over the control socket.
 public struct ControlRequest: Sendable, Codable {
-    public enum Operation: String, Sendable, Codable { case flush, delete, hold, release, inflight }
+    public enum Operation: String, Sendable, Codable { case flush, delete, hold, release, inflight, lanes, suspend, resume }
     public var operation: Operation
     public var selection: Scheduler.Selection
+    /// For suspend and resume: the lane; for suspend, until when (ms since 1970).
+    public var lane: String?
+    public var untilMillis: Int64?
 
-    public init(operation: Operation, selection: Scheduler.Selection) {
+    public init(operation: Operation, selection: Scheduler.Selection, lane: String? = nil, untilMillis: Int64? = nil) {
         self.operation = operation
         self.selection = selection
+        self.lane = lane
+        self.untilMillis = untilMillis
     }
 }
 
@@ -31,6 +36,8 @@ public struct ControlReply: Sendable, Codable {
     public var error: String?
     /// For `inflight`: queue id → recipient indexes under way.
     public var inFlight: [String: [Int]]?
+    /// For `lanes`.
+    public var lanes: [LaneStatus]?
 }
 
 /// Runs the scheduler and the control socket (`<spool>/control`, mode 0600: only the
@@ -111,6 +118,14 @@ public final class QueueManagerService: Service, Sendable {
         case .inflight:
             let inFlight = await scheduler.inFlight()
             return ControlReply(count: inFlight.count, inFlight: inFlight)
+        case .lanes:
+            let lanes = await scheduler.laneStatus()
+            return ControlReply(count: lanes.count, lanes: lanes)
+        case .suspend, .resume:
+            guard let lane = request.lane else { return ControlReply(count: 0, error: "no lane named") }
+            let until = request.operation == .suspend ? request.untilMillis ?? Scheduler.wallClockMillis() + 3_600_000 : nil
+            guard await scheduler.suspendLane(lane, until: until) else { return ControlReply(count: 0, error: "no lane \(lane) (see tern lanes)") }
+            return ControlReply(count: 1)
         }
     }
 }
@@ -191,7 +206,7 @@ public enum OfflineQueueControl {
                 meta.held = held
                 if !held { for i in meta.recipients.keys { meta.recipients[i]!.nextAttemptMillis = 0 } }
                 try Spool.writeMetaOffline(root: root, id: message.id, meta)
-            case .flush, .inflight:
+            case .flush, .inflight, .lanes, .suspend, .resume:
                 return 0
             }
             count += 1

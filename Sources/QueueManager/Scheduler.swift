@@ -37,6 +37,9 @@ public actor Scheduler {
     /// Messages waiting for a retry, with their earliest due time.
     private var waiting: [QueueID: Int64] = [:]
     private var lanes: [String: Lane] = [:]
+    /// Per lane: the recipient domains seen, and the last reply or error (for `tern lanes`).
+    private var laneDomains: [String: Set<String>] = [:]
+    private var laneLastReply: [String: String] = [:]
     private let spool: Spool
     private let router: Router
     private let retry: RetrySchedule
@@ -131,6 +134,7 @@ public actor Scheduler {
                 continue
             }
             let route = router.route(recipient: entry.envelope.recipients[i].address, sender: entry.envelope.sender)
+            laneDomains[route.laneKey, default: []].insert(Router.domain(of: entry.envelope.recipients[i].address))
             if groups[route.laneKey] == nil {
                 groups[route.laneKey] = (route, [])
                 order.append(route.laneKey)
@@ -181,6 +185,11 @@ public actor Scheduler {
                 verdict = DeliveryPolicy.expire(verdict)
             }
             let recipient = entry.envelope.recipients[result.index]
+            switch verdict {
+            case .delivered(let reply): laneLastReply[outcome.job.route.laneKey] = reply.description
+            case .deferred(_, let d), .bounced(_, let d): laneLastReply[outcome.job.route.laneKey] = d
+            case .tryNextHost: break
+            }
             log(id, recipient: recipient.address, result: result, verdict: verdict, times: outcome.times, arrival: entry.envelope.arrivalMillis, now: now)
             switch verdict {
             case .delivered(let reply):
@@ -439,6 +448,30 @@ public actor Scheduler {
         }
         let left = entries.values.filter { !$0.inFlight.isEmpty }.count
         if left > 0 { logger.notice("stopping with \(left) deliveries under way; they are tried again after the restart") }
+    }
+
+    /// Every lane's state, for `tern lanes`.
+    public func laneStatus() async -> [LaneStatus] {
+        var out: [LaneStatus] = []
+        for (key, lane) in lanes.sorted(by: { $0.key < $1.key }) {
+            var s = await lane.status()
+            s.domains = laneDomains[key]?.count ?? 0
+            s.lastReply = laneLastReply[key]
+            out.append(s)
+        }
+        return out
+    }
+
+    /// Suspends a lane (`resume` with `until` nil). Returns false for an unknown lane.
+    public func suspendLane(_ key: String, until: Int64?) async -> Bool {
+        guard let lane = lanes[key] else { return false }
+        if let until {
+            await lane.suspend(until: until, reason: "suspended by the operator")
+        } else {
+            await lane.revive()
+            for id in Array(entries.keys) { await dispatch(id) }
+        }
+        return true
     }
 
     /// The scheduler's view of the queue: what is in flight now.

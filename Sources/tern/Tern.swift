@@ -27,7 +27,7 @@ struct Tern: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tern",
         abstract: "Tern, an outbound SMTP relay.",
-        subcommands: [Serve.self, Check.self, Queue.self, Route.self, DKIM.self]
+        subcommands: [Serve.self, Check.self, Queue.self, Lanes.self, Route.self, DKIM.self]
     )
 }
 
@@ -481,6 +481,92 @@ struct DKIM: AsyncParsableCommand {
                 return "\"\(pair.record[start..<end])\""
             }
             print("\(selector)._domainkey.\(domain). IN TXT ( \(chunks.joined(separator: " ")) )")
+        }
+    }
+}
+
+struct Lanes: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show the running daemon's delivery lanes; suspend or resume one.",
+        subcommands: [Show.self, Suspend.self, Resume.self], defaultSubcommand: Show.self)
+
+    static func request(_ config: TernConfig, _ request: ControlRequest) throws -> ControlReply {
+        do {
+            let reply = try ControlClient.send(request, socket: QueueManagerService.socketPath(spool: config.spool))
+            if let error = reply.error {
+                printError("tern: \(error)")
+                throw ExitCode(1)
+            }
+            return reply
+        } catch let error as ControlClient.Failure {
+            printError("tern: \(error.description) (is `tern serve` running with this config?)")
+            throw ExitCode(75)
+        }
+    }
+
+    struct Show: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "show",
+            abstract: "A table: lane, domains, queued, connections/window/max, rate, state, last reply.")
+
+        @OptionGroup var options: ConfigOption
+        @Flag(help: "Print JSON.") var json = false
+        @Flag(help: "Refresh every second until interrupted.") var watch = false
+
+        func run() async throws {
+            let config = try options.load()
+            repeat {
+                let lanes = try Lanes.request(config, ControlRequest(operation: .lanes, selection: .init())).lanes ?? []
+                if json {
+                    print(try QueueListing.json(lanes))
+                } else {
+                    if watch { print("\u{1B}[H\u{1B}[2J", terminator: "") }
+                    print(Self.table(lanes), terminator: "")
+                }
+                if watch { try await Task.sleep(for: .seconds(1)) }
+            } while watch
+        }
+
+        static func table(_ lanes: [LaneStatus]) -> String {
+            var rows = [["LANE", "DOMAINS", "QUEUED", "CONNS", "RATE", "STATE", "LAST REPLY"]]
+            for l in lanes {
+                let state = l.restingUntilMillis.map { "resting until \(QueueListing.time($0))" } ?? "active"
+                rows.append([
+                    l.lane, String(l.domains), String(l.queued), "\(l.connections)/\(l.window)/\(l.maxConnections)", l.rate ?? "-", state,
+                    String((l.lastReply ?? "-").prefix(60)),
+                ])
+            }
+            let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max()! }
+            return rows.map { row in
+                row.enumerated().map { c, cell in c == row.count - 1 ? cell : cell + String(repeating: " ", count: widths[c] - cell.count) }
+                    .joined(separator: "  ")
+            }.joined(separator: "\n") + "\n"
+        }
+    }
+
+    struct Suspend: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Stop delivering to a lane for a while; its mail waits, deferred.")
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "The lane, as `tern lanes` names it.") var lane: String
+        @Option(name: .customLong("for"), help: "How long: 30m, 2h, 1d.") var duration: String = "1h"
+
+        func run() async throws {
+            let config = try options.load()
+            guard let d = ConfigDuration(parsing: duration) else { throw ValidationError("--for takes a duration such as 30m or 2h") }
+            let until = Scheduler.wallClockMillis() + d.duration.components.seconds * 1000
+            _ = try Lanes.request(config, ControlRequest(operation: .suspend, selection: .init(), lane: lane, untilMillis: until))
+            print("\(lane): suspended until \(QueueListing.time(until))")
+        }
+    }
+
+    struct Resume: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Deliver to a suspended or resting lane again, now.")
+        @OptionGroup var options: ConfigOption
+        @Argument(help: "The lane.") var lane: String
+
+        func run() async throws {
+            _ = try Lanes.request(try options.load(), ControlRequest(operation: .resume, selection: .init(), lane: lane))
+            print("\(lane): resumed")
         }
     }
 }

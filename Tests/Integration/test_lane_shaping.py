@@ -44,3 +44,39 @@ def test_lane_leaves_from_its_source_address(make_tern, dns, mx_port, sinks):
     send_each(tern, 1, "u@egress.example")
     [m] = receiver.wait(1)
     assert m.peer[0] == "127.0.0.5"
+
+
+def test_lanes_table_suspend_and_resume(make_tern, dns, mx_port, sinks):
+    import json
+    import subprocess
+    import time
+    from conftest import BINARY
+    from peers import send
+
+    def lanes(*args, check=True):
+        out = subprocess.run([BINARY, "lanes", *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
+                             text=True, timeout=20)
+        assert not check or out.returncode == 0, out.stderr
+        return out
+
+    dns.add("a.example", ("A", "127.0.0.14"))
+    dns.add("b.example", ("A", "127.0.0.14"))
+    receiver = sinks("127.0.0.14")
+    tern = make_tern(delivery=delivery(dns, mx_port, ', lane: { rate: "100/s", burst: 5 }'))
+    send(tern, "app@client.example", ["x@a.example"])
+    receiver.wait(1)
+    [a] = [l for l in json.loads(lanes("--json").stdout) if l["lane"] == "a.example"]
+    assert a["domains"] == 1 and a["rate"] == "100/s" and a["last_reply"] == "250 2.0.0 accepted" and a.get("resting_until_ms") is None
+    table = lanes().stdout
+    assert table.splitlines()[0].split()[:3] == ["LANE", "DOMAINS", "QUEUED"] and "a.example" in table and "active" in table
+
+    assert "suspended until" in lanes("suspend", "a.example", "--for", "2h").stdout
+    send(tern, "app@client.example", ["y@a.example"])
+    send(tern, "app@client.example", ["z@b.example"])
+    receiver.wait(2)
+    time.sleep(1)
+    assert sorted(receiver.recipients()) == ["x@a.example", "z@b.example"], "a suspended lane holds its mail; others go on"
+    assert "resting until" in lanes().stdout
+    assert "resumed" in lanes("resume", "a.example").stdout
+    receiver.wait(3)
+    assert lanes("suspend", "nope.example", check=False).returncode == 1
