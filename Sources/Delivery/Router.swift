@@ -17,13 +17,15 @@ public struct Route: Sendable, Equatable {
     /// The smarthost user, when the route authenticates.
     public var authUser: String?
     public var limits: LaneLimits
+    /// The provider whose MX hosts serve the domain, when one matched: its domains share a lane.
+    public var provider: String?
 
     /// One lane per destination. Connections are reused only within a lane, so a lane is
     /// also everything a connection was set up with: two routes that log in to the same
     /// smarthost as different users get two lanes.
     public var laneKey: String {
         switch nextHop {
-        case .mx(let domain): return domain
+        case .mx(let domain): return provider.map { "provider:\($0)" } ?? domain
         case .smarthost(let host, let port):
             let hostPort = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
             return authUser.map { "\($0)@\(hostPort)" } ?? hostPort

@@ -40,6 +40,9 @@ public actor Scheduler {
     /// Per lane: the recipient domains seen, and the last reply or error (for `tern lanes`).
     private var laneDomains: [String: Set<String>] = [:]
     private var laneLastReply: [String: String] = [:]
+    /// Recipient domain → the provider its MX hosts belong to (nil: none), until when (ms).
+    private var providerOf: [String: (String?, Int64)] = [:]
+    private let resolver: MXResolver?
     private let spool: Spool
     private let router: Router
     private let retry: RetrySchedule
@@ -73,6 +76,7 @@ public actor Scheduler {
             logger: logger)
         self.logger = logger
         self.tick = tick
+        self.resolver = resolver
     }
 
     @Sendable public static func wallClockMillis() -> Int64 {
@@ -123,6 +127,18 @@ public actor Scheduler {
     // MARK: - Dispatch
 
     private func dispatch(_ id: QueueID) async {
+        guard !config.delivery.paused, !stopping, let before = entries[id], !before.meta.held else { return }
+        if !config.providers.isEmpty {
+            // Which provider each MX domain belongs to decides its lane; look up what is not
+            // known yet before the recipients are taken (the message may change meanwhile).
+            let now = environment.now()
+            var domains = Set<String>()
+            for (i, state) in before.states.enumerated() where state == .pending {
+                let route = router.route(recipient: before.envelope.recipients[i].address, sender: before.envelope.sender)
+                if case .mx(let domain) = route.nextHop, (providerOf[domain]?.1 ?? 0) <= now { domains.insert(domain) }
+            }
+            for domain in domains { await learnProvider(domain) }
+        }
         guard !config.delivery.paused, !stopping, var entry = entries[id], !entry.meta.held else { return }
         let now = environment.now()
         var groups: [String: (Route, [Int])] = [:]
@@ -133,7 +149,13 @@ public actor Scheduler {
                 later = min(later ?? next, next)
                 continue
             }
-            let route = router.route(recipient: entry.envelope.recipients[i].address, sender: entry.envelope.sender)
+            var route = router.route(recipient: entry.envelope.recipients[i].address, sender: entry.envelope.sender)
+            if case .mx(let domain) = route.nextHop, let name = providerOf[domain]?.0,
+                let provider = config.providers.first(where: { $0.name == name })
+            {
+                route.provider = name
+                route.limits = provider.lane?.applied(to: route.limits) ?? route.limits
+            }
             laneDomains[route.laneKey, default: []].insert(Router.domain(of: entry.envelope.recipients[i].address))
             if groups[route.laneKey] == nil {
                 groups[route.laneKey] = (route, [])
@@ -154,6 +176,16 @@ public actor Scheduler {
                 await lane(for: route).submit(job)
             }
         }
+    }
+
+    /// Finds the provider of a domain from its MX host names, cached for the answer's TTL
+    /// (at least a minute, at most a day).
+    private func learnProvider(_ domain: String) async {
+        guard let resolver else { return }
+        let found = await resolver.mxNames(domain: domain)
+        let name = found.flatMap { names, _ in config.providers.first { p in names.contains { p.matches($0) } }?.name }
+        let ttl = Int64(min(max(found?.ttl ?? 300, 60), 86_400))
+        providerOf[domain] = (name, environment.now() + ttl * 1000)
     }
 
     private func lane(for route: Route) -> Lane {

@@ -63,7 +63,35 @@ public enum ConfigLoader {
             throw ConfigError(file: file, line: nil, keyPath: "", message: "\(error)")
         }
         try validate(config, file: file, node: node)
-        return config
+        var loaded = config
+        if let path = config.providersFile {
+            loaded.providers += try providerTable(path)
+        }
+        return loaded
+    }
+
+    /// A file of provider entries (`config/providers.yaml`), checked like the main file.
+    static func providerTable(_ path: String) throws(ConfigError) -> [ProviderConfig] {
+        guard let text = readFile(path) else {
+            throw ConfigError(file: path, line: nil, keyPath: "", message: "cannot read the providers file")
+        }
+        do {
+            guard let node = try Yams.compose(yaml: text) else { return [] }
+            do {
+                return try YAMLDecoder().decode([ProviderConfig].self, from: node)
+            } catch let error as UnknownKeyError {
+                throw ConfigError(
+                    file: path, line: line(of: error.codingPath, in: node, keyItself: true), keyPath: keyPath(error.codingPath),
+                    message: "unknown key (known here: \(error.known.joined(separator: ", ")))")
+            } catch let error as DecodingError {
+                let (keys, message) = describe(error)
+                throw ConfigError(file: path, line: line(of: keys, in: node, keyItself: false), keyPath: keyPath(keys), message: message)
+            }
+        } catch let error as ConfigError {
+            throw error
+        } catch {
+            throw ConfigError(file: path, line: nil, keyPath: "", message: "not valid YAML: \(error)")
+        }
     }
 
     // MARK: - Contradictions

@@ -359,3 +359,31 @@ extension KeyedDecodingContainer {
         }
     }
 }
+
+/// A receiving provider ("site"): every recipient domain whose MX hosts match one of its
+/// patterns shares one lane and its limits (Gmail and every Google Workspace domain, say).
+public struct ProviderConfig: Sendable, Decodable {
+    public var name: String
+    /// MX host names: `*.google.com` (any host under it) or an exact name.
+    public var mx: [String]
+    public var lane: LaneOverrides?
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case name, mx, lane }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        mx = try c.decode([String].self, forKey: .mx).map { $0.lowercased() }
+        lane = try c.decodeIfPresent(LaneOverrides.self, forKey: .lane)
+        for p in mx where p.isEmpty || p.contains(" ") || (p.contains("*") && !p.hasPrefix("*.")) {
+            throw DecodingError.dataCorruptedError(forKey: .mx, in: c, debugDescription: "'\(p)' is not a host name or a *.domain pattern")
+        }
+    }
+
+    /// Whether an MX host name belongs to this provider.
+    public func matches(_ host: String) -> Bool {
+        let h = host.lowercased()
+        return mx.contains { p in p.hasPrefix("*.") ? h.hasSuffix(p.dropFirst()) : h == p }
+    }
+}

@@ -23,9 +23,14 @@ public struct TernConfig: Sendable, Decodable {
     public var metrics: MetricsConfig?
     /// Pre-queue filters, in the order they run.
     public var filters: [FilterConfig]
+    /// Receiving providers whose domains share a lane, in order; the first match wins.
+    /// `providers_file` (a YAML list of the same entries) comes after these.
+    public var providers: [ProviderConfig]
+    public var providersFile: String?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics, filters
+        case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics, filters, providers
+        case providersFile = "providers_file"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -42,6 +47,8 @@ public struct TernConfig: Sendable, Decodable {
         routes = try c.decodeIfPresent([RouteConfig].self, forKey: .routes) ?? []
         metrics = try c.decodeIfPresent(MetricsConfig.self, forKey: .metrics)
         filters = try c.decodeIfPresent([FilterConfig].self, forKey: .filters) ?? []
+        providers = try c.decodeIfPresent([ProviderConfig].self, forKey: .providers) ?? []
+        providersFile = try c.decodeIfPresent(String.self, forKey: .providersFile)
     }
 
     static func systemHostname() -> String {

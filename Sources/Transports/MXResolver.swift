@@ -71,6 +71,7 @@ public final class MXResolver: @unchecked Sendable {
         enum Status { case ok, nxdomain, failure(String) }
         var status: Status
         var records: [[UInt8]]
+        var ttl: Int = 0
     }
 
     static let typeA: CInt = 1
@@ -100,7 +101,7 @@ public final class MXResolver: @unchecked Sendable {
                         i += 1
                     }
                 }
-                return Answer(status: .ok, records: records)
+                return Answer(status: .ok, records: records, ttl: Int(r.pointee.ttl))
             }
         } catch {
             return Answer(status: .failure("resolver stopped"), records: [])
@@ -124,6 +125,15 @@ public final class MXResolver: @unchecked Sendable {
     }
 
     enum MXLookupFailure: Error { case temporary(String), notFound(String) }
+
+    /// The names of a domain's MX hosts and the answer's TTL in seconds (for grouping
+    /// domains by provider); nil when there are none or the lookup failed.
+    public func mxNames(domain: String) async -> (names: [String], ttl: Int)? {
+        let answer = await query(domain, type: Self.typeMX)
+        guard case .ok = answer.status else { return nil }
+        let names = answer.records.compactMap(Self.parseMX).map(\.1).filter { !$0.isEmpty }
+        return names.isEmpty ? nil : (names, answer.ttl)
+    }
 
     /// The hosts for a recipient domain, in the order to try them.
     public func lookup(domain: String) async -> MXLookupResult {

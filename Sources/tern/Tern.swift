@@ -244,6 +244,7 @@ struct Check: AsyncParsableCommand {
             print("  \(route.name): \(route.domains.joined(separator: ", "))\(senders) -> \(target)")
         }
         print("  otherwise: MX, tls \(d.mxTLS.rawValue)")
+        print("providers (their domains share one lane): \(config.providers.isEmpty ? "none" : config.providers.map(\.name).joined(separator: ", "))")
         print("filters (in order, before queueing):\(config.filters.isEmpty ? " none" : "")")
         for f in config.filters {
             print("  \(f.name): \(f.type) on \(f.listeners?.joined(separator: ", ") ?? "every listener"); on failure \(f.onFailure.rawValue)")

@@ -80,3 +80,27 @@ def test_lanes_table_suspend_and_resume(make_tern, dns, mx_port, sinks):
     assert "resumed" in lanes("resume", "a.example").stdout
     receiver.wait(3)
     assert lanes("suspend", "nope.example", check=False).returncode == 1
+
+
+def test_domains_of_one_provider_share_its_lane(make_tern, dns, mx_port, sinks):
+    # Two customer domains hosted by the same provider (their MX hosts match its pattern).
+    dns.add("shop.example", ("MX", 10, "a.mx.bigmail.example"))
+    dns.add("club.example", ("MX", 10, "b.mx.bigmail.example"))
+    dns.add("a.mx.bigmail.example", ("A", "127.0.0.15"))
+    dns.add("b.mx.bigmail.example", ("A", "127.0.0.15"))
+    provider = sinks("127.0.0.15", data_delay=0.2)
+    providers = ('providers:\n  - { name: bigmail, mx: ["*.mx.bigmail.example"], '
+                 'lane: { max_connections: 2, initial_connections: 2 } }\n')
+    tern = make_tern(delivery=delivery(dns, mx_port, ", lane: { max_connections: 5, initial_connections: 5 }"), extra=providers)
+    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+        for i in range(8):
+            s.sendmail("app@client.example", [f"u{i}@shop.example"], b"Subject: s\r\n\r\nx\r\n")
+            s.sendmail("app@client.example", [f"u{i}@club.example"], b"Subject: c\r\n\r\nx\r\n")
+    provider.wait(16, timeout=30)
+    assert provider.max_connections <= 2, f"the provider saw {provider.max_connections} connections at once"
+    import subprocess, json
+    from conftest import BINARY
+    lanes = json.loads(subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir,
+                                      capture_output=True, text=True, check=True).stdout)
+    [lane] = [l for l in lanes if l["lane"] == "provider:bigmail"]
+    assert lane["domains"] == 2
