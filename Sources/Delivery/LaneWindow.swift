@@ -8,13 +8,15 @@ import TernCore
 /// instead of being retried in a tight loop.
 ///
 /// Pure: the lane actor calls these with the time; nothing here sleeps.
-public struct LaneWindow: Sendable, Equatable {
+public struct LaneWindow: Sendable {
     public let limits: LaneLimits
     public private(set) var window: Int
     public private(set) var active = 0
     public private(set) var consecutiveFailures = 0
     /// Milliseconds since 1970 until which the destination rests.
     public private(set) var deadUntil: Int64?
+    /// A temporary lower ceiling on connections (a reply rule's `reduce`), and until when.
+    public private(set) var cap: (max: Int, until: Int64)?
 
     public init(limits: LaneLimits) {
         self.limits = limits
@@ -28,7 +30,13 @@ public struct LaneWindow: Sendable, Equatable {
 
     /// Whether one more connection may be opened now.
     public func mayOpen(now: Int64) -> Bool {
-        !isDead(now: now) && active < window
+        let ceiling = cap.map { now < $0.until ? $0.max : Int.max } ?? Int.max
+        return !isDead(now: now) && active < min(window, ceiling)
+    }
+
+    /// Lowers the connection ceiling to `factor` of the maximum (at least one) until `until`.
+    public mutating func reduce(factor: Double, until: Int64) {
+        cap = (max(1, Int(Double(limits.maxConnections) * factor)), until)
     }
 
     public mutating func opened() { active += 1 }

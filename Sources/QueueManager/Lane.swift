@@ -158,12 +158,40 @@ actor Lane {
             domains: 0, lastReply: nil)
     }
 
-    /// The operator's suspension: mail for the lane waits, deferred, until `until`.
+    /// A suspension (by the operator or a reply rule): mail for the lane waits, deferred,
+    /// until `until`.
     func suspend(until: Int64, reason: String) {
         window.suspend(until: until)
         deadReason = .connection(reason)
-        environment.logger.notice("lane \(key): suspended by the operator")
+        environment.logger.notice("lane \(key): suspended until \(until): \(reason)")
         pump()
+        // Wake up when the suspension ends, so the mail waiting for it goes.
+        let wait = until - environment.now()
+        Task {
+            try? await Task.sleep(for: .milliseconds(max(0, wait) + 10))
+            self.pump()
+        }
+    }
+
+    /// A reply rule's `reduce`: fewer connections and a slower rate until `until`.
+    func reduce(factor: Double, until: Int64, reason: String) {
+        window.reduce(factor: factor, until: until)
+        if let rate = window.limits.rate {
+            let slower = max(1, Int(Double(rate.count) * factor))
+            bucket = TokenBucket(rate: slower, perMillis: rate.perMillis, burst: window.limits.burst, now: environment.now())
+            let wait = until - environment.now()
+            Task {
+                try? await Task.sleep(for: .milliseconds(max(0, wait)))
+                self.restoreRate()
+            }
+        }
+        environment.logger.notice("lane \(key): reduced to \(Int(factor * 100))% until \(until) (\(reason))")
+    }
+
+    private func restoreRate() {
+        guard let rate = window.limits.rate else { return }
+        bucket = TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: window.limits.burst, now: environment.now())
+        environment.logger.notice("lane \(key): rate restored to \(rate)")
     }
 
     /// Waits, if the lane has a rate, until the next message may go.

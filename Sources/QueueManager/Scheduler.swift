@@ -207,12 +207,24 @@ public actor Scheduler {
         var final: [Int: RecipientState] = [:]
         var bounces: [DeliveryStatusNotification.Recipient] = []
         var successes: [DeliveryStatusNotification.Recipient] = []
+        var laneActions: [(String, ReplyRule, String)] = []
         var deferredAny = false
         for result in outcome.results {
             entry.inFlight.remove(result.index)
             // Deleted by the operator while under way: whatever happened, it is final now.
             if entry.states[result.index] == .deleted { continue }
             var verdict = result.verdict
+            if let (rule, reply) = matchingRule(verdict, lane: outcome.job.route.laneKey) {
+                switch rule.action {
+                case .bounce:
+                    if case .deferred(let status, let diagnostic) = verdict {
+                        verdict = .bounced(
+                            status: EnhancedStatusCode(5, status.subject, status.detail), diagnostic: diagnostic + " (bounced by a reply rule)")
+                    }
+                case .suspend, .reduce:
+                    laneActions.append((outcome.job.route.laneKey, rule, reply))
+                }
+            }
             if case .deferred = verdict, retry.hasExpired(arrivalMillis: entry.envelope.arrivalMillis, nowMillis: now) {
                 verdict = DeliveryPolicy.expire(verdict)
             }
@@ -260,6 +272,18 @@ public actor Scheduler {
         let warnings = delayWarnings(&entry, now: now)
         entries[id] = entry
 
+        // Reply rules that slow or stop the lane (once per rule per outcome).
+        var applied = Set<String>()
+        for (key, rule, reply) in laneActions where applied.insert("\(key) \(rule.action) \(rule.duration)").inserted {
+            guard let lane = lanes[key] else { continue }
+            let until = now + Self.millis(rule.duration.duration)
+            switch rule.action {
+            case .suspend: await lane.suspend(until: until, reason: "reply rule matched: \(reply)")
+            case .reduce: await lane.reduce(factor: rule.factor, until: until, reason: "reply rule matched: \(reply)")
+            case .bounce: break
+            }
+        }
+
         // The bounce is in the spool before its recipients are marked bounced.
         if !bounces.isEmpty { await notify(id, entry: entry, recipients: bounces) }
         if !warnings.isEmpty { await notify(id, entry: entry, recipients: warnings) }
@@ -284,6 +308,25 @@ public actor Scheduler {
         if deferredAny, let next = current.meta.recipients.values.map(\.nextAttemptMillis).min() {
             waiting[id] = min(waiting[id] ?? next, next)
         }
+    }
+
+    /// The first reply rule that matches a deferral's or bounce's server reply.
+    private func matchingRule(_ verdict: RecipientVerdict, lane: String) -> (ReplyRule, String)? {
+        guard !config.delivery.replyRules.isEmpty else { return nil }
+        let diagnostic: String
+        switch verdict {
+        case .deferred(_, let d), .bounced(_, let d): diagnostic = d
+        default: return nil
+        }
+        // "smtp; 421 4.7.0 text" (DeliveryPolicy's form for a server's reply).
+        guard diagnostic.hasPrefix("smtp; ") else { return nil }
+        let reply = String(diagnostic.dropFirst(6))
+        let parts = reply.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
+        guard let code = parts.first.flatMap({ Int($0.prefix(3)) }) else { return nil }
+        let enhanced = parts.count > 1 && EnhancedStatusCode(parsing: parts[1]) != nil ? String(parts[1]) : nil
+        guard let rule = config.delivery.replyRules.first(where: { $0.matches(code: code, enhanced: enhanced, text: reply, lane: lane) })
+        else { return nil }
+        return (rule, reply)
     }
 
     /// NOTIFY=NEVER asks for nothing; without NOTIFY, failures (and delays) are reported.

@@ -32,6 +32,8 @@ public struct DeliveryConfig: Sendable, Decodable {
     public var postmaster: String?
     /// Default limits of each destination lane.
     public var lane = LaneLimits()
+    /// What to do when a server's reply matches: suspend the lane, slow it, or bounce.
+    public var replyRules: [ReplyRule] = []
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case paused
@@ -48,6 +50,7 @@ public struct DeliveryConfig: Sendable, Decodable {
         case delayWarning = "delay_warning"
         case postmaster
         case lane
+        case replyRules = "reply_rules"
     }
 
     public init() {}
@@ -73,6 +76,7 @@ public struct DeliveryConfig: Sendable, Decodable {
         delayWarning = try c.decodeIfPresent(ConfigDuration.self, forKey: .delayWarning)
         postmaster = try c.decodeIfPresent(String.self, forKey: .postmaster)
         lane = try c.decodeIfPresent(LaneLimits.self, forKey: .lane) ?? d.lane
+        replyRules = try c.decodeIfPresent([ReplyRule].self, forKey: .replyRules) ?? []
         for (key, value) in [(CodingKeys.retryFirst, retryFirst), (.connectTimeout, connectTimeout), (.commandTimeout, commandTimeout), (.dataTimeout, dataTimeout)]
         where value.duration <= .zero {
             throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "must be longer than 0s")
@@ -385,5 +389,76 @@ public struct ProviderConfig: Sendable, Decodable {
     public func matches(_ host: String) -> Bool {
         let h = host.lowercased()
         return mx.contains { p in p.hasPrefix("*.") ? h.hasSuffix(p.dropFirst()) : h == p }
+    }
+}
+
+/// A rule on the replies a lane gets (Yahoo's `421 4.7.0 [TS04]`, Gmail's `421 4.7.28`):
+/// when a reply matches, the lane is suspended or slowed for a while, or the recipient is
+/// bounced instead of retried.
+public struct ReplyRule: Sendable, Decodable {
+    public enum Action: String, Sendable, Decodable, CaseIterable { case suspend, reduce, bounce }
+
+    /// Reply code (421) or class (4, 5); any when unset.
+    public var code: Int?
+    /// Enhanced status code prefix (`4.7.28`, `4.7`); any when unset.
+    public var enhanced: String?
+    /// A regular expression searched in the reply text; any when unset.
+    public var text: String?
+    /// Only for these lanes (`provider:yahoo`, `example.com`); every lane when unset.
+    public var lanes: [String]?
+    public var action: Action
+    /// How long a suspension or reduction lasts.
+    public var duration: ConfigDuration
+    /// For `reduce`: the share of connections and rate kept (0.5 halves them).
+    public var factor: Double
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case code, enhanced, text, lanes, action
+        case duration = "for"
+        case factor
+    }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        code = try c.decodeIfPresent(Int.self, forKey: .code)
+        enhanced = try c.decodeIfPresent(String.self, forKey: .enhanced)
+        text = try c.decodeIfPresent(String.self, forKey: .text)
+        lanes = try c.decodeIfPresent([String].self, forKey: .lanes)
+        guard let a = try c.decodeEnum(.action) as Action? else {
+            throw DecodingError.keyNotFound(CodingKeys.action, .init(codingPath: c.codingPath, debugDescription: "action is required"))
+        }
+        action = a
+        duration = try c.decodeIfPresent(ConfigDuration.self, forKey: .duration) ?? ConfigDuration(.seconds(3600))
+        factor = try c.decodeIfPresent(Double.self, forKey: .factor) ?? 0.5
+        if let code, !(4...5).contains(code), !(400...599).contains(code) {
+            throw DecodingError.dataCorruptedError(forKey: .code, in: c, debugDescription: "must be a 4xx or 5xx code, or 4 or 5")
+        }
+        if let text {
+            do { _ = try Regex(text) } catch {
+                throw DecodingError.dataCorruptedError(forKey: .text, in: c, debugDescription: "'\(text)' is not a valid regular expression")
+            }
+        }
+        guard factor > 0, factor < 1 else {
+            throw DecodingError.dataCorruptedError(forKey: .factor, in: c, debugDescription: "must be between 0 and 1")
+        }
+        if code == nil, enhanced == nil, text == nil {
+            throw DecodingError.dataCorruptedError(forKey: .action, in: c, debugDescription: "a rule needs code, enhanced or text to match")
+        }
+    }
+
+    /// Whether a reply (`421 4.7.0 text`, as the diagnostic carries it) matches.
+    public func matches(code replyCode: Int, enhanced replyEnhanced: String?, text replyText: String, lane: String) -> Bool {
+        if let lanes, !lanes.contains(lane) { return false }
+        if let code {
+            if code < 10 { guard replyCode / 100 == code else { return false } } else { guard replyCode == code else { return false } }
+        }
+        if let enhanced {
+            guard let e = replyEnhanced, e == enhanced || e.hasPrefix(enhanced + ".") else { return false }
+        }
+        if let text {
+            guard let r = try? Regex(text), (try? r.firstMatch(in: replyText)) != nil else { return false }
+        }
+        return true
     }
 }

@@ -104,3 +104,37 @@ def test_domains_of_one_provider_share_its_lane(make_tern, dns, mx_port, sinks):
                                       capture_output=True, text=True, check=True).stdout)
     [lane] = [l for l in lanes if l["lane"] == "provider:bigmail"]
     assert lane["domains"] == 2
+
+
+def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
+    import time
+    from peers import dsn_parts, send, wait_log
+    dns.add("ts.example", ("A", "127.0.0.16"))
+    dns.add("client.example", ("A", "127.0.0.17"))
+    receiver = sinks("127.0.0.16")
+    sender_side = sinks("127.0.0.17")
+    receiver.replies["a@ts.example"] = ["421 4.7.0 [TS04] Messages from 127.0.0.1 temporarily deferred", "250 ok"]
+    receiver.replies["full@ts.example"] = "452 4.2.2 Mailbox over quota for good"
+    receiver.replies["slow@ts.example"] = ["451 4.7.28 Our system has detected an unusual rate", "250 ok"]
+    rules = (', reply_rules: ['
+             '{ text: "\\\\[TS04\\\\]", action: suspend, for: 3s }, '
+             '{ code: 452, text: "for good", action: bounce }, '
+             '{ enhanced: "4.7.28", action: reduce, for: 1h, factor: 0.5 } ]')
+    tern = make_tern(delivery=delivery(dns, mx_port, rules))
+    start = time.time()
+    send(tern, "app@client.example", ["a@ts.example"])
+    wait_log(tern, r"lane ts\.example: suspended until \d+: reply rule matched: 421 4\.7\.0 \[TS04\]")
+    send(tern, "app@client.example", ["b@ts.example"])
+    time.sleep(1.5)
+    assert receiver.recipients() == [], "the suspended lane sends nothing, not even new mail"
+    receiver.wait(2, timeout=15)
+    assert time.time() - start >= 3, "and resumes after the rule's time"
+    # A reply that means "never": bounced at once instead of retried.
+    send(tern, "app@client.example", ["full@ts.example"])
+    [bounce] = sender_side.wait(1)
+    _, [r], _ = dsn_parts(bounce)
+    assert r["Final-Recipient"] == "rfc822; full@ts.example" and r["Status"] == "5.2.2"
+    assert "bounced by a reply rule" in r["Diagnostic-Code"]
+    # Gmail-style rate complaint: the lane slows down.
+    send(tern, "app@client.example", ["slow@ts.example"])
+    wait_log(tern, r"lane ts\.example: reduced to 50% until \d+ \(reply rule matched: 451 4\.7\.28")
