@@ -9,7 +9,7 @@ import TernCore
 ///
 /// Pure: the lane actor calls these with the time; nothing here sleeps.
 public struct LaneWindow: Sendable {
-    public let limits: LaneLimits
+    public private(set) var limits: LaneLimits
     public private(set) var window: Int
     public private(set) var active = 0
     public private(set) var consecutiveFailures = 0
@@ -51,6 +51,12 @@ public struct LaneWindow: Sendable {
         consecutiveFailures = 0
         deadUntil = nil
         window = min(limits.maxConnections, window + 1)
+    }
+
+    /// New limits from a reload: open connections stay; the window fits the new maximum.
+    public mutating func update(limits new: LaneLimits) {
+        limits = new
+        window = max(1, min(max(window, new.initialConnections), new.maxConnections))
     }
 
     /// The operator suspends the destination until `until` (ms since 1970).

@@ -173,6 +173,16 @@ actor Lane {
         }
     }
 
+    /// New limits after a reload; connections and queued mail stay as they are.
+    func update(limits: LaneLimits) {
+        let rateChanged = limits.rate != window.limits.rate || limits.burst != window.limits.burst
+        window.update(limits: limits)
+        if rateChanged {
+            bucket = limits.rate.map { TokenBucket(rate: $0.count, perMillis: $0.perMillis, burst: limits.burst, now: environment.now()) }
+        }
+        pump()
+    }
+
     /// A reply rule's `reduce`: fewer connections and a slower rate until `until`.
     func reduce(factor: Double, until: Int64, reason: String) {
         window.reduce(factor: factor, until: until)

@@ -12,11 +12,13 @@ import Logging
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
+import TernCore
+import UnixSignals
 import Spool
 
 /// One operator command to the running daemon, one JSON line over the control socket.
 public struct ControlRequest: Sendable, Codable {
-    public enum Operation: String, Sendable, Codable { case flush, delete, hold, release, inflight, lanes, suspend, resume }
+    public enum Operation: String, Sendable, Codable { case flush, delete, hold, release, inflight, lanes, suspend, resume, reload }
     public var operation: Operation
     public var selection: Scheduler.Selection
     /// For suspend and resume: the lane; for suspend, until when (ms since 1970).
@@ -46,11 +48,30 @@ public final class QueueManagerService: Service, Sendable {
     public let scheduler: Scheduler
     let socketPath: String
     let logger: Logger
+    /// Reads the config file again: the new config, or why it was refused.
+    let reloadConfig: @Sendable () -> Result<TernConfig, ConfigError>
 
-    public init(scheduler: Scheduler, spoolRoot: String, logger: Logger) {
+    public init(
+        scheduler: Scheduler, spoolRoot: String, logger: Logger,
+        reloadConfig: @escaping @Sendable () -> Result<TernConfig, ConfigError> = { .failure(ConfigError(file: "", line: nil, keyPath: "", message: "reload is not available")) }
+    ) {
         self.scheduler = scheduler
         self.socketPath = spoolRoot + "/control"
         self.logger = logger
+        self.reloadConfig = reloadConfig
+    }
+
+    /// SIGHUP and `tern reload`: a valid new config replaces the shaping rules; an invalid
+    /// one is refused and the running one stays.
+    func reload() async -> String? {
+        switch reloadConfig() {
+        case .success(let config):
+            await scheduler.reload(config)
+            return nil
+        case .failure(let error):
+            logger.error("reload refused, the running configuration stays: \(error)")
+            return "\(error)"
+        }
     }
 
     public static func socketPath(spool: String) -> String { spool + "/control" }
@@ -70,6 +91,12 @@ public final class QueueManagerService: Service, Sendable {
         try await cancelWhenGracefulShutdown {
             try await withThrowingDiscardingTaskGroup { group in
                 group.addTask { await scheduler.run() }
+                group.addTask {
+                    for await _ in await UnixSignalsSequence(trapping: .sighup) {
+                        self.logger.notice("SIGHUP: reloading the configuration")
+                        _ = await self.reload()
+                    }
+                }
                 group.addTask {
                     // Cancelled at shutdown: the socket closes, which is the normal end.
                     try? await server.executeThenClose { connections in
@@ -121,6 +148,9 @@ public final class QueueManagerService: Service, Sendable {
         case .lanes:
             let lanes = await scheduler.laneStatus()
             return ControlReply(count: lanes.count, lanes: lanes)
+        case .reload:
+            if let error = await reload() { return ControlReply(count: 0, error: "reload refused: \(error)") }
+            return ControlReply(count: 1)
         case .suspend, .resume:
             guard let lane = request.lane else { return ControlReply(count: 0, error: "no lane named") }
             let until = request.operation == .suspend ? request.untilMillis ?? Scheduler.wallClockMillis() + 3_600_000 : nil
@@ -206,7 +236,7 @@ public enum OfflineQueueControl {
                 meta.held = held
                 if !held { for i in meta.recipients.keys { meta.recipients[i]!.nextAttemptMillis = 0 } }
                 try Spool.writeMetaOffline(root: root, id: message.id, meta)
-            case .flush, .inflight, .lanes, .suspend, .resume:
+            case .flush, .inflight, .lanes, .suspend, .resume, .reload:
                 return 0
             }
             count += 1

@@ -37,6 +37,8 @@ public actor Scheduler {
     /// Messages waiting for a retry, with their earliest due time.
     private var waiting: [QueueID: Int64] = [:]
     private var lanes: [String: Lane] = [:]
+    /// The route (and provider) each lane was made for, to give it new limits on reload.
+    private var laneRoutes: [String: Route] = [:]
     /// Per lane: the recipient domains seen, and the last reply or error (for `tern lanes`).
     private var laneDomains: [String: Set<String>] = [:]
     private var laneLastReply: [String: String] = [:]
@@ -44,9 +46,9 @@ public actor Scheduler {
     private var providerOf: [String: (String?, Int64)] = [:]
     private let resolver: MXResolver?
     private let spool: Spool
-    private let router: Router
+    private var router: Router
     private let retry: RetrySchedule
-    private let config: TernConfig
+    private var config: TernConfig
     private let environment: LaneEnvironment
     private let logger: Logger
     private var random = SystemRandomNumberGenerator()
@@ -194,6 +196,7 @@ public actor Scheduler {
             await self?.completed(outcome)
         }
         lanes[route.laneKey] = lane
+        laneRoutes[route.laneKey] = route
         return lane
     }
 
@@ -523,6 +526,32 @@ public actor Scheduler {
         }
         let left = entries.values.filter { !$0.inFlight.isEmpty }.count
         if left > 0 { logger.notice("stopping with \(left) deliveries under way; they are tried again after the restart") }
+    }
+
+    /// Takes new routes, providers, reply rules and lane limits (SIGHUP, `tern reload`).
+    /// Queued mail, deliveries under way and open connections are kept; each lane gets the
+    /// limits its route and provider now give it. The rest of the config (listeners, spool,
+    /// retry schedule) takes a restart.
+    public func reload(_ new: TernConfig) async {
+        config.routes = new.routes
+        config.providers = new.providers
+        config.delivery.lane = new.delivery.lane
+        config.delivery.replyRules = new.delivery.replyRules
+        config.delivery.paused = new.delivery.paused
+        config.delivery.postmaster = new.delivery.postmaster
+        config.delivery.delayWarning = new.delivery.delayWarning
+        router = Router(routes: config.routes, delivery: config.delivery)
+        providerOf = [:]
+        for (key, lane) in lanes {
+            guard let old = laneRoutes[key] else { continue }
+            var limits = config.routes.first(where: { $0.name == old.name })?.lane?.applied(to: config.delivery.lane) ?? config.delivery.lane
+            if let name = old.provider, let provider = config.providers.first(where: { $0.name == name }) {
+                limits = provider.lane?.applied(to: limits) ?? limits
+            }
+            await lane.update(limits: limits)
+        }
+        logger.notice("configuration reloaded: \(config.routes.count) routes, \(config.providers.count) providers, \(config.delivery.replyRules.count) reply rules; \(lanes.count) lanes updated")
+        for id in Array(entries.keys) { await dispatch(id) }
     }
 
     /// Every lane's state, for `tern lanes`.

@@ -27,7 +27,7 @@ struct Tern: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tern",
         abstract: "Tern, an outbound SMTP relay.",
-        subcommands: [Serve.self, Check.self, Queue.self, Lanes.self, Route.self, DKIM.self]
+        subcommands: [Serve.self, Check.self, Reload.self, Queue.self, Lanes.self, Route.self, DKIM.self]
     )
 }
 
@@ -160,7 +160,10 @@ struct Serve: AsyncParsableCommand {
             printError("tern: \(options.config): filters: \(error)")
             throw ExitCode(78)
         }
-        let queueManager = QueueManagerService(scheduler: scheduler, spoolRoot: config.spool, logger: logger)
+        let path = options.config
+        let queueManager = QueueManagerService(
+            scheduler: scheduler, spoolRoot: config.spool, logger: logger,
+            reloadConfig: { Result { () throws(ConfigError) -> TernConfig in try ConfigLoader.load(path: path, plugins: filterPlugins) } })
         let server = SMTPServer(
             config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
             group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
@@ -569,5 +572,19 @@ struct Lanes: AsyncParsableCommand {
             _ = try Lanes.request(try options.load(), ControlRequest(operation: .resume, selection: .init(), lane: lane))
             print("\(lane): resumed")
         }
+    }
+}
+
+struct Reload: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make the running daemon re-read its routes, providers, reply rules and lane limits (as SIGHUP does).",
+        discussion: "Queued mail and open connections stay. An invalid configuration is refused, and the running one stays.")
+
+    @OptionGroup var options: ConfigOption
+
+    func run() async throws {
+        let config = try options.load()
+        _ = try Lanes.request(config, ControlRequest(operation: .reload, selection: .init()))
+        print("reloaded")
     }
 }

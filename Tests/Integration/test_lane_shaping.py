@@ -138,3 +138,35 @@ def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
     # Gmail-style rate complaint: the lane slows down.
     send(tern, "app@client.example", ["slow@ts.example"])
     wait_log(tern, r"lane ts\.example: reduced to 50% until \d+ \(reply rule matched: 451 4\.7\.28")
+
+
+def test_reload_changes_limits_keeps_mail_and_refuses_a_bad_config(make_tern, dns, mx_port, sinks):
+    import signal
+    import subprocess
+    import time
+    from conftest import BINARY
+    from peers import wait_log
+    dns.add("re.example", ("A", "127.0.0.18"))
+    receiver = sinks("127.0.0.18", data_delay=0.3)
+    tern = make_tern(delivery=delivery(dns, mx_port, ", lane: { max_connections: 1, initial_connections: 1 }"))
+    send_each(tern, 4, "a{i}@re.example")
+    receiver.wait(2)
+    assert receiver.max_connections == 1
+
+    # A broken config on SIGHUP is refused; the daemon runs on with the old one.
+    good = tern.config_path.read_text()
+    tern.config_path.write_text(good + "delivery_typo: 1\n")
+    tern.proc.send_signal(signal.SIGHUP)
+    wait_log(tern, r"reload refused, the running configuration stays: .*delivery_typo: unknown key")
+    assert tern.proc.poll() is None
+
+    # A good one takes effect without a restart: more connections, nothing lost.
+    tern.config_path.write_text(good.replace("max_connections: 1, initial_connections: 1", "max_connections: 3, initial_connections: 3"))
+    tern.proc.send_signal(signal.SIGHUP)
+    wait_log(tern, r"configuration reloaded: .* lanes updated")
+    send_each(tern, 9, "b{i}@re.example")
+    got = receiver.wait(13, timeout=30)
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted([f"a{i}@re.example" for i in range(4)] + [f"b{i}@re.example" for i in range(9)])
+    assert 1 < receiver.max_connections <= 3
+    out = subprocess.run([BINARY, "reload", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True)
+    assert out.returncode == 0 and "reloaded" in out.stdout
