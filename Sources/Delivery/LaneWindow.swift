@@ -17,6 +17,12 @@ public struct LaneWindow: Sendable {
     public private(set) var deadUntil: Int64?
     /// A temporary lower ceiling on connections (a reply rule's `reduce`), and until when.
     public private(set) var cap: (max: Int, until: Int64)?
+    /// Automatic backoff: each level halves the lane's connections and rate.
+    public private(set) var backoffLevel = 0
+    private var recent: [Bool] = []
+    private var successesSinceChange = 0
+    public static let backoffWindow = 20
+    public static let maxBackoffLevel = 4
 
     public init(limits: LaneLimits) {
         self.limits = limits
@@ -31,7 +37,8 @@ public struct LaneWindow: Sendable {
     /// Whether one more connection may be opened now.
     public func mayOpen(now: Int64) -> Bool {
         let ceiling = cap.map { now < $0.until ? $0.max : Int.max } ?? Int.max
-        return !isDead(now: now) && active < min(window, ceiling)
+        let backedOff = backoffLevel > 0 ? max(1, limits.maxConnections >> backoffLevel) : Int.max
+        return !isDead(now: now) && active < min(window, ceiling, backedOff)
     }
 
     /// Lowers the connection ceiling to `factor` of the maximum (at least one) until `until`.
@@ -51,6 +58,34 @@ public struct LaneWindow: Sendable {
         consecutiveFailures = 0
         deadUntil = nil
         window = min(limits.maxConnections, window + 1)
+    }
+
+    /// Records how an attempt on this lane went (4xx or a failed connection is a soft
+    /// failure) and returns the change of backoff level it causes: +1 when the share of soft
+    /// failures over the last `backoffWindow` attempts reaches `backoff_threshold`, -1 after
+    /// `backoffWindow / 2` successes in a row while backed off (step by step, as Postfix's
+    /// concurrency feedback recovers), 0 otherwise.
+    public mutating func record(softFailure: Bool) -> Int {
+        guard limits.backoffThreshold > 0 else { return 0 }
+        recent.append(softFailure)
+        if recent.count > Self.backoffWindow { recent.removeFirst(recent.count - Self.backoffWindow) }
+        if softFailure {
+            successesSinceChange = 0
+            let share = Double(recent.filter { $0 }.count) / Double(recent.count)
+            if recent.count >= Self.backoffWindow / 2, share >= limits.backoffThreshold, backoffLevel < Self.maxBackoffLevel {
+                backoffLevel += 1
+                recent.removeAll()
+                return 1
+            }
+            return 0
+        }
+        successesSinceChange += 1
+        if backoffLevel > 0, successesSinceChange >= Self.backoffWindow / 2 {
+            backoffLevel -= 1
+            successesSinceChange = 0
+            return -1
+        }
+        return 0
     }
 
     /// New limits from a reload: open connections stay; the window fits the new maximum.

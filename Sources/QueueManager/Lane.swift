@@ -57,6 +57,9 @@ actor Lane {
     }
 
     var queued: Int { jobs.count - head }
+
+    /// The relay of a deferral made because the lane rests (nothing was tried).
+    static let resting = "none (lane resting)"
     var connections: Int { window.active }
 
     func submit(_ job: DeliveryJob) {
@@ -81,7 +84,7 @@ actor Lane {
                 let results = job.recipients.map {
                     RecipientResult(
                         index: $0, verdict: DeliveryPolicy.exhausted(reason, note: "delivery to \(key) suspended after repeated failures"),
-                        relay: "none", remoteMTA: nil)
+                        relay: Lane.resting, remoteMTA: nil)
                 }
                 Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
             }
@@ -171,6 +174,25 @@ actor Lane {
             try? await Task.sleep(for: .milliseconds(max(0, wait) + 10))
             self.pump()
         }
+    }
+
+    /// How a job went, for the automatic backoff; logs each change of level with the reason.
+    func record(softFailure: Bool, reason: String) {
+        let change = window.record(softFailure: softFailure)
+        guard change != 0 else { return }
+        let level = window.backoffLevel
+        if let rate = window.limits.rate {
+            let slower = max(1, rate.count >> level)
+            bucket = TokenBucket(rate: slower, perMillis: rate.perMillis, burst: window.limits.burst, now: environment.now())
+        }
+        let connections = level > 0 ? max(1, window.limits.maxConnections >> level) : window.limits.maxConnections
+        if change > 0 {
+            environment.logger.warning(
+                "lane \(key): backing off to level \(level) (\(connections) connections\(window.limits.rate.map { ", rate \(max(1, $0.count >> level))/\($0.description.split(separator: "/").last!)" } ?? "")): many soft failures, last: \(reason)")
+        } else {
+            environment.logger.notice("lane \(key): recovering to level \(level) (\(connections) connections) after successes")
+        }
+        pump()
     }
 
     /// New limits after a reload; connections and queued mail stay as they are.

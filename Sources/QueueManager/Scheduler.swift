@@ -275,6 +275,20 @@ public actor Scheduler {
         let warnings = delayWarnings(&entry, now: now)
         entries[id] = entry
 
+        // The lane's automatic backoff learns how this job went.
+        if let lane = lanes[outcome.job.route.laneKey], !outcome.results.contains(where: { $0.relay == Lane.resting }) {
+            var soft: String?
+            var delivered = false
+            for r in outcome.results {
+                switch r.verdict {
+                case .delivered: delivered = true
+                case .deferred(let status, let d) where status.klass == 4: soft = d
+                default: break
+                }
+            }
+            await lane.record(softFailure: !delivered && soft != nil, reason: soft ?? "")
+        }
+
         // Reply rules that slow or stop the lane (once per rule per outcome).
         var applied = Set<String>()
         for (key, rule, reply) in laneActions where applied.insert("\(key) \(rule.action) \(rule.duration)").inserted {

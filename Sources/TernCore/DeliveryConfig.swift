@@ -114,6 +114,9 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
     public var maxRecipients = 100
     /// The local address connections to this destination leave from.
     public var sourceAddress: String?
+    /// Share of soft failures (4xx, failed connections) over the last 20 attempts at which
+    /// the lane halves its connections and rate; 0 turns the automatic backoff off.
+    public var backoffThreshold = 0.5
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case maxConnections = "max_connections"
@@ -123,6 +126,7 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
         case rate, burst
         case maxRecipients = "max_recipients"
         case sourceAddress = "source_address"
+        case backoffThreshold = "backoff_threshold"
     }
 
     public init() {}
@@ -139,6 +143,13 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
         burst = try c.decodePositive(.burst) ?? d.burst
         maxRecipients = try c.decodePositive(.maxRecipients) ?? d.maxRecipients
         sourceAddress = try Self.decodeAddress(c, .sourceAddress)
+        backoffThreshold = try Self.decodeShare(c, .backoffThreshold) ?? d.backoffThreshold
+    }
+
+    static func decodeShare(_ c: KeyedDecodingContainer<CodingKeys>, _ key: CodingKeys) throws -> Double? {
+        guard let v = try c.decodeIfPresent(Double.self, forKey: key) else { return nil }
+        guard (0...1).contains(v) else { throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "must be between 0 and 1") }
+        return v
     }
 
     static func decodeAddress(_ c: KeyedDecodingContainer<CodingKeys>, _ key: CodingKeys) throws -> String? {
@@ -247,6 +258,7 @@ public struct LaneOverrides: Sendable, Decodable {
     public var burst: Int?
     public var maxRecipients: Int?
     public var sourceAddress: String?
+    public var backoffThreshold: Double?
 
     public init(from decoder: any Decoder) throws {
         try decoder.rejectUnknownKeys(LaneLimits.CodingKeys.self)
@@ -259,6 +271,7 @@ public struct LaneOverrides: Sendable, Decodable {
         burst = try c.decodePositive(.burst)
         maxRecipients = try c.decodePositive(.maxRecipients)
         sourceAddress = try LaneLimits.decodeAddress(c, .sourceAddress)
+        backoffThreshold = try LaneLimits.decodeShare(c, .backoffThreshold)
     }
 
     public func applied(to defaults: LaneLimits) -> LaneLimits {
@@ -271,6 +284,7 @@ public struct LaneOverrides: Sendable, Decodable {
         if let v = burst { l.burst = v }
         if let v = maxRecipients { l.maxRecipients = v }
         if let v = sourceAddress { l.sourceAddress = v }
+        if let v = backoffThreshold { l.backoffThreshold = v }
         l.initialConnections = min(l.initialConnections, l.maxConnections)
         return l
     }

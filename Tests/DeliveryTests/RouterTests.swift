@@ -130,3 +130,38 @@ final class TokenBucketTests: XCTestCase {
         XCTAssertNil(RateLimit(parsing: "0/s"))
     }
 }
+
+final class LaneBackoffTests: XCTestCase {
+    func testBacksOffOnSoftFailuresAndRecoversStepByStep() {
+        var limits = LaneLimits()
+        limits.maxConnections = 8
+        var w = LaneWindow(limits: limits)
+        var changes: [Int] = []
+        for i in 0..<20 { changes.append(w.record(softFailure: i % 3 != 0)) }  // two in three fail
+        XCTAssertEqual(changes.filter { $0 == 1 }.count, 1)
+        XCTAssertEqual(w.backoffLevel, 1, "about 67% soft failures: one level down")
+        for _ in 0..<10 { _ = w.record(softFailure: true) }
+        XCTAssertEqual(w.backoffLevel, 2)
+        for _ in 0..<9 { XCTAssertEqual(w.record(softFailure: false), 0) }
+        XCTAssertEqual(w.record(softFailure: false), -1, "ten successes in a row: one level back")
+        XCTAssertEqual(w.backoffLevel, 1)
+        for _ in 0..<10 { _ = w.record(softFailure: false) }
+        XCTAssertEqual(w.backoffLevel, 0)
+        for _ in 0..<50 { XCTAssertEqual(w.record(softFailure: false), 0) }
+
+        limits.backoffThreshold = 0
+        var off = LaneWindow(limits: limits)
+        for _ in 0..<40 { XCTAssertEqual(off.record(softFailure: true), 0, "0 turns it off") }
+    }
+
+    func testBackoffLowersTheConnectionCeiling() {
+        var limits = LaneLimits()
+        limits.maxConnections = 8
+        limits.initialConnections = 8
+        var w = LaneWindow(limits: limits)
+        for _ in 0..<10 { _ = w.record(softFailure: true) }
+        XCTAssertEqual(w.backoffLevel, 1)
+        for _ in 0..<4 { XCTAssertTrue(w.mayOpen(now: 0)); w.opened() }
+        XCTAssertFalse(w.mayOpen(now: 0), "level 1: half of 8")
+    }
+}

@@ -170,3 +170,18 @@ def test_reload_changes_limits_keeps_mail_and_refuses_a_bad_config(make_tern, dn
     assert 1 < receiver.max_connections <= 3
     out = subprocess.run([BINARY, "reload", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True)
     assert out.returncode == 0 and "reloaded" in out.stdout
+
+
+def test_rising_soft_failures_slow_the_lane_and_it_recovers(make_tern, dns, mx_port, sinks):
+    from peers import wait_log
+    dns.add("bo.example", ("A", "127.0.0.19"))
+    receiver = sinks("127.0.0.19")
+    for i in range(12):
+        receiver.replies[f"s{i}@bo.example"] = ["451 4.7.1 too much mail from you, slow down", "250 ok"]
+    tern = make_tern(delivery=delivery(dns, mx_port, ', lane: { max_connections: 8, rate: "100/s", burst: 10 }'))
+    send_each(tern, 12, "s{i}@bo.example")
+    wait_log(tern, r"lane bo\.example: backing off to level 1 \(4 connections, rate 50/s\): many soft failures, "
+                   r"last: smtp; 451 4\.7\.1 too much mail")
+    receiver.wait(12, timeout=30)
+    wait_log(tern, r"lane bo\.example: recovering to level 0 \(8 connections\) after successes", timeout=30)
+    wait_empty(tern)
