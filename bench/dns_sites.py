@@ -3,7 +3,7 @@ and every host under sites.example is 127.0.0.1.   usage: dns_sites.py PORT"""
 import sys
 import time
 
-from dnslib import MX, QTYPE, RCODE, RR, A
+from dnslib import MX, QTYPE, RCODE, RR, SOA, A
 from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 
@@ -19,6 +19,10 @@ class Sites(BaseResolver):
             reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("127.0.0.1"), ttl=3600))
         elif not (name.endswith(".bench.example") or name.endswith(".sites.example")):
             reply.header.rcode = RCODE.NXDOMAIN
+        if not reply.rr:
+            # An SOA with the negative answer lets resolvers cache it (RFC 2308), as real
+            # servers do; without it every AAAA lookup would come back here.
+            reply.add_auth(RR("example.", QTYPE.SOA, rdata=SOA("ns.example.", "hostmaster.example.", (1, 3600, 600, 86400, 3600)), ttl=3600))
         return reply
 
 

@@ -52,8 +52,8 @@ SINGLE="routes:
   - { name: one, domains: [\"*\"], transport: smarthost, smarthost: { host: 127.0.0.1, port: $SINK_PORT, tls: none }, lane: { max_connections: 20 } }"
 
 run() {  # run NAME ROUTING -> "recipients_per_s peak_rss_kb"
-    config "$1-fill" true "$2"
-    .build/release/tern serve --config "$WORK/$1-fill.yaml" 2>>"$WORK/$1.log" &
+    config "$1" true "$2"
+    .build/release/tern serve --config "$WORK/$1.yaml" 2>>"$WORK/$1.log" &
     local pid=$!
     wait_port $TERN_PORT
     python3 - "$TERN_PORT" "$MESSAGES" <<'PY'
@@ -69,7 +69,10 @@ threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
 [t.start() for t in threads]; [t.join() for t in threads]
 PY
     kill $pid; wait $pid 2>/dev/null || true
-    sed "s/paused: true/paused: false/" "$WORK/$1-fill.yaml" > "$WORK/$1.yaml"
+    sed -i "s/paused: true/paused: false/" "$WORK/$1.yaml"
+    local queued
+    queued=$(ls "$WORK/$1-spool/queue" | wc -l)
+    [ "$queued" = "$MESSAGES" ] || { echo "only $queued of $MESSAGES messages queued" >&2; exit 1; }
     local t0 t1
     t0=$(date +%s.%N)
     .build/release/tern serve --config "$WORK/$1.yaml" 2>>"$WORK/$1.log" &

@@ -306,23 +306,29 @@ public actor Scheduler {
         if !warnings.isEmpty { await notify(id, entry: entry, recipients: warnings) }
         if !successes.isEmpty { await notify(id, entry: entry, recipients: successes) }
 
-        guard var current = entries[id] else { return }
-        current.busy -= 1
-        entries[id] = current
-        if current.allFinal, current.busy == 0, current.inFlight.isEmpty {
+        // Record this job's outcome while still counted as busy, so that a job of the same
+        // message that finishes meanwhile does not remove the file under us.
+        guard let current = entries[id] else { return }
+        let lastOne = current.allFinal && current.busy == 1 && current.inFlight.isEmpty
+        if !lastOne {
+            do {
+                if !final.isEmpty { try await spool.mark(id, final) }
+                if deferredAny || !warnings.isEmpty { try await spool.writeMeta(id, current.meta) }
+            } catch {
+                logger.error("\(id): cannot record delivery state: \(error)")
+            }
+        }
+        guard var after = entries[id] else { return }
+        after.busy -= 1
+        entries[id] = after
+        if after.allFinal, after.busy == 0, after.inFlight.isEmpty {
             entries[id] = nil
             waiting[id] = nil
             depth.record(entries.count)
-            spool.remove(id, hasMeta: current.meta != DeliveryMeta())
+            spool.remove(id, hasMeta: after.meta != DeliveryMeta())
             return
         }
-        do {
-            if !final.isEmpty { try await spool.mark(id, final) }
-            if deferredAny || !warnings.isEmpty { try await spool.writeMeta(id, current.meta) }
-        } catch {
-            logger.error("\(id): cannot record delivery state: \(error)")
-        }
-        if deferredAny, let next = current.meta.recipients.values.map(\.nextAttemptMillis).min() {
+        if deferredAny, let next = after.meta.recipients.values.map(\.nextAttemptMillis).min() {
             waiting[id] = min(waiting[id] ?? next, next)
         }
     }

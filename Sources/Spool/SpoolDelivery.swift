@@ -94,11 +94,15 @@ extension Spool {
         }
     }
 
-    /// Marks recipients final in place and syncs the file, so a restart does not send to
-    /// them again. (A message whose recipients are all final is removed instead.)
+    /// Marks recipients final in place, so a restart does not send to them again. (A
+    /// message whose recipients are all final is removed instead.) Delivered and bounced
+    /// marks are not synced, as Postfix does not sync its done-recipient marks: a crash may
+    /// lose one, and that recipient is sent again (a duplicate, never a loss; a bounce is
+    /// in the spool before its mark). An operator's delete is synced.
     public func mark(_ id: QueueID, _ states: [Int: RecipientState]) async throws {
         let path = queue + "/" + id.rawValue
-        try await pool.runIfActive { try SpoolFiles.writeStates(path, states) }
+        let sync = states.values.contains(.deleted)
+        try await pool.runIfActive { try SpoolFiles.writeStates(path, states, sync: sync) }
     }
 
     /// Removes a message whose recipients are all final, soon: removals are gathered and
@@ -193,8 +197,8 @@ extension Spool {
 }
 
 extension SpoolFiles {
-    /// Overwrites recipients' state bytes in place and syncs the file's data.
-    static func writeStates(_ path: String, _ states: [Int: RecipientState]) throws {
+    /// Overwrites recipients' state bytes in place (and syncs the file's data when asked).
+    static func writeStates(_ path: String, _ states: [Int: RecipientState], sync: Bool = true) throws {
         let record = try readRecord(path)
         let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
         guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
@@ -204,7 +208,7 @@ extension SpoolFiles {
             var byte = state.rawValue
             guard pwrite(fd, &byte, 1, off_t(record.stateOffset + index)) == 1 else { throw SpoolError("write", path, errno: errno) }
         }
-        guard fdatasync(fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+        if sync, fdatasync(fd) != 0 { throw SpoolError("fsync", path, errno: errno) }
     }
 
     static func readMeta(_ path: String) -> DeliveryMeta? {

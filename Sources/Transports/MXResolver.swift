@@ -4,6 +4,8 @@ import Glibc
 import Darwin
 #endif
 import CUnbound
+import NIOConcurrencyHelpers
+import NIOCore
 import NIOPosix
 
 /// One MX host of a domain, with its addresses in the order to try them.
@@ -40,6 +42,10 @@ public final class MXResolver: @unchecked Sendable {
     /// blocking calls use shared ctx-cache when threaded".
     private let context: OpaquePointer
     private let pool: NIOThreadPool
+    /// Answers by domain until they expire (monotonic ms). A cached lookup in libunbound
+    /// still sets up a resolver worker per `ub_resolve`, which cost about a millisecond of
+    /// CPU per delivery when each message went to its domain's MX hosts.
+    private let cache = NIOLockedValueBox([String: (MXLookupResult, UInt64)]())
 
     public struct SetupError: Error, CustomStringConvertible {
         public var description: String
@@ -145,7 +151,33 @@ public final class MXResolver: @unchecked Sendable {
         if let literal = Self.addressLiteral(domain) {
             return .hosts([MXHost(name: domain, preference: 0, addresses: [literal])])
         }
+        let now = NIODeadline.now().uptimeNanoseconds / 1_000_000
+        if let (result, until) = cache.withLockedValue({ $0[domain] }), now < until {
+            // Equal preferences are shuffled again for each use.
+            if case .hosts(let hosts) = result {
+                let order = Self.order(hosts.map { ($0.preference, $0.name) }, using: &random)
+                return .hosts(order.compactMap { p in hosts.first { $0.name == p.1 } })
+            }
+            return result
+        }
+        let (result, ttl) = await resolve(domain: domain, using: &random)
+        if case .temporaryFailure = result { return result }
+        let keep = UInt64(min(max(ttl, 5), 3600)) * 1000
+        cache.withLockedValue { c in
+            if c.count > 100_000 { c.removeAll() }
+            c[domain] = (result, now + keep)
+        }
+        return result
+    }
+
+    /// The lookup itself, with the MX answer's TTL in seconds.
+    private func resolve(domain: String, using random: inout some RandomNumberGenerator) async -> (MXLookupResult, Int) {
         let answer = await query(domain, type: Self.typeMX)
+        let ttl = answer.ttl
+        return (await hosts(for: domain, answer: answer, using: &random), ttl)
+    }
+
+    private func hosts(for domain: String, answer: Answer, using random: inout some RandomNumberGenerator) async -> MXLookupResult {
         switch answer.status {
         case .nxdomain: return .notFound("\(domain): no such domain")
         case .failure(let why): return .temporaryFailure(why)
