@@ -18,7 +18,7 @@ import Spool
 
 /// One operator command to the running daemon, one JSON line over the control socket.
 public struct ControlRequest: Sendable, Codable {
-    public enum Operation: String, Sendable, Codable { case flush, delete, hold, release, inflight, lanes, suspend, resume, reload }
+    public enum Operation: String, Sendable, Codable { case flush, delete, hold, release, lanes, suspend, resume, reload }
     public var operation: Operation
     public var selection: Scheduler.Selection
     /// For suspend and resume: the lane; for suspend, until when (ms since 1970).
@@ -36,8 +36,6 @@ public struct ControlRequest: Sendable, Codable {
 public struct ControlReply: Sendable, Codable {
     public var count: Int
     public var error: String?
-    /// For `inflight`: queue id → recipient indexes under way.
-    public var inFlight: [String: [Int]]?
     /// For `lanes`.
     public var lanes: [LaneStatus]?
 }
@@ -142,9 +140,6 @@ public final class QueueManagerService: Service, Sendable {
         case .delete: return ControlReply(count: await scheduler.delete(request.selection))
         case .hold: return ControlReply(count: await scheduler.hold(request.selection, true))
         case .release: return ControlReply(count: await scheduler.hold(request.selection, false))
-        case .inflight:
-            let inFlight = await scheduler.inFlight()
-            return ControlReply(count: inFlight.count, inFlight: inFlight)
         case .lanes:
             let lanes = await scheduler.laneStatus()
             return ControlReply(count: lanes.count, lanes: lanes)
@@ -236,7 +231,7 @@ public enum OfflineQueueControl {
                 meta.held = held
                 if !held { for i in meta.recipients.keys { meta.recipients[i]!.nextAttemptMillis = 0 } }
                 try Spool.writeMetaOffline(root: root, id: message.id, meta)
-            case .flush, .inflight, .lanes, .suspend, .resume, .reload:
+            case .flush, .lanes, .suspend, .resume, .reload:
                 return 0
             }
             count += 1

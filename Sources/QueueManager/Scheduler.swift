@@ -598,12 +598,6 @@ public actor Scheduler {
         return true
     }
 
-    /// The scheduler's view of the queue: what is in flight now.
-    public func inFlight() -> [String: [Int]] {
-        var out: [String: [Int]] = [:]
-        for (id, entry) in entries where !entry.inFlight.isEmpty { out[id.rawValue] = entry.inFlight.sorted() }
-        return out
-    }
 }
 
 /// `12.34` style seconds for log fields.

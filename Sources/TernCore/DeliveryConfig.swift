@@ -409,7 +409,7 @@ public struct ProviderConfig: Sendable, Decodable {
 /// A rule on the replies a lane gets (Yahoo's `421 4.7.0 [TS04]`, Gmail's `421 4.7.28`):
 /// when a reply matches, the lane is suspended or slowed for a while, or the recipient is
 /// bounced instead of retried.
-public struct ReplyRule: Sendable, Decodable {
+public struct ReplyRule: @unchecked Sendable, Decodable {
     public enum Action: String, Sendable, Decodable, CaseIterable { case suspend, reduce, bounce }
 
     /// Reply code (421) or class (4, 5); any when unset.
@@ -418,6 +418,8 @@ public struct ReplyRule: Sendable, Decodable {
     public var enhanced: String?
     /// A regular expression searched in the reply text; any when unset.
     public var text: String?
+    /// `text`, compiled once. (Regex is immutable once built; it is only matched against.)
+    private var regex: Regex<AnyRegexOutput>?
     /// Only for these lanes (`provider:yahoo`, `example.com`); every lane when unset.
     public var lanes: [String]?
     public var action: Action
@@ -449,7 +451,7 @@ public struct ReplyRule: Sendable, Decodable {
             throw DecodingError.dataCorruptedError(forKey: .code, in: c, debugDescription: "must be a 4xx or 5xx code, or 4 or 5")
         }
         if let text {
-            do { _ = try Regex(text) } catch {
+            do { regex = try Regex(text) } catch {
                 throw DecodingError.dataCorruptedError(forKey: .text, in: c, debugDescription: "'\(text)' is not a valid regular expression")
             }
         }
@@ -470,8 +472,8 @@ public struct ReplyRule: Sendable, Decodable {
         if let enhanced {
             guard let e = replyEnhanced, e == enhanced || e.hasPrefix(enhanced + ".") else { return false }
         }
-        if let text {
-            guard let r = try? Regex(text), (try? r.firstMatch(in: replyText)) != nil else { return false }
+        if let regex {
+            guard (try? regex.firstMatch(in: replyText)) != nil else { return false }
         }
         return true
     }
