@@ -15,8 +15,14 @@ public struct LaneWindow: Sendable {
     public private(set) var consecutiveFailures = 0
     /// Milliseconds since 1970 until which the destination rests.
     public private(set) var deadUntil: Int64?
-    /// A temporary lower ceiling on connections (a reply rule's `reduce`), and until when.
-    public private(set) var cap: (max: Int, until: Int64)?
+    /// Whether the rest was asked for (an operator, a reply rule) rather than caused by
+    /// failed connections.
+    public private(set) var suspended = false
+    /// A temporary slowdown (a reply rule's `reduce`): the share of connections and rate
+    /// left, and until when.
+    public private(set) var cap: (factor: Double, until: Int64)?
+    /// New connections per second, minute or hour, when `connection_rate` is set.
+    private var connectionBucket: TokenBucket?
     /// Automatic backoff: each level halves the lane's connections and rate.
     public private(set) var backoffLevel = 0
     private var recent: [Bool] = []
@@ -24,9 +30,70 @@ public struct LaneWindow: Sendable {
     public static let backoffWindow = 20
     public static let maxBackoffLevel = 4
 
-    public init(limits: LaneLimits) {
+    public init(limits: LaneLimits, now: Int64 = 0) {
         self.limits = limits
         self.window = max(1, min(limits.initialConnections, limits.maxConnections))
+        self.connectionBucket = limits.connectionRate.map {
+            TokenBucket(rate: $0.count, perMillis: $0.perMillis, burst: limits.connectionBurst, now: now)
+        }
+    }
+
+    /// What the lane is doing, for `tern lanes` and the logs.
+    public enum State: Sendable, Equatable {
+        case active
+        /// Automatic backoff after many soft failures, at this level (each halves).
+        case backingOff(level: Int)
+        /// Slowed by a reply rule until then.
+        case reduced(until: Int64)
+        /// Suspended by the operator or a reply rule until then.
+        case suspended(until: Int64)
+        /// Resting after a window's worth of failed connections, until then.
+        case dead(until: Int64)
+    }
+
+    public func state(now: Int64) -> State {
+        if let until = deadUntil, now < until { return suspended ? .suspended(until: until) : .dead(until: until) }
+        if let cap, now < cap.until { return .reduced(until: cap.until) }
+        if backoffLevel > 0 { return .backingOff(level: backoffLevel) }
+        return .active
+    }
+
+    /// Nothing open, nothing slowed or stopped: a lane in this state can be forgotten and
+    /// made again from its limits with no change in behaviour.
+    public func isQuiet(now: Int64) -> Bool { active == 0 && state(now: now) == .active }
+
+    /// The connections the lane may hold now: its maximum, lowered by a backoff or a
+    /// reply rule's reduction.
+    public func connectionCeiling(now: Int64) -> Int {
+        var ceiling = limits.maxConnections
+        if backoffLevel > 0 { ceiling = max(1, ceiling >> backoffLevel) }
+        if let cap, now < cap.until { ceiling = min(ceiling, max(1, Int(Double(limits.maxConnections) * cap.factor))) }
+        return ceiling
+    }
+
+    /// The message rate the lane keeps now: the configured one, lowered the same way.
+    public func effectiveRate(now: Int64) -> RateLimit? {
+        guard var rate = limits.rate else { return nil }
+        var count = rate.count
+        if backoffLevel > 0 { count = max(1, count >> backoffLevel) }
+        if let cap, now < cap.until { count = min(count, max(1, Int(Double(rate.count) * cap.factor))) }
+        rate.count = count
+        return rate
+    }
+
+    /// Milliseconds until the connection rate lets one more connection open (0: now).
+    public mutating func connectionWait(now: Int64) -> Int64 {
+        guard var bucket = connectionBucket else { return 0 }
+        defer { connectionBucket = bucket }
+        return bucket.wait(now: now)
+    }
+
+    /// Takes the connection rate's token for a connection about to open; returns how long
+    /// to wait first when none is there (the wait is reserved: connections queue up).
+    public mutating func takeConnection(now: Int64) -> Int64 {
+        guard var bucket = connectionBucket else { return 0 }
+        defer { connectionBucket = bucket }
+        return bucket.take(now: now)
     }
 
     public func isDead(now: Int64) -> Bool {
@@ -35,15 +102,14 @@ public struct LaneWindow: Sendable {
     }
 
     /// Whether one more connection may be opened now.
+    /// Whether one more connection may be opened now (the connection rate aside).
     public func mayOpen(now: Int64) -> Bool {
-        let ceiling = cap.map { now < $0.until ? $0.max : Int.max } ?? Int.max
-        let backedOff = backoffLevel > 0 ? max(1, limits.maxConnections >> backoffLevel) : Int.max
-        return !isDead(now: now) && active < min(window, ceiling, backedOff)
+        !isDead(now: now) && active < min(window, connectionCeiling(now: now))
     }
 
-    /// Lowers the connection ceiling to `factor` of the maximum (at least one) until `until`.
+    /// Lowers the connections and rate to `factor` of their maximum (at least one) until `until`.
     public mutating func reduce(factor: Double, until: Int64) {
-        cap = (max(1, Int(Double(limits.maxConnections) * factor)), until)
+        cap = (factor, until)
     }
 
     public mutating func opened() { active += 1 }
@@ -56,7 +122,7 @@ public struct LaneWindow: Sendable {
     /// A server greeted us: the destination is alive; widen the window.
     public mutating func succeeded() {
         consecutiveFailures = 0
-        deadUntil = nil
+        if !suspended { deadUntil = nil }
         window = min(limits.maxConnections, window + 1)
     }
 
@@ -89,25 +155,48 @@ public struct LaneWindow: Sendable {
     }
 
     /// New limits from a reload: open connections stay; the window fits the new maximum.
-    public mutating func update(limits new: LaneLimits) {
+    public mutating func update(limits new: LaneLimits, now: Int64) {
+        if new.connectionRate != limits.connectionRate || new.connectionBurst != limits.connectionBurst {
+            connectionBucket = new.connectionRate.map { rate in
+                connectionBucket?.retuned(rate: rate.count, perMillis: rate.perMillis, burst: new.connectionBurst, now: now)
+                    ?? TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: new.connectionBurst, now: now)
+            }
+        }
         limits = new
         window = max(1, min(max(window, new.initialConnections), new.maxConnections))
     }
 
-    /// The operator suspends the destination until `until` (ms since 1970).
+    /// The operator or a reply rule suspends the destination until `until` (ms since 1970).
     public mutating func suspend(until: Int64) {
         deadUntil = until
+        suspended = true
     }
 
-    /// Ends a rest early (an operator's flush).
+    /// Ends a rest early (an operator's flush or resume).
     public mutating func revive() {
         deadUntil = nil
+        suspended = false
         consecutiveFailures = 0
+    }
+
+    /// Forgets a suspension or reduction whose time is over; says which ended.
+    public mutating func expire(now: Int64) -> (suspension: Bool, reduction: Bool) {
+        var ended = (suspension: false, reduction: false)
+        if let until = deadUntil, now >= until, suspended {
+            suspended = false
+            ended.suspension = true
+        }
+        if let c = cap, now >= c.until {
+            cap = nil
+            ended.reduction = true
+        }
+        return ended
     }
 
     /// A connection or greeting failed. Returns true when this makes the destination dead.
     @discardableResult
     public mutating func failed(now: Int64) -> Bool {
+        if isDead(now: now) { return false }
         consecutiveFailures += 1
         window = max(1, window - 1)
         guard consecutiveFailures >= window else { return false }
@@ -116,6 +205,7 @@ public struct LaneWindow: Sendable {
         // One probe after the rest, as Postfix does: the window reopens from one.
         window = 1
         consecutiveFailures = 0
+        suspended = false
         return true
     }
 }

@@ -45,20 +45,34 @@ struct JobOutcome: Sendable {
 public struct LaneStatus: Sendable, Codable {
     public var lane: String
     public var queued: Int
+    /// Jobs (transactions) being delivered now.
+    public var inFlight: Int
     public var connections: Int
     /// The concurrency window now.
     public var window: Int
+    /// The connection ceiling now: `max_connections`, lowered while backing off or reduced.
     public var maxConnections: Int
+    /// The message rate the lane keeps now (lowered while backing off or reduced).
     public var rate: String?
+    public var connectionRate: String?
+    /// `active`, `backing off (level N)`, `reduced`, `suspended` or `dead`.
+    public var state: String
+    /// When a reduction, suspension or rest ends.
+    public var untilMillis: Int64?
     /// Set while the destination rests (after failures, or suspended by the operator).
     public var restingUntilMillis: Int64?
+    /// The reply or error behind the state.
+    public var reason: String?
     /// Recipient domains seen on this lane.
     public var domains: Int
     public var lastReply: String?
 
     enum CodingKeys: String, CodingKey {
-        case lane, queued, connections, window, domains, rate
+        case lane, queued, connections, window, domains, rate, state, reason
+        case inFlight = "in_flight"
         case maxConnections = "max_connections"
+        case connectionRate = "connection_rate"
+        case untilMillis = "until_ms"
         case restingUntilMillis = "resting_until_ms"
         case lastReply = "last_reply"
     }

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Delivery
 import Logging
 import Metrics
@@ -35,22 +40,29 @@ actor Lane {
     private var head = 0
     private var idle: [(Int, CheckedContinuation<DeliveryJob?, Never>)] = []
     private var nextWaiter = 0
+    /// Jobs that workers have taken and not finished.
+    private var inFlight = 0
     /// Why the destination is resting, for the deferrals while it does.
     private var deadReason: AttemptOutcome?
+    /// The reply or error behind the lane's present state, for `tern lanes`.
+    private var stateReason: String?
     private let environment: LaneEnvironment
     private let report: @Sendable (JobOutcome) async -> Void
-    /// The lane's message rate, when it has one.
+    /// The lane's message rate, when it has one, at the rate the lane keeps now.
     private var bucket: TokenBucket?
+    /// Whether a wake-up is already set for when the connection rate allows one more.
+    private var pumpPending = false
     private let connectionGauge: Gauge
     private let queuedGauge: Gauge
 
     init(key: String, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
         self.key = key
-        self.window = LaneWindow(limits: limits)
+        let now = environment.now()
+        self.window = LaneWindow(limits: limits, now: now)
         self.environment = environment
         self.report = report
         if let rate = limits.rate {
-            self.bucket = TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: limits.burst, now: environment.now())
+            self.bucket = TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: limits.burst, now: now)
         }
         self.connectionGauge = Gauge(label: "tern_lane_connections", dimensions: [("lane", key)])
         self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key)])
@@ -65,6 +77,7 @@ actor Lane {
     func submit(_ job: DeliveryJob) {
         // A resting lane hands nothing to its idle connections: pump defers the job.
         if !window.isDead(now: environment.now()), let (_, waiter) = idle.popLast() {
+            inFlight += 1
             waiter.resume(returning: job)
             return
         }
@@ -72,7 +85,8 @@ actor Lane {
         pump()
     }
 
-    /// Starts workers while the window allows, or defers everything while the lane rests.
+    /// Starts workers while the window and the connection rate allow, or defers everything
+    /// while the lane rests.
     private func pump() {
         let now = environment.now()
         if window.isDead(now: now) {
@@ -80,11 +94,10 @@ actor Lane {
             jobs.removeAll()
             head = 0
             let reason = deadReason ?? .connection("destination not reachable")
+            let note = window.suspended ? "delivery to \(key) suspended" : "delivery to \(key) suspended after repeated failures"
             for job in waiting {
                 let results = job.recipients.map {
-                    RecipientResult(
-                        index: $0, verdict: DeliveryPolicy.exhausted(reason, note: "delivery to \(key) suspended after repeated failures"),
-                        relay: Lane.resting, remoteMTA: nil)
+                    RecipientResult(index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), relay: Lane.resting, remoteMTA: nil)
                 }
                 Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
             }
@@ -95,15 +108,44 @@ actor Lane {
             queuedGauge.record(queued)
         }
         while queued > 0, window.mayOpen(now: now) {
+            let wait = window.connectionWait(now: now)
+            if wait > 0 {
+                // The connection rate: come back when the next connection may open.
+                if !pumpPending {
+                    pumpPending = true
+                    Task {
+                        try? await Task.sleep(for: .milliseconds(wait))
+                        self.wake()
+                    }
+                }
+                break
+            }
+            _ = window.takeConnection(now: now)
             window.opened()
             let worker = LaneWorker(lane: self, environment: environment, limits: window.limits, report: report)
             Task { await worker.run() }
         }
     }
 
-    /// The next job for a worker; waits a little for one before telling it to close. A
-    /// resting lane gives none: its waiting jobs are deferred when the worker is done.
-    func next() async -> DeliveryJob? {
+    /// A timer went off: a suspension, reduction or connection-rate wait may be over.
+    private func wake() {
+        pumpPending = false
+        let now = environment.now()
+        let ended = window.expire(now: now)
+        if ended.suspension { environment.logger.notice("lane \(key): suspension over, delivering again") }
+        if ended.reduction { environment.logger.notice("lane \(key): reduction over, back to \(describeLimits(now: now))") }
+        if ended.suspension || ended.reduction {
+            stateReason = nil
+            retune(now: now)
+        }
+        pump()
+    }
+
+    /// The next job for a worker (`finished`: it is done with the one it had); waits a
+    /// little for one before telling it to close. A resting lane gives none: its waiting
+    /// jobs are deferred when the worker is done.
+    func next(finished: Bool) async -> DeliveryJob? {
+        if finished { inFlight -= 1 }
         if window.isDead(now: environment.now()) { return nil }
         if let job = take() { return job }
         let id = nextWaiter
@@ -122,6 +164,7 @@ actor Lane {
         guard head < jobs.count else { return nil }
         let job = jobs[head]
         head += 1
+        inFlight += 1
         if head > 1024, head * 2 > jobs.count {
             jobs.removeFirst(head)
             head = 0
@@ -141,24 +184,53 @@ actor Lane {
 
     func connectionSucceeded() {
         window.succeeded()
-        deadReason = nil
+        if !window.suspended { deadReason = nil }
         pump()
     }
 
     func connectionFailed(_ outcome: AttemptOutcome) {
         if window.failed(now: environment.now()) {
             deadReason = outcome
+            stateReason = "\(outcome)"
             environment.logger.warning("lane \(key): destination dead for \(window.limits.deadTime) after repeated failures (\(outcome))")
         }
+    }
+
+    /// Waits, when the lane has a connection rate, until one more connection may open.
+    func permitConnection() async {
+        let wait = window.takeConnection(now: environment.now())
+        if wait > 0 { try? await Task.sleep(for: .milliseconds(wait)) }
     }
 
     /// What `tern lanes` shows of this lane.
     func status() -> LaneStatus {
         let now = environment.now()
+        let state: String
+        var until: Int64?
+        switch window.state(now: now) {
+        case .active: state = "active"
+        case .backingOff(let level): state = "backing off (level \(level))"
+        case .reduced(let u): (state, until) = ("reduced", u)
+        case .suspended(let u): (state, until) = ("suspended", u)
+        case .dead(let u): (state, until) = ("dead", u)
+        }
         return LaneStatus(
-            lane: key, queued: queued, connections: window.active, window: window.window, maxConnections: window.limits.maxConnections,
-            rate: window.limits.rate.map { "\($0)" }, restingUntilMillis: window.isDead(now: now) ? window.deadUntil : nil,
-            domains: 0, lastReply: nil)
+            lane: key, queued: queued, inFlight: inFlight, connections: window.active, window: window.window,
+            maxConnections: window.connectionCeiling(now: now), rate: window.effectiveRate(now: now).map { "\($0)" },
+            connectionRate: window.limits.connectionRate.map { "\($0)" }, state: state, untilMillis: until,
+            restingUntilMillis: window.isDead(now: now) ? window.deadUntil : nil, reason: stateReason, domains: 0, lastReply: nil)
+    }
+
+    /// Nothing queued, under way, open, slowed or stopped (the scheduler may forget it).
+    func isQuiet() -> Bool {
+        queued == 0 && inFlight == 0 && idle.isEmpty && window.isQuiet(now: environment.now())
+    }
+
+    /// Removes the lane's gauges from the metrics (a forgotten lane). Called by the
+    /// scheduler right after it forgets the lane, before a new lane of that key can exist.
+    nonisolated func dropMetrics() {
+        connectionGauge.destroy()
+        queuedGauge.destroy()
     }
 
     /// A suspension (by the operator or a reply rule): mail for the lane waits, deferred,
@@ -166,64 +238,73 @@ actor Lane {
     func suspend(until: Int64, reason: String) {
         window.suspend(until: until)
         deadReason = .connection(reason)
-        environment.logger.notice("lane \(key): suspended until \(until): \(reason)")
+        stateReason = reason
+        environment.logger.notice("lane \(key): suspended until \(Self.time(until)): \(reason)")
         pump()
-        // Wake up when the suspension ends, so the mail waiting for it goes.
-        let wait = until - environment.now()
-        Task {
-            try? await Task.sleep(for: .milliseconds(max(0, wait) + 10))
-            self.pump()
-        }
+        wake(at: until)
     }
 
     /// How a job went, for the automatic backoff; logs each change of level with the reason.
     func record(softFailure: Bool, reason: String) {
         let change = window.record(softFailure: softFailure)
         guard change != 0 else { return }
-        let level = window.backoffLevel
-        if let rate = window.limits.rate {
-            let slower = max(1, rate.count >> level)
-            bucket = TokenBucket(rate: slower, perMillis: rate.perMillis, burst: window.limits.burst, now: environment.now())
-        }
-        let connections = level > 0 ? max(1, window.limits.maxConnections >> level) : window.limits.maxConnections
+        let now = environment.now()
+        retune(now: now)
         if change > 0 {
+            stateReason = reason
             environment.logger.warning(
-                "lane \(key): backing off to level \(level) (\(connections) connections\(window.limits.rate.map { ", rate \(max(1, $0.count >> level))/\($0.description.split(separator: "/").last!)" } ?? "")): many soft failures, last: \(reason)")
+                "lane \(key): backing off to level \(window.backoffLevel) (\(describeLimits(now: now))): many soft failures, last: \(reason)")
         } else {
-            environment.logger.notice("lane \(key): recovering to level \(level) (\(connections) connections) after successes")
+            if window.backoffLevel == 0 { stateReason = nil }
+            environment.logger.notice("lane \(key): recovering to level \(window.backoffLevel) (\(describeLimits(now: now))) after successes")
         }
         pump()
     }
 
     /// New limits after a reload; connections and queued mail stay as they are.
     func update(limits: LaneLimits) {
-        let rateChanged = limits.rate != window.limits.rate || limits.burst != window.limits.burst
-        window.update(limits: limits)
-        if rateChanged {
-            bucket = limits.rate.map { TokenBucket(rate: $0.count, perMillis: $0.perMillis, burst: limits.burst, now: environment.now()) }
-        }
+        let now = environment.now()
+        window.update(limits: limits, now: now)
+        retune(now: now)
         pump()
     }
 
     /// A reply rule's `reduce`: fewer connections and a slower rate until `until`.
     func reduce(factor: Double, until: Int64, reason: String) {
+        let now = environment.now()
         window.reduce(factor: factor, until: until)
-        if let rate = window.limits.rate {
-            let slower = max(1, Int(Double(rate.count) * factor))
-            bucket = TokenBucket(rate: slower, perMillis: rate.perMillis, burst: window.limits.burst, now: environment.now())
-            let wait = until - environment.now()
-            Task {
-                try? await Task.sleep(for: .milliseconds(max(0, wait)))
-                self.restoreRate()
-            }
-        }
-        environment.logger.notice("lane \(key): reduced to \(Int(factor * 100))% until \(until) (\(reason))")
+        stateReason = reason
+        retune(now: now)
+        environment.logger.notice("lane \(key): reduced to \(describeLimits(now: now)) until \(Self.time(until)): \(reason)")
+        wake(at: until)
     }
 
-    private func restoreRate() {
-        guard let rate = window.limits.rate else { return }
-        bucket = TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: window.limits.burst, now: environment.now())
-        environment.logger.notice("lane \(key): rate restored to \(rate)")
+    /// Sets the message bucket to the rate the lane keeps now, keeping what it has saved up.
+    private func retune(now: Int64) {
+        guard let rate = window.effectiveRate(now: now) else {
+            bucket = nil
+            return
+        }
+        let burst = window.limits.burst
+        bucket = bucket?.retuned(rate: rate.count, perMillis: rate.perMillis, burst: burst, now: now)
+            ?? TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: burst, now: now)
+    }
+
+    private func describeLimits(now: Int64) -> String {
+        let connections = "\(window.connectionCeiling(now: now)) connections"
+        return window.effectiveRate(now: now).map { "\(connections), \($0)" } ?? connections
+    }
+
+    private func wake(at until: Int64) {
+        let wait = until - environment.now()
+        Task {
+            try? await Task.sleep(for: .milliseconds(max(0, wait) + 10))
+            self.wake()
+        }
+    }
+
+    static func time(_ millis: Int64) -> String {
+        MailDate.utc(time_t(millis / 1000))
     }
 
     /// Waits, if the lane has a rate, until the next message may go.
@@ -234,10 +315,15 @@ actor Lane {
         if wait > 0 { try? await Task.sleep(for: .milliseconds(wait)) }
     }
 
-    /// The operator asked for an attempt now (`tern queue flush`): end the rest.
-    func revive() {
+    /// The operator asked for an attempt now (`tern queue flush`, `tern lanes resume`):
+    /// end the rest.
+    func revive(by reason: String? = nil) {
+        if let reason, window.isDead(now: environment.now()) {
+            environment.logger.notice("lane \(key): \(reason)")
+        }
         window.revive()
         deadReason = nil
+        stateReason = nil
     }
 
 }
@@ -261,10 +347,18 @@ struct LaneWorker: Sendable {
         }
     }
 
+    /// The lane took the connection rate's token for this worker's first connection.
+    final class Permits: @unchecked Sendable {
+        var firstTaken = true
+    }
+
     func run() async {
+        let permits = Permits()
         var held: Held?
-        while let job = await lane.next() {
-            held = await deliver(job, held: held)
+        var finished = false
+        while let job = await lane.next(finished: finished) {
+            held = await deliver(job, held: held, permits: permits)
+            finished = true
         }
         if let held { await held.connection.quit() }
         await lane.workerDone()
@@ -272,7 +366,7 @@ struct LaneWorker: Sendable {
 
     /// Tries the job's hosts in order; recipients that get a soft failure at one host go on
     /// to the next. Returns the connection to keep for the next job, if any.
-    private func deliver(_ job: DeliveryJob, held: Held?) async -> Held? {
+    private func deliver(_ job: DeliveryJob, held: Held?, permits: Permits) async -> Held? {
         let start = environment.now()
         var times = AttemptTimes(queued: job.dispatchedMillis - job.envelope.arrivalMillis, waited: start - job.dispatchedMillis)
         var held = held
@@ -318,6 +412,8 @@ struct LaneWorker: Sendable {
                     held = nil
                 }
                 if held == nil {
+                    // Every connection after the worker's first waits for the lane's connection rate.
+                    if permits.firstTaken { permits.firstTaken = false } else { await lane.permitConnection() }
                     let setupStart = environment.now()
                     let configuration = SMTPClientConfiguration(
                         heloName: environment.heloName, tlsPolicy: tls, credentials: environment.credentials[job.route.name],

@@ -42,6 +42,10 @@ public actor Scheduler {
     /// Per lane: the recipient domains seen, and the last reply or error (for `tern lanes`).
     private var laneDomains: [String: Set<String>] = [:]
     private var laneLastReply: [String: String] = [:]
+    /// Per lane: jobs handed to it and not yet reported, and when it last had any news.
+    private var laneOutstanding: [String: Int] = [:]
+    private var laneActivity: [String: Int64] = [:]
+    private var nextSweep: Int64 = 0
     /// Recipient domain → the provider its MX hosts belong to (nil: none), until when (ms).
     private var providerOf: [String: (String?, Int64)] = [:]
     private let resolver: MXResolver?
@@ -122,6 +126,10 @@ public actor Scheduler {
                 waiting[id] = nil
                 await dispatch(id)
             }
+            if now >= nextSweep {
+                await sweep(now: now)
+                nextSweep = now + min(60_000, Self.millis(config.delivery.laneIdleTime.duration) / 2)
+            }
             try? await Task.sleep(for: tick)
         }
     }
@@ -175,7 +183,10 @@ public actor Scheduler {
                 let part = Array(indexes[start..<min(indexes.count, start + route.limits.maxRecipients)])
                 let job = DeliveryJob(
                     id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: part, route: route, dispatchedMillis: now)
-                await lane(for: route).submit(job)
+                let lane = lane(for: route)
+                laneOutstanding[key, default: 0] += 1
+                laneActivity[key] = now
+                await lane.submit(job)
             }
         }
     }
@@ -188,6 +199,28 @@ public actor Scheduler {
         let name = found.flatMap { names, _ in config.providers.first { p in names.contains { p.matches($0) } }?.name }
         let ttl = Int64(min(max(found?.ttl ?? 300, 60), 86_400))
         providerOf[domain] = (name, environment.now() + ttl * 1000)
+    }
+
+    /// Forgets lanes that have been quiet for `lane_idle_time`, and provider answers past
+    /// their TTL, so a relay that has sent to a million domains keeps only the live ones.
+    private func sweep(now: Int64) async {
+        providerOf = providerOf.filter { $0.value.1 > now }
+        let idle = Self.millis(config.delivery.laneIdleTime.duration)
+        let candidates = lanes.filter { key, _ in laneOutstanding[key, default: 0] == 0 && now - (laneActivity[key] ?? 0) >= idle }
+        for (key, lane) in candidates {
+            let seen = laneActivity[key]
+            guard await lane.isQuiet() else { continue }
+            // Nothing reached the lane while it was asked (no await from here on).
+            guard lanes[key] === lane, laneActivity[key] == seen, laneOutstanding[key, default: 0] == 0 else { continue }
+            lanes[key] = nil
+            laneRoutes[key] = nil
+            laneDomains[key] = nil
+            laneLastReply[key] = nil
+            laneOutstanding[key] = nil
+            laneActivity[key] = nil
+            lane.dropMetrics()
+        }
+        if !candidates.isEmpty { logger.debug("lanes: \(lanes.count) kept after forgetting idle ones") }
     }
 
     private func lane(for route: Route) -> Lane {
@@ -204,6 +237,9 @@ public actor Scheduler {
 
     func completed(_ outcome: JobOutcome) async {
         let id = outcome.job.id
+        let laneKey = outcome.job.route.laneKey
+        laneOutstanding[laneKey, default: 1] -= 1
+        laneActivity[laneKey] = environment.now()
         guard var entry = entries[id] else { return }
         let now = environment.now()
         entry.busy += 1
@@ -480,7 +516,7 @@ public actor Scheduler {
             entries[id] = e
             count += 1
         }
-        for lane in lanes.values { await lane.revive() }
+        for lane in lanes.values { await lane.revive(by: "revived by tern queue flush") }
         for (id, _) in entries { await dispatch(id) }
         return count
     }
@@ -589,10 +625,11 @@ public actor Scheduler {
     /// Suspends a lane (`resume` with `until` nil). Returns false for an unknown lane.
     public func suspendLane(_ key: String, until: Int64?) async -> Bool {
         guard let lane = lanes[key] else { return false }
+        laneActivity[key] = environment.now()
         if let until {
             await lane.suspend(until: until, reason: "suspended by the operator")
         } else {
-            await lane.revive()
+            await lane.revive(by: "resumed by the operator")
             for id in Array(entries.keys) { await dispatch(id) }
         }
         return true

@@ -34,6 +34,9 @@ public struct DeliveryConfig: Sendable, Decodable {
     public var lane = LaneLimits()
     /// What to do when a server's reply matches: suspend the lane, slow it, or bounce.
     public var replyRules: [ReplyRule] = []
+    /// A lane with nothing queued, open, slowed or suspended for this long is forgotten
+    /// (made again from its limits when mail for it comes).
+    public var laneIdleTime = ConfigDuration(.seconds(600))
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case paused
@@ -51,6 +54,7 @@ public struct DeliveryConfig: Sendable, Decodable {
         case postmaster
         case lane
         case replyRules = "reply_rules"
+        case laneIdleTime = "lane_idle_time"
     }
 
     public init() {}
@@ -77,7 +81,11 @@ public struct DeliveryConfig: Sendable, Decodable {
         postmaster = try c.decodeIfPresent(String.self, forKey: .postmaster)
         lane = try c.decodeIfPresent(LaneLimits.self, forKey: .lane) ?? d.lane
         replyRules = try c.decodeIfPresent([ReplyRule].self, forKey: .replyRules) ?? []
-        for (key, value) in [(CodingKeys.retryFirst, retryFirst), (.connectTimeout, connectTimeout), (.commandTimeout, commandTimeout), (.dataTimeout, dataTimeout)]
+        laneIdleTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .laneIdleTime) ?? d.laneIdleTime
+        for (key, value) in [
+            (CodingKeys.retryFirst, retryFirst), (.connectTimeout, connectTimeout), (.commandTimeout, commandTimeout), (.dataTimeout, dataTimeout),
+            (.laneIdleTime, laneIdleTime),
+        ]
         where value.duration <= .zero {
             throw DecodingError.dataCorruptedError(forKey: key, in: c, debugDescription: "must be longer than 0s")
         }
@@ -110,6 +118,10 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
     public var rate: RateLimit?
     /// Messages that may go at once after a quiet spell (the bucket's size).
     public var burst = 1
+    /// New connections per second, minute or hour, at most; unlimited when unset.
+    public var connectionRate: RateLimit?
+    /// Connections that may open at once after a quiet spell under `connection_rate`.
+    public var connectionBurst = 1
     /// Recipients in one transaction, at most; a message with more is sent in several.
     public var maxRecipients = 100
     /// The local address connections to this destination leave from.
@@ -124,6 +136,8 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
         case initialConnections = "initial_connections"
         case deadTime = "dead_time"
         case rate, burst
+        case connectionRate = "connection_rate"
+        case connectionBurst = "connection_burst"
         case maxRecipients = "max_recipients"
         case sourceAddress = "source_address"
         case backoffThreshold = "backoff_threshold"
@@ -141,6 +155,8 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
         deadTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .deadTime) ?? d.deadTime
         rate = try c.decodeIfPresent(RateLimit.self, forKey: .rate)
         burst = try c.decodePositive(.burst) ?? d.burst
+        connectionRate = try c.decodeIfPresent(RateLimit.self, forKey: .connectionRate)
+        connectionBurst = try c.decodePositive(.connectionBurst) ?? d.connectionBurst
         maxRecipients = try c.decodePositive(.maxRecipients) ?? d.maxRecipients
         sourceAddress = try Self.decodeAddress(c, .sourceAddress)
         backoffThreshold = try Self.decodeShare(c, .backoffThreshold) ?? d.backoffThreshold
@@ -256,6 +272,8 @@ public struct LaneOverrides: Sendable, Decodable {
     public var deadTime: ConfigDuration?
     public var rate: RateLimit?
     public var burst: Int?
+    public var connectionRate: RateLimit?
+    public var connectionBurst: Int?
     public var maxRecipients: Int?
     public var sourceAddress: String?
     public var backoffThreshold: Double?
@@ -269,6 +287,8 @@ public struct LaneOverrides: Sendable, Decodable {
         deadTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .deadTime)
         rate = try c.decodeIfPresent(RateLimit.self, forKey: .rate)
         burst = try c.decodePositive(.burst)
+        connectionRate = try c.decodeIfPresent(RateLimit.self, forKey: .connectionRate)
+        connectionBurst = try c.decodePositive(.connectionBurst)
         maxRecipients = try c.decodePositive(.maxRecipients)
         sourceAddress = try LaneLimits.decodeAddress(c, .sourceAddress)
         backoffThreshold = try LaneLimits.decodeShare(c, .backoffThreshold)
@@ -282,6 +302,8 @@ public struct LaneOverrides: Sendable, Decodable {
         if let v = deadTime { l.deadTime = v }
         if let v = rate { l.rate = v }
         if let v = burst { l.burst = v }
+        if let v = connectionRate { l.connectionRate = v }
+        if let v = connectionBurst { l.connectionBurst = v }
         if let v = maxRecipients { l.maxRecipients = v }
         if let v = sourceAddress { l.sourceAddress = v }
         if let v = backoffThreshold { l.backoffThreshold = v }

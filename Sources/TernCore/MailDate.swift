@@ -20,4 +20,14 @@ public enum MailDate {
             + "\(two(Int(parts.tm_hour))):\(two(Int(parts.tm_min))):\(two(Int(parts.tm_sec))) "
             + "\(sign)\(two(abs(offset) / 60))\(two(abs(offset) % 60))"
     }
+
+    /// `2026-11-22 14:03:09Z`: a moment in UTC, for logs and operator tables.
+    public static func utc(_ t: time_t) -> String {
+        var seconds = t
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        var buffer = [CChar](repeating: 0, count: 32)
+        strftime(&buffer, buffer.count, "%Y-%m-%d %H:%M:%SZ", &parts)
+        return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
 }

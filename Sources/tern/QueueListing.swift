@@ -81,12 +81,7 @@ enum QueueListing {
     }
 
     static func time(_ millis: Int64) -> String {
-        var seconds = time_t(millis / 1000)
-        var parts = tm()
-        gmtime_r(&seconds, &parts)
-        var buffer = [CChar](repeating: 0, count: 32)
-        strftime(&buffer, buffer.count, "%Y-%m-%d %H:%M:%SZ", &parts)
-        return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        MailDate.utc(time_t(millis / 1000))
     }
 
     static func json(_ value: some Encodable) throws -> String {

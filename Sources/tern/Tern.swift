@@ -511,7 +511,12 @@ struct Lanes: AsyncParsableCommand {
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "show",
-            abstract: "A table: lane, domains, queued, connections/window/max, rate, state, last reply.")
+            abstract: "A table: lane, domains, queued, in flight, connections (open/window/ceiling), rate, state, last reply.",
+            discussion: """
+                STATE is active, backing off (level N: connections and rate halved N times after many soft failures), \
+                reduced until T (a reply rule), suspended until T (the operator or a reply rule) or dead until T \
+                (every connection in a window failed). LAST REPLY shows the reply behind the state when there is one.
+                """)
 
         @OptionGroup var options: ConfigOption
         @Flag(help: "Print JSON.") var json = false
@@ -532,12 +537,13 @@ struct Lanes: AsyncParsableCommand {
         }
 
         static func table(_ lanes: [LaneStatus]) -> String {
-            var rows = [["LANE", "DOMAINS", "QUEUED", "CONNS", "RATE", "STATE", "LAST REPLY"]]
+            var rows = [["LANE", "DOMAINS", "QUEUED", "INFLIGHT", "CONNS", "RATE", "STATE", "LAST REPLY"]]
             for l in lanes {
-                let state = l.restingUntilMillis.map { "resting until \(QueueListing.time($0))" } ?? "active"
+                let state = l.untilMillis.map { "\(l.state) until \(QueueListing.time($0))" } ?? l.state
+                let rate = [l.rate, l.connectionRate.map { "\($0) conn" }].compactMap { $0 }.joined(separator: ", ")
                 rows.append([
-                    l.lane, String(l.domains), String(l.queued), "\(l.connections)/\(l.window)/\(l.maxConnections)", l.rate ?? "-", state,
-                    String((l.lastReply ?? "-").prefix(60)),
+                    l.lane, String(l.domains), String(l.queued), String(l.inFlight), "\(l.connections)/\(l.window)/\(l.maxConnections)",
+                    rate.isEmpty ? "-" : rate, state, String((l.reason ?? l.lastReply ?? "-").prefix(60)),
                 ])
             }
             let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max()! }

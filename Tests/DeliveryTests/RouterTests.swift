@@ -122,6 +122,27 @@ final class TokenBucketTests: XCTestCase {
         XCTAssertEqual(c.take(now: 100_000), 1000)
     }
 
+    func testWaitTakesNothingAndRetuningKeepsWhatWasSaved() {
+        var b = TokenBucket(rate: 10, perMillis: 60_000, burst: 2, now: 0)
+        XCTAssertEqual(b.wait(now: 0), 0)
+        XCTAssertEqual(b.wait(now: 0), 0, "asking takes nothing")
+        b.takeAvailable(now: 0)
+        b.takeAvailable(now: 0)
+        XCTAssertEqual(b.wait(now: 0), 6000, "10/min: the next in six seconds")
+        XCTAssertEqual(b.wait(now: 5000), 1000)
+        XCTAssertEqual(b.wait(now: 6000), 0)
+
+        var full = TokenBucket(rate: 10, perMillis: 1000, burst: 10, now: 0)
+        _ = full.take(now: 0)
+        var slower = full.retuned(rate: 1, perMillis: 1000, burst: 10, now: 0)
+        for _ in 0..<9 { XCTAssertEqual(slower.take(now: 0), 0, "the nine saved tokens stay") }
+        XCTAssertEqual(slower.take(now: 0), 1000, "then the new rate")
+        var empty = TokenBucket(rate: 10, perMillis: 1000, burst: 10, now: 0)
+        for _ in 0..<10 { _ = empty.take(now: 0) }
+        var halved = empty.retuned(rate: 5, perMillis: 1000, burst: 10, now: 0)
+        XCTAssertEqual(halved.take(now: 0), 200, "a slower rate gives no fresh burst")
+    }
+
     func testRatesParse() {
         XCTAssertEqual(RateLimit(parsing: "60/min"), RateLimit(parsing: "60/m"))
         XCTAssertEqual(RateLimit(parsing: "10/s")?.perMillis, 1000)
@@ -163,5 +184,64 @@ final class LaneBackoffTests: XCTestCase {
         XCTAssertEqual(w.backoffLevel, 1)
         for _ in 0..<4 { XCTAssertTrue(w.mayOpen(now: 0)); w.opened() }
         XCTAssertFalse(w.mayOpen(now: 0), "level 1: half of 8")
+    }
+
+    func testStatesCeilingsAndRatesAsTheyChange() {
+        var limits = LaneLimits()
+        limits.maxConnections = 8
+        limits.rate = RateLimit(parsing: "100/min")
+        var w = LaneWindow(limits: limits, now: 0)
+        XCTAssertEqual(w.state(now: 0), .active)
+        XCTAssertTrue(w.isQuiet(now: 0))
+        XCTAssertEqual(w.effectiveRate(now: 0), RateLimit(parsing: "100/min"))
+
+        w.reduce(factor: 0.25, until: 1000)
+        XCTAssertEqual(w.state(now: 500), .reduced(until: 1000))
+        XCTAssertEqual(w.connectionCeiling(now: 500), 2)
+        XCTAssertEqual(w.effectiveRate(now: 500)?.count, 25)
+        XCTAssertFalse(w.isQuiet(now: 500), "a reduced lane is remembered")
+        XCTAssertEqual(w.connectionCeiling(now: 1000), 8, "the reduction ends by itself")
+        XCTAssertTrue(w.expire(now: 1000).reduction)
+        XCTAssertFalse(w.expire(now: 1001).reduction)
+
+        for _ in 0..<10 { _ = w.record(softFailure: true) }
+        XCTAssertEqual(w.state(now: 2000), .backingOff(level: 1))
+        XCTAssertEqual(w.effectiveRate(now: 2000)?.count, 50)
+        w.reduce(factor: 0.75, until: 3000)
+        XCTAssertEqual(w.connectionCeiling(now: 2500), 4, "the lower of backoff and reduction")
+        XCTAssertEqual(w.effectiveRate(now: 2500)?.count, 50)
+
+        w.suspend(until: 5000)
+        XCTAssertEqual(w.state(now: 4000), .suspended(until: 5000))
+        w.succeeded()
+        XCTAssertEqual(w.state(now: 4000), .suspended(until: 5000), "a connection that was already open does not end a suspension")
+        XCTAssertFalse(w.mayOpen(now: 4000))
+        w.revive()
+        XCTAssertEqual(w.state(now: 4000), .backingOff(level: 1), "resumed; the reduction is over, the backoff stays")
+
+        var dead = LaneWindow(limits: LaneLimits(), now: 0)
+        while !dead.failed(now: 0) {}
+        XCTAssertEqual(dead.state(now: 1), .dead(until: 300_000))
+        XCTAssertFalse(dead.failed(now: 2), "failures during a rest do not extend it")
+    }
+
+    func testConnectionRateGatesNewConnections() {
+        var limits = LaneLimits()
+        limits.connectionRate = RateLimit(parsing: "6/min")
+        limits.connectionBurst = 2
+        var w = LaneWindow(limits: limits, now: 0)
+        XCTAssertEqual(w.connectionWait(now: 0), 0)
+        XCTAssertEqual(w.takeConnection(now: 0), 0)
+        XCTAssertEqual(w.takeConnection(now: 0), 0)
+        XCTAssertEqual(w.connectionWait(now: 0), 10_000, "6/min: one every ten seconds after the burst")
+        XCTAssertEqual(w.takeConnection(now: 0), 10_000, "a connection that must open anyway waits its turn")
+        XCTAssertEqual(w.takeConnection(now: 0), 20_000)
+
+        var slower = limits
+        slower.connectionRate = RateLimit(parsing: "1/min")
+        w.update(limits: slower, now: 0)
+        XCTAssertEqual(w.connectionWait(now: 0), 180_000, "reservations made stay, at the new rate")
+        var unlimited = LaneWindow(limits: LaneLimits())
+        XCTAssertEqual(unlimited.connectionWait(now: 0), 0, "no connection rate: no wait")
     }
 }

@@ -111,6 +111,7 @@ class Sink:
         self.connections = 0
         self.max_connections = 0
         self.total_connections = 0
+        self.connection_times = []
         self.data_delay = data_delay
         self.lock = threading.Lock()
         sink = self
@@ -138,6 +139,7 @@ class Sink:
                 with sink.lock:
                     sink.connections += 1
                     sink.total_connections += 1
+                    sink.connection_times.append(time.time())
                     sink.max_connections = max(sink.max_connections, sink.connections)
                 super().connection_made(transport)
 

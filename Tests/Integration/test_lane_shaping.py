@@ -4,6 +4,16 @@ import smtplib
 from peers import delivery, wait_empty
 
 
+def lane_state(tern, name):
+    import json
+    import subprocess
+    from conftest import BINARY
+    out = subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
+                         text=True, timeout=20, check=True)
+    [lane] = [l for l in json.loads(out.stdout) if l["lane"] == name]
+    return lane
+
+
 def send_each(tern, count, recipient):
     with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
         for i in range(count):
@@ -51,7 +61,7 @@ def test_lanes_table_suspend_and_resume(make_tern, dns, mx_port, sinks):
     import subprocess
     import time
     from conftest import BINARY
-    from peers import send
+    from peers import send, wait_log
 
     def lanes(*args, check=True):
         out = subprocess.run([BINARY, "lanes", *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
@@ -76,9 +86,12 @@ def test_lanes_table_suspend_and_resume(make_tern, dns, mx_port, sinks):
     receiver.wait(2)
     time.sleep(1)
     assert sorted(receiver.recipients()) == ["x@a.example", "z@b.example"], "a suspended lane holds its mail; others go on"
-    assert "resting until" in lanes().stdout
+    assert "suspended until" in lanes().stdout
+    [a] = [l for l in json.loads(lanes("--json").stdout) if l["lane"] == "a.example"]
+    assert a["state"] == "suspended" and a["reason"] == "suspended by the operator" and a["until_ms"] > time.time() * 1000 + 3600_000
     assert "resumed" in lanes("resume", "a.example").stdout
     receiver.wait(3)
+    wait_log(tern, r"lane a\.example: resumed by the operator")
     assert lanes("suspend", "nope.example", check=False).returncode == 1
 
 
@@ -123,12 +136,13 @@ def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
     tern = make_tern(delivery=delivery(dns, mx_port, rules))
     start = time.time()
     send(tern, "app@client.example", ["a@ts.example"])
-    wait_log(tern, r"lane ts\.example: suspended until \d+: reply rule matched: 421 4\.7\.0 \[TS04\]")
+    wait_log(tern, r"lane ts\.example: suspended until [\d-]+ [\d:]+Z: reply rule matched: 421 4\.7\.0 \[TS04\]")
     send(tern, "app@client.example", ["b@ts.example"])
     time.sleep(1.5)
     assert receiver.recipients() == [], "the suspended lane sends nothing, not even new mail"
     receiver.wait(2, timeout=15)
     assert time.time() - start >= 3, "and resumes after the rule's time"
+    wait_log(tern, r"lane ts\.example: suspension over, delivering again")
     # A reply that means "never": bounced at once instead of retried.
     send(tern, "app@client.example", ["full@ts.example"])
     [bounce] = sender_side.wait(1)
@@ -137,7 +151,9 @@ def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
     assert "bounced by a reply rule" in r["Diagnostic-Code"]
     # Gmail-style rate complaint: the lane slows down.
     send(tern, "app@client.example", ["slow@ts.example"])
-    wait_log(tern, r"lane ts\.example: reduced to 50% until \d+ \(reply rule matched: 451 4\.7\.28")
+    wait_log(tern, r"lane ts\.example: reduced to 10 connections until [\d-]+ [\d:]+Z: reply rule matched: 451 4\.7\.28")
+    state = lane_state(tern, "ts.example")
+    assert state["state"] == "reduced" and state["max_connections"] == 10 and "4.7.28" in state["reason"]
 
 
 def test_reload_changes_limits_keeps_mail_and_refuses_a_bad_config(make_tern, dns, mx_port, sinks):
@@ -180,8 +196,56 @@ def test_rising_soft_failures_slow_the_lane_and_it_recovers(make_tern, dns, mx_p
         receiver.replies[f"s{i}@bo.example"] = ["451 4.7.1 too much mail from you, slow down", "250 ok"]
     tern = make_tern(delivery=delivery(dns, mx_port, ', lane: { max_connections: 8, rate: "100/s", burst: 10 }'))
     send_each(tern, 12, "s{i}@bo.example")
-    wait_log(tern, r"lane bo\.example: backing off to level 1 \(4 connections, rate 50/s\): many soft failures, "
+    wait_log(tern, r"lane bo\.example: backing off to level 1 \(4 connections, 50/s\): many soft failures, "
                    r"last: smtp; 451 4\.7\.1 too much mail")
     receiver.wait(12, timeout=30)
-    wait_log(tern, r"lane bo\.example: recovering to level 0 \(8 connections\) after successes", timeout=30)
+    wait_log(tern, r"lane bo\.example: recovering to level 0 \(8 connections, 100/s\) after successes", timeout=30)
+    assert lane_state(tern, "bo.example")["state"] == "active"
+    wait_empty(tern)
+
+
+def test_connection_rate_spaces_new_connections(make_tern, dns, mx_port, sinks):
+    import time
+    dns.add("cr.example", ("A", "127.0.0.20"))
+    receiver = sinks("127.0.0.20")
+    # One message per connection, so every message needs a new one: 60/min lets one open a second.
+    lane = ', lane: { connection_rate: "60/min", connection_burst: 2, messages_per_connection: 1 }'
+    tern = make_tern(delivery=delivery(dns, mx_port, lane))
+    start = time.time()  # the fixture's readiness probe connected before this
+    send_each(tern, 6, "c{i}@cr.example")
+    receiver.wait(6, timeout=30)
+    opened = sorted(t for t in receiver.connection_times if t >= start)
+    assert len(opened) == 6
+    # In any stretch of t seconds at most t*1 + 2 connections open (the burst), with a little slack.
+    for i in range(len(opened)):
+        for j in range(i, len(opened)):
+            assert j - i + 1 <= (opened[j] - opened[i]) + 2 + 0.3, (i, j, opened[j] - opened[i])
+    assert opened[-1] - opened[0] >= 4 - 0.3, "six connections with a burst of two take four seconds"
+    assert lane_state(tern, "cr.example")["connection_rate"] == "60/min"
+
+
+def test_idle_lanes_are_forgotten_and_made_again(make_tern, dns, mx_port, sinks):
+    import json
+    import subprocess
+    import time
+    from conftest import BINARY
+    dns.add("idle.example", ("A", "127.0.0.11"))
+    receiver = sinks("127.0.0.11")
+    tern = make_tern(delivery=delivery(dns, mx_port, ", lane_idle_time: 2s"))
+    send_each(tern, 1, "a@idle.example")
+    receiver.wait(1)
+    assert lane_state(tern, "idle.example")["domains"] == 1
+
+    def lane_names():
+        out = subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir,
+                             capture_output=True, text=True, timeout=20, check=True)
+        return [l["lane"] for l in json.loads(out.stdout)]
+
+    deadline = time.time() + 15
+    while "idle.example" in lane_names():
+        assert time.time() < deadline, "a quiet lane is forgotten after lane_idle_time"
+        time.sleep(0.5)
+    send_each(tern, 1, "b@idle.example")
+    receiver.wait(2)
+    assert "idle.example" in lane_names()
     wait_empty(tern)
