@@ -46,7 +46,7 @@ actor Lane {
     private var deadReason: AttemptOutcome?
     /// The reply or error behind the lane's present state, for `tern lanes`.
     private var stateReason: String?
-    private let environment: LaneEnvironment
+    private var environment: LaneEnvironment
     private let report: @Sendable (JobOutcome) async -> Void
     /// The lane's message rate, when it has one, at the rate the lane keeps now.
     private var bucket: TokenBucket?
@@ -226,6 +226,9 @@ actor Lane {
         queued == 0 && inFlight == 0 && idle.isEmpty && window.isQuiet(now: environment.now())
     }
 
+    /// The smarthost login of a route, as the last reload left it.
+    func credentials(route: String) -> ClientCredentials? { environment.credentials[route] }
+
     /// Removes the lane's gauges from the metrics (a forgotten lane). Called by the
     /// scheduler right after it forgets the lane, before a new lane of that key can exist.
     nonisolated func dropMetrics() {
@@ -261,8 +264,10 @@ actor Lane {
         pump()
     }
 
-    /// New limits after a reload; connections and queued mail stay as they are.
-    func update(limits: LaneLimits) {
+    /// New limits and smarthost logins after a reload; connections and queued mail stay
+    /// as they are (new connections log in with the new password).
+    func update(limits: LaneLimits, credentials: [String: ClientCredentials]) {
+        environment.credentials = credentials
         let now = environment.now()
         window.update(limits: limits, now: now)
         retune(now: now)
@@ -415,8 +420,10 @@ struct LaneWorker: Sendable {
                     // Every connection after the worker's first waits for the lane's connection rate.
                     if permits.firstTaken { permits.firstTaken = false } else { await lane.permitConnection() }
                     let setupStart = environment.now()
+                    // Read now, not when the worker started: a reload may have brought a new password.
+                    let credentials = await lane.credentials(route: job.route.name)
                     let configuration = SMTPClientConfiguration(
-                        heloName: environment.heloName, tlsPolicy: tls, credentials: environment.credentials[job.route.name],
+                        heloName: environment.heloName, tlsPolicy: tls, credentials: credentials,
                         serverName: host.name, caFile: job.route.caFile, connectTimeout: environment.connectTimeout,
                         commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout, isLastHost: false,
                         sourceAddress: limits.sourceAddress)

@@ -13,6 +13,7 @@ import NIOCore
 import NIOPosix
 import ServiceLifecycle
 import TernCore
+import Transports
 import UnixSignals
 import Spool
 
@@ -47,11 +48,11 @@ public final class QueueManagerService: Service, Sendable {
     let socketPath: String
     let logger: Logger
     /// Reads the config file again: the new config, or why it was refused.
-    let reloadConfig: @Sendable () -> Result<TernConfig, ConfigError>
+    let reloadConfig: @Sendable () -> Result<(TernConfig, [String: ClientCredentials]), ConfigError>
 
     public init(
         scheduler: Scheduler, spoolRoot: String, logger: Logger,
-        reloadConfig: @escaping @Sendable () -> Result<TernConfig, ConfigError> = { .failure(ConfigError(file: "", line: nil, keyPath: "", message: "reload is not available")) }
+        reloadConfig: @escaping @Sendable () -> Result<(TernConfig, [String: ClientCredentials]), ConfigError> = { .failure(ConfigError(file: "", line: nil, keyPath: "", message: "reload is not available")) }
     ) {
         self.scheduler = scheduler
         self.socketPath = spoolRoot + "/control"
@@ -63,8 +64,8 @@ public final class QueueManagerService: Service, Sendable {
     /// one is refused and the running one stays.
     func reload() async -> String? {
         switch reloadConfig() {
-        case .success(let config):
-            await scheduler.reload(config)
+        case .success(let (config, credentials)):
+            await scheduler.reload(config, credentials: credentials)
             return nil
         case .failure(let error):
             logger.error("reload refused, the running configuration stays: \(error)")

@@ -53,7 +53,7 @@ public actor Scheduler {
     private var router: Router
     private let retry: RetrySchedule
     private var config: TernConfig
-    private let environment: LaneEnvironment
+    private var environment: LaneEnvironment
     private let logger: Logger
     private var random = SystemRandomNumberGenerator()
     private let tick: Duration
@@ -587,8 +587,9 @@ public actor Scheduler {
     /// Takes new routes, providers, reply rules and lane limits (SIGHUP, `tern reload`).
     /// Queued mail, deliveries under way and open connections are kept; each lane gets the
     /// limits its route and provider now give it. The rest of the config (listeners, spool,
-    /// retry schedule) takes a restart.
-    public func reload(_ new: TernConfig) async {
+    /// retry schedule) takes a restart. Smarthost passwords are read again with the routes.
+    public func reload(_ new: TernConfig, credentials: [String: ClientCredentials]) async {
+        environment.credentials = credentials
         config.routes = new.routes
         config.providers = new.providers
         config.delivery.lane = new.delivery.lane
@@ -604,7 +605,7 @@ public actor Scheduler {
             if let name = old.provider, let provider = config.providers.first(where: { $0.name == name }) {
                 limits = provider.lane?.applied(to: limits) ?? limits
             }
-            await lane.update(limits: limits)
+            await lane.update(limits: limits, credentials: credentials)
         }
         logger.notice("configuration reloaded: \(config.routes.count) routes, \(config.providers.count) providers, \(config.delivery.replyRules.count) reply rules; \(lanes.count) lanes updated")
         for id in Array(entries.keys) { await dispatch(id) }

@@ -73,15 +73,11 @@ struct LoadedResources {
                 throw ExitCode(78)
             }
         }
-        for (i, route) in config.routes.enumerated() {
-            guard let auth = route.smarthost?.auth else { continue }
-            do {
-                smarthostCredentials[route.name] = ClientCredentials(
-                    user: auth.user, password: try auth.readPassword(), allowPlaintext: auth.allowPlaintext)
-            } catch {
-                printError("tern: \(file): routes.\(i).smarthost.auth.password_file: \(error)")
-                throw ExitCode(78)
-            }
+        switch Self.smarthostCredentials(config, file: file) {
+        case .success(let found): smarthostCredentials = found
+        case .failure(let error):
+            printError("tern: \(error)")
+            throw ExitCode(78)
         }
         if let files = config.tls {
             do {
@@ -91,6 +87,22 @@ struct LoadedResources {
                 throw ExitCode(78)
             }
         }
+    }
+}
+
+extension LoadedResources {
+    /// Reads each smarthost route's password file (at start, and again on each reload).
+    static func smarthostCredentials(_ config: TernConfig, file: String) -> Result<[String: ClientCredentials], ConfigError> {
+        var found: [String: ClientCredentials] = [:]
+        for (i, route) in config.routes.enumerated() {
+            guard let auth = route.smarthost?.auth else { continue }
+            do {
+                found[route.name] = ClientCredentials(user: auth.user, password: try auth.readPassword(), allowPlaintext: auth.allowPlaintext)
+            } catch {
+                return .failure(ConfigError(file: file, line: nil, keyPath: "routes[\(i)].smarthost.auth.password_file", message: "\(error)"))
+            }
+        }
+        return .success(found)
     }
 }
 
@@ -163,7 +175,12 @@ struct Serve: AsyncParsableCommand {
         let path = options.config
         let queueManager = QueueManagerService(
             scheduler: scheduler, spoolRoot: config.spool, logger: logger,
-            reloadConfig: { Result { () throws(ConfigError) -> TernConfig in try ConfigLoader.load(path: path, plugins: filterPlugins) } })
+            reloadConfig: {
+                Result { () throws(ConfigError) -> (TernConfig, [String: ClientCredentials]) in
+                    let config = try ConfigLoader.load(path: path, plugins: filterPlugins)
+                    return (config, try LoadedResources.smarthostCredentials(config, file: path).get())
+                }
+            })
         let server = SMTPServer(
             config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
             group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
@@ -583,7 +600,7 @@ struct Lanes: AsyncParsableCommand {
 
 struct Reload: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Make the running daemon re-read its routes, providers, reply rules and lane limits (as SIGHUP does).",
+        abstract: "Make the running daemon re-read its routes (and smarthost passwords), providers, reply rules and lane limits (as SIGHUP does).",
         discussion: "Queued mail and open connections stay. An invalid configuration is refused, and the running one stays.")
 
     @OptionGroup var options: ConfigOption

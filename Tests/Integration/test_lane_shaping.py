@@ -26,10 +26,11 @@ def test_rate_limit_holds_with_its_burst(make_tern, dns, mx_port, sinks):
     tern = make_tern(delivery=delivery(dns, mx_port, ', lane: { rate: "5/s", burst: 2 }'))
     send_each(tern, 10, "u{i}@slow.example")
     times = sorted(m.time for m in receiver.wait(10, timeout=20))
-    # In any stretch of t seconds at most 5*t + 2 messages arrive (a little slack for timing).
+    # In any stretch of t seconds at most 5*t + 2 messages arrive; one message of slack, as
+    # the receiver stamps arrivals after its own scheduling delay (up to 0.2 s on a loaded machine).
     for i in range(len(times)):
         for j in range(i, len(times)):
-            assert j - i + 1 <= 5 * (times[j] - times[i]) + 2 + 0.5, (i, j, times[j] - times[i])
+            assert j - i + 1 <= 5 * (times[j] - times[i]) + 2 + 1, (i, j, times[j] - times[i])
     assert times[-1] - times[0] >= (10 - 2) / 5 - 0.2, "the rate was really applied"
 
 

@@ -122,3 +122,27 @@ def test_route_explain(tmp_path, certs, password_file):
     assert "lane: b@smtp.upstream.example:2587" in out and "tls: verify" in out and "max_connections 4" in out
     out = explain("user@gmail.example", "--sender", "app@other.example")
     assert "route: default" in out and "lane: gmail.example" in out
+
+
+def test_reload_reads_a_changed_password(make_tern, certs, tmp_path, upstream):
+    import signal
+    pw = tmp_path / "rotated.pw"
+    pw.write_text("old secret\n")
+    os.chmod(pw, 0o600)
+    tern = make_tern(delivery="{ retry_first: 1s, retry_maximum: 1s, retry_jitter: 0 }",
+                     extra=smarthost_route(upstream.port, certs, pw))
+    send(tern, "app@client.example", ["someone@gmail.example"])
+    wait_log(tern, r"to=<someone@gmail\.example>, .*status=deferred \(smtp; 535")
+    # The operator rotates the password and reloads: the next attempt logs in with it.
+    pw.write_text("correct horse\n")
+    tern.proc.send_signal(signal.SIGHUP)
+    wait_log(tern, r"configuration reloaded")
+    [m] = upstream.wait(1, timeout=20)
+    assert m.rcpt_tos == ["someone@gmail.example"]
+    wait_empty(tern)
+    # A password file that others can now read is refused; the running config stays.
+    os.chmod(pw, 0o644)
+    tern.proc.send_signal(signal.SIGHUP)
+    wait_log(tern, r"reload refused, the running configuration stays: .*routes\[0\]\.smarthost\.auth\.password_file: .*mode 644")
+    send(tern, "app@client.example", ["again@gmail.example"])
+    upstream.wait(2, timeout=20)
