@@ -22,14 +22,18 @@ public struct Route: Sendable, Equatable {
 
     /// One lane per destination. Connections are reused only within a lane, so a lane is
     /// also everything a connection was set up with: two routes that log in to the same
-    /// smarthost as different users get two lanes.
+    /// smarthost as different users get two lanes, and mail that leaves from another source
+    /// address gets its own lane (`provider:gmail/192.0.2.7`), as providers count
+    /// connections and rates per sending IP.
     public var laneKey: String {
+        let destination: String
         switch nextHop {
-        case .mx(let domain): return provider.map { "provider:\($0)" } ?? domain
+        case .mx(let domain): destination = provider.map { "provider:\($0)" } ?? domain
         case .smarthost(let host, let port):
             let hostPort = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
-            return authUser.map { "\($0)@\(hostPort)" } ?? hostPort
+            destination = authUser.map { "\($0)@\(hostPort)" } ?? hostPort
         }
+        return limits.sourceAddress.map { "\(destination)/\($0)" } ?? destination
     }
 }
 

@@ -345,10 +345,15 @@ struct LaneWorker: Sendable {
     final class Held: @unchecked Sendable {
         var connection: SMTPClientConnection
         var address: String
+        /// What the connection was set up with (route, TLS policy, CA): a job from another
+        /// route that shares the lane never rides a connection set up with a weaker policy
+        /// or another login.
+        var setup: String
         var messages = 0
-        init(_ connection: SMTPClientConnection, address: String) {
+        init(_ connection: SMTPClientConnection, address: String, setup: String) {
             self.connection = connection
             self.address = address
+            self.setup = setup
         }
     }
 
@@ -412,7 +417,8 @@ struct LaneWorker: Sendable {
         hostLoop: for host in hosts {
             for address in host.addresses where !remaining.isEmpty {
                 let target = "\(address):\(serverPort)"
-                if let h = held, h.address != target || !h.connection.isReady || h.messages >= limits.messagesPerConnection {
+                let setup = "\(job.route.name) \(tls) \(job.route.caFile ?? "")"
+                if let h = held, h.address != target || h.setup != setup || !h.connection.isReady || h.messages >= limits.messagesPerConnection {
                     await h.connection.quit()
                     held = nil
                 }
@@ -429,7 +435,7 @@ struct LaneWorker: Sendable {
                         sourceAddress: limits.sourceAddress)
                     do {
                         let connection = try await SMTPClientConnection.connect(host: address, port: serverPort, configuration: configuration)
-                        held = Held(connection, address: target)
+                        held = Held(connection, address: target, setup: setup)
                         await lane.connectionSucceeded()
                     } catch {
                         lastOutcome = error.outcome

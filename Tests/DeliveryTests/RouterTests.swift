@@ -31,6 +31,12 @@ final class RouterTests: XCTestCase {
         let ses = router.route(recipient: "a@gmail.example", sender: "")
         XCTAssertEqual(ses.tls, .verify, "a smarthost verifies by default")
         XCTAssertEqual(ses.laneKey, "email-smtp.example:587")
+        var egress = ses
+        egress.limits.sourceAddress = "192.0.2.7"
+        XCTAssertEqual(egress.laneKey, "email-smtp.example:587/192.0.2.7", "another source address, another lane")
+        var google = router.route(recipient: "a@partner.example", sender: "")
+        google.provider = "google"
+        XCTAssertEqual(google.laneKey, "provider:google")
     }
 
     func testSenderDependentRouteAndDefault() throws {
