@@ -623,16 +623,22 @@ public actor Scheduler {
         return out
     }
 
-    /// Suspends a lane (`resume` with `until` nil). Returns false for an unknown lane.
+    /// Suspends a lane (`resume` with `until` nil); a destination alone (`provider:yahoo`)
+    /// also names its lanes with their own source addresses (`provider:yahoo/192.0.2.7`).
+    /// Returns false when no lane matches.
     public func suspendLane(_ key: String, until: Int64?) async -> Bool {
-        guard let lane = lanes[key] else { return false }
-        laneActivity[key] = environment.now()
-        if let until {
-            await lane.suspend(until: until, reason: "suspended by the operator")
-        } else {
-            await lane.revive(by: "resumed by the operator")
-            for id in Array(entries.keys) { await dispatch(id) }
+        let chosen = lanes.filter { $0.key == key || $0.key.hasPrefix(key + "/") }
+        guard !chosen.isEmpty else { return false }
+        let now = environment.now()
+        for (k, lane) in chosen {
+            laneActivity[k] = now
+            if let until {
+                await lane.suspend(until: until, reason: "suspended by the operator")
+            } else {
+                await lane.revive(by: "resumed by the operator")
+            }
         }
+        if until == nil { for id in Array(entries.keys) { await dispatch(id) } }
         return true
     }
 

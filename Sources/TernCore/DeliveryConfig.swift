@@ -487,7 +487,9 @@ public struct ReplyRule: @unchecked Sendable, Decodable {
 
     /// Whether a reply (`421 4.7.0 text`, as the diagnostic carries it) matches.
     public func matches(code replyCode: Int, enhanced replyEnhanced: String?, text replyText: String, lane: String) -> Bool {
-        if let lanes, !lanes.contains(lane) { return false }
+        // A lane with its own source address (`provider:yahoo/192.0.2.7`) is also matched by
+        // its destination alone.
+        if let lanes, !lanes.contains(lane), !lanes.contains(where: { lane.hasPrefix($0 + "/") }) { return false }
         if let code {
             if code < 10 { guard replyCode / 100 == code else { return false } } else { guard replyCode == code else { return false } }
         }

@@ -251,7 +251,17 @@ struct Check: AsyncParsableCommand {
         print(
             "  lanes: max_connections \(d.lane.maxConnections), initial_connections \(d.lane.initialConnections), "
                 + "messages_per_connection \(d.lane.messagesPerConnection), dead_time \(d.lane.deadTime), "
-                + "rate \(d.lane.rate.map { "\($0), burst \(d.lane.burst)" } ?? "unlimited"), max_recipients \(d.lane.maxRecipients)")
+                + "rate \(d.lane.rate.map { "\($0), burst \(d.lane.burst)" } ?? "unlimited"), "
+                + "connection_rate \(d.lane.connectionRate.map { "\($0), burst \(d.lane.connectionBurst)" } ?? "unlimited"), "
+                + "max_recipients \(d.lane.maxRecipients), idle lanes forgotten after \(d.laneIdleTime)")
+        print("  reply rules (first match wins):\(d.replyRules.isEmpty ? " none" : "")")
+        for rule in d.replyRules {
+            let match = [
+                rule.code.map { "code \($0)" }, rule.enhanced.map { "enhanced \($0)" }, rule.text.map { "text /\($0)/" },
+            ].compactMap { $0 }.joined(separator: ", ")
+            let action = rule.action == .bounce ? "bounce" : rule.action == .suspend ? "suspend for \(rule.duration)" : "reduce to \(rule.factor) for \(rule.duration)"
+            print("    \(match)\(rule.lanes.map { " on \($0.joined(separator: ", "))" } ?? "") -> \(action)")
+        }
         print("routes (first match wins):")
         for route in config.routes {
             let senders = route.senderDomains.map { " from \($0.joined(separator: ", "))" } ?? ""

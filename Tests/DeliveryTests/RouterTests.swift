@@ -39,6 +39,29 @@ final class RouterTests: XCTestCase {
         XCTAssertEqual(google.laneKey, "provider:google")
     }
 
+    func testReplyRulesMatchCodeEnhancedTextAndLane() throws {
+        let c = try config(
+            """
+            delivery:
+              reply_rules:
+                - { text: "\\\\[TS04\\\\]", lanes: [provider:yahoo], action: suspend, for: 2h }
+                - { code: 4, enhanced: "4.7", action: reduce }
+                - { code: 452, action: bounce }
+            """)
+        let rules = c.delivery.replyRules
+        XCTAssertEqual(rules.count, 3)
+        let ts04 = "421 4.7.0 [TS04] Messages from 192.0.2.7 temporarily deferred"
+        XCTAssertTrue(rules[0].matches(code: 421, enhanced: "4.7.0", text: ts04, lane: "provider:yahoo"))
+        XCTAssertTrue(rules[0].matches(code: 421, enhanced: "4.7.0", text: ts04, lane: "provider:yahoo/192.0.2.7"), "its own source address")
+        XCTAssertFalse(rules[0].matches(code: 421, enhanced: "4.7.0", text: ts04, lane: "provider:yahoo-jp"))
+        XCTAssertFalse(rules[0].matches(code: 421, enhanced: "4.7.0", text: "421 4.7.0 [TS03] x", lane: "provider:yahoo"))
+        XCTAssertTrue(rules[1].matches(code: 451, enhanced: "4.7.28", text: "", lane: "x"), "a class and a prefix")
+        XCTAssertFalse(rules[1].matches(code: 451, enhanced: "4.70.1", text: "", lane: "x"), "4.7 is not a prefix of 4.70")
+        XCTAssertFalse(rules[1].matches(code: 550, enhanced: "4.7.1", text: "", lane: "x"))
+        XCTAssertTrue(rules[2].matches(code: 452, enhanced: nil, text: "", lane: "x"))
+        XCTAssertThrowsError(try config("delivery:\n  reply_rules:\n    - { action: suspend }\n"), "a rule must match something")
+    }
+
     func testSenderDependentRouteAndDefault() throws {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("router-\(getpid())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)

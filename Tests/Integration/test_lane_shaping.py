@@ -55,6 +55,14 @@ def test_lane_leaves_from_its_source_address(make_tern, dns, mx_port, sinks):
     send_each(tern, 1, "u@egress.example")
     [m] = receiver.wait(1)
     assert m.peer[0] == "127.0.0.5"
+    # The source address is part of the lane; the destination alone names it for the operator.
+    assert lane_state(tern, "egress.example/127.0.0.5")["domains"] == 1
+    import subprocess
+    from conftest import BINARY
+    out = subprocess.run([BINARY, "lanes", "suspend", "egress.example", "--for", "1h", "--config", str(tern.config_path)],
+                         cwd=tern.dir, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    assert lane_state(tern, "egress.example/127.0.0.5")["state"] == "suspended"
 
 
 def test_lanes_table_suspend_and_resume(make_tern, dns, mx_port, sinks):
