@@ -54,6 +54,9 @@ actor Lane {
     private var pumpPending = false
     private let connectionGauge: Gauge
     private let queuedGauge: Gauge
+    private let inFlightGauge: Gauge
+    /// 1 while the lane is slowed or stopped (backing off, reduced, suspended, dead).
+    private let throttledGauge: Gauge
 
     init(key: String, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
         self.key = key
@@ -66,6 +69,8 @@ actor Lane {
         }
         self.connectionGauge = Gauge(label: "tern_lane_connections", dimensions: [("lane", key)])
         self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key)])
+        self.inFlightGauge = Gauge(label: "tern_lane_in_flight", dimensions: [("lane", key)])
+        self.throttledGauge = Gauge(label: "tern_lane_throttled", dimensions: [("lane", key)])
     }
 
     var queued: Int { jobs.count - head }
@@ -89,6 +94,7 @@ actor Lane {
     /// while the lane rests.
     private func pump() {
         let now = environment.now()
+        defer { recordGauges(now: now) }
         if window.isDead(now: now) {
             let waiting = Array(jobs[head...])
             jobs.removeAll()
@@ -102,10 +108,6 @@ actor Lane {
                 Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
             }
             return
-        }
-        defer {
-            connectionGauge.record(window.active)
-            queuedGauge.record(queued)
         }
         while queued > 0, window.mayOpen(now: now) {
             let wait = window.connectionWait(now: now)
@@ -127,6 +129,13 @@ actor Lane {
         }
     }
 
+    private func recordGauges(now: Int64) {
+        connectionGauge.record(window.active)
+        queuedGauge.record(queued)
+        inFlightGauge.record(inFlight)
+        throttledGauge.record(window.state(now: now) == .active ? 0 : 1)
+    }
+
     /// A timer went off: a suspension, reduction or connection-rate wait may be over.
     private func wake() {
         pumpPending = false
@@ -145,9 +154,15 @@ actor Lane {
     /// little for one before telling it to close. A resting lane gives none: its waiting
     /// jobs are deferred when the worker is done.
     func next(finished: Bool) async -> DeliveryJob? {
-        if finished { inFlight -= 1 }
+        if finished {
+            inFlight -= 1
+            if inFlight == 0 { recordGauges(now: environment.now()) }
+        }
         if window.isDead(now: environment.now()) { return nil }
-        if let job = take() { return job }
+        if let job = take() {
+            recordGauges(now: environment.now())
+            return job
+        }
         let id = nextWaiter
         nextWaiter += 1
         let idleTime = environment.idleTime
@@ -232,8 +247,7 @@ actor Lane {
     /// Removes the lane's gauges from the metrics (a forgotten lane). Called by the
     /// scheduler right after it forgets the lane, before a new lane of that key can exist.
     nonisolated func dropMetrics() {
-        connectionGauge.destroy()
-        queuedGauge.destroy()
+        for gauge in [connectionGauge, queuedGauge, inFlightGauge, throttledGauge] { gauge.destroy() }
     }
 
     /// A suspension (by the operator or a reply rule): mail for the lane waits, deferred,
@@ -281,6 +295,7 @@ actor Lane {
         stateReason = reason
         retune(now: now)
         environment.logger.notice("lane \(key): reduced to \(describeLimits(now: now)) until \(Self.time(until)): \(reason)")
+        recordGauges(now: now)
         wake(at: until)
     }
 

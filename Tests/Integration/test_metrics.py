@@ -38,6 +38,27 @@ def test_metrics_count_accepted_and_delivered_mail(make_tern, dns, mx_port, sink
     assert value(text, 'tern_delivery_attempts_total{status="bounced"}') == 1
     assert value(text, "tern_queue_messages") == 0
     assert value(text, 'tern_lane_connections{lane="ok.example"}') is not None
+    assert value(text, 'tern_lane_in_flight{lane="ok.example"}') == 0
+    assert value(text, 'tern_lane_throttled{lane="ok.example"}') == 0
     with pytest.raises(urllib.error.HTTPError) as e:
         scrape(port, "/")
     assert e.value.code == 404
+
+
+def test_lane_series_follow_a_suspension_and_a_forgotten_lane(make_tern, dns, mx_port, sinks):
+    import subprocess
+    import time
+    from conftest import BINARY
+    dns.add("sus.example", ("A", "127.0.0.12"))
+    receiver = sinks("127.0.0.12")
+    port = free_port()
+    tern = make_tern(delivery=delivery(dns, mx_port, ", lane_idle_time: 2s"), extra=f'metrics: {{ address: "127.0.0.1:{port}" }}')
+    send(tern, "app@client.example", ["a@sus.example"])
+    receiver.wait(1)
+    subprocess.run([BINARY, "lanes", "suspend", "sus.example", "--for", "3s", "--config", str(tern.config_path)], cwd=tern.dir,
+                   check=True, capture_output=True, timeout=20)
+    assert value(scrape(port), 'tern_lane_throttled{lane="sus.example"}') == 1
+    deadline = time.time() + 20
+    while value(scrape(port), 'tern_lane_throttled{lane="sus.example"}') is not None:
+        assert time.time() < deadline, "the series of a forgotten lane go away"
+        time.sleep(0.5)
