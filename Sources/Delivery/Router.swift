@@ -43,19 +43,54 @@ public struct Router: Sendable {
     public let routes: [RouteConfig]
     public let delivery: DeliveryConfig
 
+    /// Each route's lane limits, worked out once. Routes to the same smarthost (host, port
+    /// and login) share a lane, so they share its limits too: each key comes from the first
+    /// route in the table that sets it, whichever route's mail reaches the lane first. Only
+    /// `source_address` stays each route's own (it makes a lane of its own).
+    private let limits: [LaneLimits]
+
     public init(routes: [RouteConfig], delivery: DeliveryConfig) {
         self.routes = routes
         self.delivery = delivery
+        func destination(_ r: RouteConfig) -> String? {
+            guard r.transport == .smarthost, let s = r.smarthost else { return nil }
+            return "\(s.auth?.user ?? "")@\(s.host):\(s.port)"
+        }
+        var limits = routes.map { $0.lane?.applied(to: delivery.lane) ?? delivery.lane }
+        for i in routes.indices {
+            guard let target = destination(routes[i]) else { continue }
+            var merged = delivery.lane
+            for j in routes.indices.reversed() where destination(routes[j]) == target {
+                merged = routes[j].lane?.applied(to: merged) ?? merged
+            }
+            merged.sourceAddress = limits[i].sourceAddress
+            limits[i] = merged
+        }
+        self.limits = limits
+    }
+
+    /// The lane limits of the route with this name (`default`: `delivery.lane`).
+    public func limits(ofRoute name: String) -> LaneLimits {
+        routes.firstIndex(where: { $0.name == name }).map { limits[$0] } ?? delivery.lane
+    }
+
+    /// The limits of a provider's lane: `delivery.lane` with the provider's keys. A route's
+    /// own limits do not apply (every route into the provider shares its lane), except its
+    /// `source_address` when the provider sets none.
+    public func limits(provider: ProviderConfig, route: Route) -> LaneLimits {
+        var l = provider.lane?.applied(to: delivery.lane) ?? delivery.lane
+        if provider.lane?.sourceAddress == nil { l.sourceAddress = route.limits.sourceAddress }
+        return l
     }
 
     public func route(recipient: String, sender: String) -> Route {
         let domain = Self.domain(of: recipient)
         let senderDomain = sender.isEmpty ? nil : Self.domain(of: sender)
-        for config in routes where config.domains.contains(where: { Self.matches($0, domain) }) {
+        for (i, config) in routes.enumerated() where config.domains.contains(where: { Self.matches($0, domain) }) {
             if let senders = config.senderDomains {
                 guard let s = senderDomain, senders.contains(where: { Self.matches($0, s) }) else { continue }
             }
-            let limits = config.lane?.applied(to: delivery.lane) ?? delivery.lane
+            let limits = self.limits[i]
             switch config.transport {
             case .mx:
                 return Route(name: config.name, nextHop: .mx(domain: domain), tls: delivery.mxTLS, limits: limits)

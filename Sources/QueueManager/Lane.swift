@@ -199,7 +199,13 @@ actor Lane {
 
     func connectionSucceeded() {
         window.succeeded()
-        if !window.suspended { deadReason = nil }
+        if !window.suspended {
+            if deadReason != nil, stateReason != nil {
+                environment.logger.notice("lane \(key): destination reachable again")
+                stateReason = nil
+            }
+            deadReason = nil
+        }
         pump()
     }
 

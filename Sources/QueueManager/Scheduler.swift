@@ -163,8 +163,8 @@ public actor Scheduler {
             if case .mx(let domain) = route.nextHop, let name = providerOf[domain]?.0,
                 let provider = config.providers.first(where: { $0.name == name })
             {
+                route.limits = router.limits(provider: provider, route: route)
                 route.provider = name
-                route.limits = provider.lane?.applied(to: route.limits) ?? route.limits
             }
             laneDomains[route.laneKey, default: []].insert(Router.domain(of: entry.envelope.recipients[i].address))
             if groups[route.laneKey] == nil {
@@ -601,10 +601,15 @@ public actor Scheduler {
         providerOf = [:]
         for (key, lane) in lanes {
             guard let old = laneRoutes[key] else { continue }
-            var limits = config.routes.first(where: { $0.name == old.name })?.lane?.applied(to: config.delivery.lane) ?? config.delivery.lane
+            var limits = router.limits(ofRoute: old.name)
             if let name = old.provider, let provider = config.providers.first(where: { $0.name == name }) {
-                limits = provider.lane?.applied(to: limits) ?? limits
+                var route = old
+                route.limits = limits
+                limits = router.limits(provider: provider, route: route)
             }
+            // The source address is part of the lane's key: a lane keeps its own; mail for
+            // a new address goes to a new lane.
+            limits.sourceAddress = old.limits.sourceAddress
             await lane.update(limits: limits, credentials: credentials)
         }
         logger.notice("configuration reloaded: \(config.routes.count) routes, \(config.providers.count) providers, \(config.delivery.replyRules.count) reply rules; \(lanes.count) lanes updated")

@@ -39,6 +39,37 @@ final class RouterTests: XCTestCase {
         XCTAssertEqual(google.laneKey, "provider:google")
     }
 
+    func testRoutesToOneSmarthostShareItsLimitsAndProvidersTheirs() throws {
+        let c = try config(
+            """
+            delivery: { lane: { max_connections: 30 } }
+            routes:
+              - { name: b, domains: [b.example], transport: smarthost, smarthost: { host: ses.example, port: 587 }, lane: { rate: "14/s" } }
+              - { name: a, domains: [a.example], transport: smarthost, smarthost: { host: ses.example, port: 587 },
+                  lane: { rate: "99/s", max_connections: 4, source_address: 192.0.2.7 } }
+              - { name: other, domains: ["*"], transport: smarthost, smarthost: { host: other.example, port: 587 } }
+            providers:
+              - { name: google, mx: ["*.google.example"], lane: { max_connections: 2 } }
+            """)
+        let router = Router(routes: c.routes, delivery: c.delivery)
+        let b = router.route(recipient: "x@b.example", sender: "")
+        let a = router.route(recipient: "x@a.example", sender: "")
+        XCTAssertEqual(b.limits.rate, RateLimit(parsing: "14/s"), "the first route that sets a key gives it")
+        XCTAssertEqual(a.limits.rate, RateLimit(parsing: "14/s"), "for every route to that smarthost")
+        XCTAssertEqual(b.limits.maxConnections, 4, "a key only a later route sets still holds for the lane")
+        XCTAssertNil(b.limits.sourceAddress)
+        XCTAssertEqual(a.limits.sourceAddress, "192.0.2.7", "the source address stays the route's own")
+        XCTAssertEqual(router.route(recipient: "x@z.example", sender: "").limits.maxConnections, 30, "another smarthost: its own")
+        XCTAssertEqual(router.limits(ofRoute: "a").rate, RateLimit(parsing: "14/s"))
+        XCTAssertEqual(router.limits(ofRoute: "default").maxConnections, 30)
+
+        var mx = Router(routes: [], delivery: c.delivery).route(recipient: "x@hosted.example", sender: "")
+        mx.limits.sourceAddress = "192.0.2.9"
+        let google = router.limits(provider: c.providers[0], route: mx)
+        XCTAssertEqual(google.maxConnections, 2)
+        XCTAssertEqual(google.sourceAddress, "192.0.2.9")
+    }
+
     func testReplyRulesMatchCodeEnhancedTextAndLane() throws {
         let c = try config(
             """

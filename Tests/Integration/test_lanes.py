@@ -54,6 +54,8 @@ def test_hanging_destination_does_not_delay_a_live_one(make_tern, dns, mx_port, 
 
 
 def test_dead_destination_is_parked_not_hammered(make_tern, dns, mx_port, sinks):
+    import subprocess
+    from conftest import BINARY
     dns.add("dead.example", ("A", "127.0.0.15"))  # nothing listens: connection refused
     tern = make_tern(delivery=delivery(dns, mx_port, ", lane: { dead_time: 1h, initial_connections: 2 }"))
     send_many(tern, 20, "u{i}@dead.example")
@@ -63,11 +65,15 @@ def test_dead_destination_is_parked_not_hammered(make_tern, dns, mx_port, sinks)
     assert attempts <= 4, f"{attempts} connection attempts to a dead destination"
     assert tern.log().count("status=deferred") >= 20
     assert "suspended after repeated failures" in tern.log()
+    import json
+    lanes = subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
+                           text=True, check=True).stdout
+    [lane] = [l for l in json.loads(lanes) if l["lane"] == "dead.example"]
+    assert lane["state"] == "dead" and "refused" in lane["reason"] and lane["until_ms"] > time.time() * 1000 + 3000_000
     # A flush wakes it: the operator's word beats the timer.
     sink = sinks("127.0.0.15")
-    import subprocess
-    from conftest import BINARY
     out = subprocess.run([BINARY, "queue", "flush", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     sink.wait(20, timeout=20)
+    wait_log(tern, r"lane dead\.example: revived by tern queue flush")
     wait_empty(tern)

@@ -146,3 +146,31 @@ def test_reload_reads_a_changed_password(make_tern, certs, tmp_path, upstream):
     wait_log(tern, r"reload refused, the running configuration stays: .*routes\[0\]\.smarthost\.auth\.password_file: .*mode 644")
     send(tern, "app@client.example", ["again@gmail.example"])
     upstream.wait(2, timeout=20)
+
+
+def test_smarthost_lane_keeps_its_rate_across_routes(make_tern):
+    # SES-style: a per-second quota and a connection cap on the smarthost, which two routes
+    # (two groups of recipient domains) share: one lane, one set of limits.
+    import smtplib
+    sink = Sink(host="127.0.0.1", data_delay=0.05)
+    try:
+        routes = (
+            "routes:\n"
+            f"  - {{ name: ses-a, domains: [a.example], transport: smarthost, smarthost: {{ host: 127.0.0.1, port: {sink.port}, tls: none }}, "
+            'lane: { rate: "4/s", burst: 1, max_connections: 2 } }\n'
+            f"  - {{ name: ses-b, domains: [b.example], transport: smarthost, smarthost: {{ host: 127.0.0.1, port: {sink.port}, tls: none }} }}\n"
+        )
+        tern = make_tern(delivery="{ retry_first: 1s }", extra=routes)
+        with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+            for i in range(5):
+                s.sendmail("app@client.example", [f"x{i}@a.example"], b"Subject: a\r\n\r\nx\r\n")
+                s.sendmail("app@client.example", [f"y{i}@b.example"], b"Subject: b\r\n\r\nx\r\n")
+        times = sorted(m.time for m in sink.wait(10, timeout=30))
+        for i in range(len(times)):
+            for j in range(i, len(times)):
+                assert j - i + 1 <= 4 * (times[j] - times[i]) + 1 + 0.5, (i, j, times[j] - times[i])
+        assert times[-1] - times[0] >= 9 / 4 - 0.2, "ten messages at 4/s with a burst of one"
+        assert sink.max_connections <= 2
+        wait_empty(tern)
+    finally:
+        sink.stop()
