@@ -559,7 +559,10 @@ struct Lanes: AsyncParsableCommand {
                     if watch { print("\u{1B}[H\u{1B}[2J", terminator: "") }
                     print(Self.table(lanes), terminator: "")
                 }
-                if watch { try await Task.sleep(for: .seconds(1)) }
+                if watch {
+                    fflush(nil)  // a pipe (`tern lanes --watch | tee`) sees each refresh
+                    try await Task.sleep(for: .seconds(1))
+                }
             } while watch
         }
 
