@@ -284,10 +284,10 @@ actor Lane {
         pump()
     }
 
-    /// New limits and smarthost logins after a reload; connections and queued mail stay
-    /// as they are (new connections log in with the new password).
-    func update(limits: LaneLimits, credentials: [String: ClientCredentials]) {
-        environment.credentials = credentials
+    /// New limits, timeouts and smarthost logins after a reload; connections and queued
+    /// mail stay as they are (new connections take the new settings).
+    func update(limits: LaneLimits, environment: LaneEnvironment) {
+        self.environment = environment
         let now = environment.now()
         window.update(limits: limits, now: now)
         retune(now: now)

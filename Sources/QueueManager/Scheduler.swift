@@ -51,7 +51,7 @@ public actor Scheduler {
     private let resolver: MXResolver?
     private let spool: Spool
     private var router: Router
-    private let retry: RetrySchedule
+    private var retry: RetrySchedule
     private var config: TernConfig
     private var environment: LaneEnvironment
     private let logger: Logger
@@ -74,8 +74,7 @@ public actor Scheduler {
         self.spool = spool
         self.router = Router(routes: config.routes, delivery: config.delivery)
         let d = config.delivery
-        self.retry = RetrySchedule(
-            first: d.retryFirst.duration, maximum: d.retryMaximum.duration, jitter: d.retryJitter, lifetime: d.queueLifetime.duration)
+        self.retry = Self.retrySchedule(d)
         self.environment = LaneEnvironment(
             spool: spool, resolver: resolver, heloName: config.hostname, mxPort: d.mxPort, connectTimeout: d.connectTimeout.duration,
             commandTimeout: d.commandTimeout.duration, dataTimeout: d.dataTimeout.duration, credentials: credentials, now: now,
@@ -584,19 +583,32 @@ public actor Scheduler {
         if left > 0 { logger.notice("stopping with \(left) deliveries under way; they are tried again after the restart") }
     }
 
-    /// Takes new routes, providers, reply rules and lane limits (SIGHUP, `tern reload`).
-    /// Queued mail, deliveries under way and open connections are kept; each lane gets the
-    /// limits its route and provider now give it. The rest of the config (listeners, spool,
-    /// retry schedule) takes a restart. Smarthost passwords are read again with the routes.
+    static func retrySchedule(_ d: DeliveryConfig) -> RetrySchedule {
+        RetrySchedule(first: d.retryFirst.duration, maximum: d.retryMaximum.duration, jitter: d.retryJitter, lifetime: d.queueLifetime.duration)
+    }
+
+    /// Takes a new config's delivery side (SIGHUP, `tern reload`): routes and smarthost
+    /// passwords, providers, lane limits, reply rules, the retry schedule and queue
+    /// lifetime, timeouts, MX port and TLS policy. Queued mail, deliveries under way and open
+    /// connections are kept; each lane gets the limits its route and provider now give it,
+    /// and new connections the new timeouts and logins. The DNS resolver, listeners,
+    /// access rules, filters and spool take a restart.
     public func reload(_ new: TernConfig, credentials: [String: ClientCredentials]) async {
-        environment.credentials = credentials
+        if new.delivery.resolver != config.delivery.resolver {
+            logger.warning("delivery.resolver changed: that takes a restart; the running resolver stays")
+        }
+        let resolverSetting = config.delivery.resolver
         config.routes = new.routes
         config.providers = new.providers
-        config.delivery.lane = new.delivery.lane
-        config.delivery.replyRules = new.delivery.replyRules
-        config.delivery.paused = new.delivery.paused
-        config.delivery.postmaster = new.delivery.postmaster
-        config.delivery.delayWarning = new.delivery.delayWarning
+        config.delivery = new.delivery
+        config.delivery.resolver = resolverSetting
+        let d = config.delivery
+        retry = Self.retrySchedule(d)
+        environment.credentials = credentials
+        environment.mxPort = d.mxPort
+        environment.connectTimeout = d.connectTimeout.duration
+        environment.commandTimeout = d.commandTimeout.duration
+        environment.dataTimeout = d.dataTimeout.duration
         router = Router(routes: config.routes, delivery: config.delivery)
         providerOf = [:]
         for (key, lane) in lanes {
@@ -610,7 +622,7 @@ public actor Scheduler {
             // The source address is part of the lane's key: a lane keeps its own; mail for
             // a new address goes to a new lane.
             limits.sourceAddress = old.limits.sourceAddress
-            await lane.update(limits: limits, credentials: credentials)
+            await lane.update(limits: limits, environment: environment)
         }
         logger.notice("configuration reloaded: \(config.routes.count) routes, \(config.providers.count) providers, \(config.delivery.replyRules.count) reply rules; \(lanes.count) lanes updated")
         for id in Array(entries.keys) { await dispatch(id) }

@@ -613,8 +613,12 @@ struct Lanes: AsyncParsableCommand {
 
 struct Reload: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Make the running daemon re-read its routes (and smarthost passwords), providers, reply rules and lane limits (as SIGHUP does).",
-        discussion: "Queued mail and open connections stay. An invalid configuration is refused, and the running one stays.")
+        abstract: "Make the running daemon re-read its delivery settings: routes, smarthost passwords, providers, lane limits, reply rules, retries (as SIGHUP does).",
+        discussion: """
+            Queued mail and open connections stay; new connections take the new settings. An invalid configuration \
+            is refused, and the running one stays. Listeners, access rules, filters, the spool and delivery.resolver \
+            take a restart.
+            """)
 
     @OptionGroup var options: ConfigOption
 

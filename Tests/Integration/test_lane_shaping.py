@@ -265,3 +265,27 @@ def test_idle_lanes_are_forgotten_and_made_again(make_tern, dns, mx_port, sinks)
     receiver.wait(2)
     assert "idle.example" in lane_names()
     wait_empty(tern)
+
+
+def test_reload_unpauses_delivery_and_takes_new_retry_times(make_tern, dns, mx_port, sinks):
+    import subprocess
+    import time
+    from conftest import BINARY
+    from peers import send, wait_log
+    dns.add("later.example", ("A", "127.0.0.12"))
+    receiver = sinks("127.0.0.12")
+    receiver.replies["r@later.example"] = ["451 4.3.0 try later", "250 ok"]
+    tern = make_tern(delivery=delivery(dns, mx_port, ", paused: true").replace("retry_first: 1s, retry_maximum: 2s", "retry_first: 1h, retry_maximum: 2h"))
+    send(tern, "app@client.example", ["q@later.example"])
+    time.sleep(1)
+    assert receiver.recipients() == [], "paused: queued, not sent"
+    # Unpause and shorten the retry schedule in one reload, as `postfix reload` would.
+    tern.config_path.write_text(tern.config_path.read_text().replace(", paused: true", "")
+                                .replace("retry_first: 1h, retry_maximum: 2h", "retry_first: 1s, retry_maximum: 1s"))
+    out = subprocess.run([BINARY, "reload", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    receiver.wait(1)
+    send(tern, "app@client.example", ["r@later.example"])
+    wait_log(tern, r"to=<r@later\.example>, .*status=deferred")
+    receiver.wait(2, timeout=10)  # retried after 1s, not 1h
+    wait_empty(tern)
