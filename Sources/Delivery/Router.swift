@@ -104,6 +104,15 @@ public struct Router: Sendable {
         return Route(name: "default", nextHop: .mx(domain: domain), tls: delivery.mxTLS, limits: delivery.lane)
     }
 
+    /// The lane of a provider's mail by direct MX delivery, before any of it has come (an
+    /// operator suspends a provider ahead of time).
+    public func route(provider: ProviderConfig) -> Route {
+        var route = Route(name: "default", nextHop: .mx(domain: ""), tls: delivery.mxTLS, limits: delivery.lane)
+        route.limits = limits(provider: provider, route: route)
+        route.provider = provider.name
+        return route
+    }
+
     /// The domain of an address, lowercased (the text after the last `@`).
     public static func domain(of address: String) -> String {
         guard let at = address.lastIndex(of: "@") else { return "" }

@@ -158,13 +158,7 @@ public actor Scheduler {
                 later = min(later ?? next, next)
                 continue
             }
-            var route = router.route(recipient: entry.envelope.recipients[i].address, sender: entry.envelope.sender)
-            if case .mx(let domain) = route.nextHop, let name = providerOf[domain]?.0,
-                let provider = config.providers.first(where: { $0.name == name })
-            {
-                route.limits = router.limits(provider: provider, route: route)
-                route.provider = name
-            }
+            let route = route(entry.envelope, i)
             laneDomains[route.laneKey, default: []].insert(Router.domain(of: entry.envelope.recipients[i].address))
             if groups[route.laneKey] == nil {
                 groups[route.laneKey] = (route, [])
@@ -188,6 +182,18 @@ public actor Scheduler {
                 await lane.submit(job)
             }
         }
+    }
+
+    /// The route of one recipient, with its provider's lane when its MX hosts belong to one.
+    private func route(_ envelope: Envelope, _ i: Int) -> Route {
+        var route = router.route(recipient: envelope.recipients[i].address, sender: envelope.sender)
+        if case .mx(let domain) = route.nextHop, let name = providerOf[domain]?.0,
+            let provider = config.providers.first(where: { $0.name == name })
+        {
+            route.limits = router.limits(provider: provider, route: route)
+            route.provider = name
+        }
+        return route
     }
 
     /// Finds the provider of a domain from its MX host names, cached for the answer's TTL
@@ -643,8 +649,17 @@ public actor Scheduler {
     /// Suspends a lane (`resume` with `until` nil); a destination alone (`provider:yahoo`)
     /// also names its lanes with their own source addresses (`provider:yahoo/192.0.2.7`).
     /// Returns false when no lane matches.
-    public func suspendLane(_ key: String, until: Int64?) async -> Bool {
-        let chosen = lanes.filter { $0.key == key || $0.key.hasPrefix(key + "/") }
+    public func suspendLane(_ name: String, until: Int64?) async -> Bool {
+        // `gmail` names the provider's lane `provider:gmail` when no lane has that name.
+        let key = lanes[name] == nil && config.providers.contains(where: { $0.name == name }) ? "provider:\(name)" : name
+        var chosen = lanes.filter { $0.key == key || $0.key.hasPrefix(key + "/") }
+        if chosen.isEmpty, until != nil, key.hasPrefix("provider:"),
+            let provider = config.providers.first(where: { "provider:\($0.name)" == key })
+        {
+            // A provider that has had no mail yet: its lane is made now, so the suspension
+            // holds for the first message too.
+            chosen = [key: lane(for: router.route(provider: provider))]
+        }
         guard !chosen.isEmpty else { return false }
         let now = environment.now()
         for (k, lane) in chosen {
@@ -655,7 +670,15 @@ public actor Scheduler {
                 await lane.revive(by: "resumed by the operator")
             }
         }
-        if until == nil { for id in Array(entries.keys) { await dispatch(id) } }
+        if until == nil {
+            // Resumed: its deferred mail goes now, not at its retry time.
+            for (id, entry) in entries where !entry.meta.held {
+                for (i, state) in entry.states.enumerated() where state == .pending && entry.meta.recipients[i] != nil {
+                    if chosen[route(entry.envelope, i).laneKey] != nil { entries[id]!.meta.recipients[i]!.nextAttemptMillis = 0 }
+                }
+            }
+            for id in Array(entries.keys) { await dispatch(id) }
+        }
         return true
     }
 

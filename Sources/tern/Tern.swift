@@ -587,7 +587,8 @@ struct Lanes: AsyncParsableCommand {
     struct Suspend: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Stop delivering to a lane for a while; its mail waits, deferred.")
         @OptionGroup var options: ConfigOption
-        @Argument(help: "The lane, as `tern lanes` names it.") var lane: String
+        @Argument(help: "The lane, as `tern lanes` names it, or a provider's name (`yahoo` for provider:yahoo, even before it has had mail).")
+        var lane: String
         @Option(name: .customLong("for"), help: "How long: 30m, 2h, 1d.") var duration: String = "1h"
 
         func run() async throws {
@@ -600,9 +601,9 @@ struct Lanes: AsyncParsableCommand {
     }
 
     struct Resume: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Deliver to a suspended or resting lane again, now.")
+        static let configuration = CommandConfiguration(abstract: "Deliver to a suspended or resting lane again, now: its deferred mail goes at once.")
         @OptionGroup var options: ConfigOption
-        @Argument(help: "The lane.") var lane: String
+        @Argument(help: "The lane, or a provider's name.") var lane: String
 
         func run() async throws {
             _ = try Lanes.request(try options.load(), ControlRequest(operation: .resume, selection: .init(), lane: lane))

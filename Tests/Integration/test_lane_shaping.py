@@ -289,3 +289,32 @@ def test_reload_unpauses_delivery_and_takes_new_retry_times(make_tern, dns, mx_p
     wait_log(tern, r"to=<r@later\.example>, .*status=deferred")
     receiver.wait(2, timeout=10)  # retried after 1s, not 1h
     wait_empty(tern)
+
+
+def test_a_provider_suspended_before_its_first_message(make_tern, dns, mx_port, sinks):
+    import subprocess
+    import time
+    from conftest import BINARY
+    from peers import send, wait_log
+    dns.add("shop.example", ("MX", 10, "a.mx.bigmail.example"))
+    dns.add("a.mx.bigmail.example", ("A", "127.0.0.15"))
+    receiver = sinks("127.0.0.15")
+    providers = 'providers:\n  - { name: bigmail, mx: ["*.mx.bigmail.example"] }\n'
+    tern = make_tern(delivery=delivery(dns, mx_port), extra=providers)
+
+    def lanes(*args):
+        out = subprocess.run([BINARY, "lanes", *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
+                             text=True, timeout=20)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    # The provider's name alone will do, and no mail has been seen for it yet.
+    assert "suspended until" in lanes("suspend", "bigmail", "--for", "1h")
+    assert lane_state(tern, "provider:bigmail")["state"] == "suspended"
+    send(tern, "app@client.example", ["u@shop.example"])
+    wait_log(tern, r"to=<u@shop\.example>, relay=none \(lane resting\), .*status=deferred .*delivery to provider:bigmail suspended")
+    time.sleep(0.5)
+    assert receiver.recipients() == []
+    lanes("resume", "bigmail")
+    receiver.wait(1)  # its deferred mail goes at once, with no flush
+    wait_empty(tern)
