@@ -45,6 +45,8 @@ struct JobOutcome: Sendable {
 public struct LaneStatus: Sendable, Codable {
     public var lane: String
     public var queued: Int
+    /// Messages with mail due for the lane that wait for room (`max_queued`).
+    public var backlog: Int = 0
     /// Jobs (transactions) being delivered now.
     public var inFlight: Int
     public var connections: Int
@@ -68,7 +70,7 @@ public struct LaneStatus: Sendable, Codable {
     public var lastReply: String?
 
     enum CodingKeys: String, CodingKey {
-        case lane, queued, connections, window, domains, rate, state, reason
+        case lane, queued, backlog, connections, window, domains, rate, state, reason
         case inFlight = "in_flight"
         case maxConnections = "max_connections"
         case connectionRate = "connection_rate"

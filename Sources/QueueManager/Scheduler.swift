@@ -45,6 +45,14 @@ public actor Scheduler {
     /// Per lane: jobs handed to it and not yet reported, and when it last had any news.
     private var laneOutstanding: [String: Int] = [:]
     private var laneActivity: [String: Int64] = [:]
+    /// Transactions in all lanes (the active queue), and the due messages waiting for room:
+    /// in the active queue, or in a lane that has `max_queued` already.
+    private var activeJobs = 0
+    private var laneBacklog: [String: FIFO<QueueID>] = [:]
+    /// Lanes with room whose waiting mail the active queue's limit holds back; they are
+    /// refilled in turn (round robin, as Postfix's queue manager serves destinations) as
+    /// room comes free anywhere.
+    private var starved = FIFO<String>()
     private var nextSweep: Int64 = 0
     /// Recipient domain → the provider its MX hosts belong to (nil: none), until when (ms).
     private var providerOf: [String: (String?, Int64)] = [:]
@@ -65,6 +73,7 @@ public actor Scheduler {
         bounced: Counter(label: "tern_delivery_attempts_total", dimensions: [("status", "bounced")])
     )
     private let depth = Gauge(label: "tern_queue_messages")
+    private let active = Gauge(label: "tern_queue_active_transactions")
 
     public init(
         config: TernConfig, spool: Spool, resolver: MXResolver?, credentials: [String: ClientCredentials], logger: Logger,
@@ -135,7 +144,12 @@ public actor Scheduler {
 
     // MARK: - Dispatch
 
-    private func dispatch(_ id: QueueID) async {
+    /// Hands a message's due recipients to their lanes, one transaction per next hop (or
+    /// several, by `max_recipients`). A lane with `max_queued` transactions, or any lane while
+    /// the active queue holds `active_limit`, takes nothing: the message waits in that
+    /// lane's backlog, in arrival order. `from` names the backlog it was taken from, where
+    /// it is first in line.
+    private func dispatch(_ id: QueueID, from source: String? = nil) async {
         guard !config.delivery.paused, !stopping, let before = entries[id], !before.meta.held else { return }
         if !config.providers.isEmpty {
             // Which provider each MX domain belongs to decides its lane; look up what is not
@@ -165,22 +179,66 @@ public actor Scheduler {
                 order.append(route.laneKey)
             }
             groups[route.laneKey]!.1.append(i)
-            entry.inFlight.insert(i)
         }
         if let later { waiting[id] = min(waiting[id] ?? later, later) }
-        entries[id] = entry
+        // Take what the lanes have room for; the rest waits for its lane. All counted before
+        // the first await, so no other dispatch sees room that is taken.
+        var taken: [(Route, [[Int]])] = []
         for key in order {
             let (route, indexes) = groups[key]!
+            let laneRoom = laneOutstanding[key, default: 0] < route.limits.maxQueued
+            let othersFirst = source != key && !(laneBacklog[key]?.isEmpty ?? true)
+            guard laneRoom, activeJobs < config.delivery.activeLimit, !othersFirst else {
+                laneBacklog[key, default: FIFO()].push(id)
+                if laneRoom {
+                    // Held back by the active queue (or by mail ahead of it): refilled when
+                    // room comes free.
+                    starved.push(key)
+                    if activeJobs < config.delivery.activeLimit { Task { await self.refill(nil) } }
+                }
+                continue
+            }
             // A lane's max_recipients splits a large message into several transactions.
-            for start in stride(from: 0, to: indexes.count, by: route.limits.maxRecipients) {
-                let part = Array(indexes[start..<min(indexes.count, start + route.limits.maxRecipients)])
+            let parts = stride(from: 0, to: indexes.count, by: route.limits.maxRecipients).map {
+                Array(indexes[$0..<min(indexes.count, $0 + route.limits.maxRecipients)])
+            }
+            for i in indexes { entry.inFlight.insert(i) }
+            laneOutstanding[key, default: 0] += parts.count
+            activeJobs += parts.count
+            laneActivity[key] = now
+            taken.append((route, parts))
+        }
+        entries[id] = entry
+        active.record(activeJobs)
+        for (route, parts) in taken {
+            let lane = lane(for: route)
+            for part in parts {
                 let job = DeliveryJob(
                     id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: part, route: route, dispatchedMillis: now)
-                let lane = lane(for: route)
-                laneOutstanding[key, default: 0] += 1
-                laneActivity[key] = now
                 await lane.submit(job)
             }
+        }
+    }
+
+    /// Room came free (a transaction of lane `key` is done): that lane takes the next
+    /// messages waiting for it, then the lanes the active queue held back, in turn.
+    private func refill(_ key: String?) async {
+        if let key { await refillLane(key) }
+        while activeJobs < config.delivery.activeLimit, let next = starved.pop() {
+            await refillLane(next)
+        }
+    }
+
+    private func refillLane(_ key: String) async {
+        let limit = laneRoutes[key]?.limits.maxQueued ?? config.delivery.lane.maxQueued
+        while laneOutstanding[key, default: 0] < limit, activeJobs < config.delivery.activeLimit, let id = laneBacklog[key]?.pop() {
+            await dispatch(id, from: key)
+        }
+        guard let waiting = laneBacklog[key] else { return }
+        if waiting.isEmpty {
+            laneBacklog[key] = nil
+        } else if laneOutstanding[key, default: 0] < limit {
+            starved.push(key)  // the active queue stopped it, not its own limit
         }
     }
 
@@ -211,18 +269,21 @@ public actor Scheduler {
     private func sweep(now: Int64) async {
         providerOf = providerOf.filter { $0.value.1 > now }
         let idle = Self.millis(config.delivery.laneIdleTime.duration)
-        let candidates = lanes.filter { key, _ in laneOutstanding[key, default: 0] == 0 && now - (laneActivity[key] ?? 0) >= idle }
+        let candidates = lanes.filter { key, _ in
+            laneOutstanding[key, default: 0] == 0 && laneBacklog[key] == nil && now - (laneActivity[key] ?? 0) >= idle
+        }
         for (key, lane) in candidates {
             let seen = laneActivity[key]
             guard await lane.isQuiet() else { continue }
             // Nothing reached the lane while it was asked (no await from here on).
-            guard lanes[key] === lane, laneActivity[key] == seen, laneOutstanding[key, default: 0] == 0 else { continue }
+            guard lanes[key] === lane, laneActivity[key] == seen, laneOutstanding[key, default: 0] == 0, laneBacklog[key] == nil else { continue }
             lanes[key] = nil
             laneRoutes[key] = nil
             laneDomains[key] = nil
             laneLastReply[key] = nil
             laneOutstanding[key] = nil
             laneActivity[key] = nil
+            laneBacklog[key] = nil
             lane.dropMetrics()
         }
         if !candidates.isEmpty { logger.debug("lanes: \(lanes.count) kept after forgetting idle ones") }
@@ -244,7 +305,12 @@ public actor Scheduler {
         let id = outcome.job.id
         let laneKey = outcome.job.route.laneKey
         laneOutstanding[laneKey, default: 1] -= 1
+        activeJobs -= 1
+        active.record(activeJobs)
         laneActivity[laneKey] = environment.now()
+        defer {
+            if laneBacklog[laneKey] != nil || !starved.isEmpty { Task { await self.refill(laneKey) } }
+        }
         guard var entry = entries[id] else { return }
         let now = environment.now()
         entry.busy += 1
@@ -640,6 +706,7 @@ public actor Scheduler {
         for (key, lane) in lanes.sorted(by: { $0.key < $1.key }) {
             var s = await lane.status()
             s.domains = laneDomains[key]?.count ?? 0
+            s.backlog = laneBacklog[key]?.count ?? 0
             s.lastReply = laneLastReply[key]
             out.append(s)
         }
@@ -690,4 +757,31 @@ func format2(_ value: Double) -> String {
     let whole = hundredths / 100
     let frac = hundredths % 100
     return frac == 0 ? "\(whole)" : "\(whole).\(frac < 10 ? "0" : "")\(frac)"
+}
+
+/// Items in arrival order, each at most once: the messages that wait for room in a lane,
+/// and the lanes that wait for room in the active queue.
+struct FIFO<Item: Hashable> {
+    private var items: [Item] = []
+    private var head = 0
+    private var members: Set<Item> = []
+
+    var isEmpty: Bool { members.isEmpty }
+    var count: Int { members.count }
+
+    mutating func push(_ item: Item) {
+        if members.insert(item).inserted { items.append(item) }
+    }
+
+    mutating func pop() -> Item? {
+        guard head < items.count else { return nil }
+        let item = items[head]
+        head += 1
+        if head > 1024, head * 2 > items.count {
+            items.removeFirst(head)
+            head = 0
+        }
+        members.remove(item)
+        return item
+    }
 }

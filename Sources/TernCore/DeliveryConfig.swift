@@ -37,6 +37,9 @@ public struct DeliveryConfig: Sendable, Decodable {
     /// A lane with nothing queued, open, slowed or suspended for this long is forgotten
     /// (made again from its limits when mail for it comes).
     public var laneIdleTime = ConfigDuration(.seconds(600))
+    /// Transactions handed to lanes and not yet done, in all (Postfix's active queue,
+    /// `qmgr_message_active_limit`); more due mail waits in the queue, in arrival order.
+    public var activeLimit = 20_000
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case paused
@@ -55,6 +58,7 @@ public struct DeliveryConfig: Sendable, Decodable {
         case lane
         case replyRules = "reply_rules"
         case laneIdleTime = "lane_idle_time"
+        case activeLimit = "active_limit"
     }
 
     public init() {}
@@ -82,6 +86,7 @@ public struct DeliveryConfig: Sendable, Decodable {
         lane = try c.decodeIfPresent(LaneLimits.self, forKey: .lane) ?? d.lane
         replyRules = try c.decodeIfPresent([ReplyRule].self, forKey: .replyRules) ?? []
         laneIdleTime = try c.decodeIfPresent(ConfigDuration.self, forKey: .laneIdleTime) ?? d.laneIdleTime
+        activeLimit = try c.decodePositive(.activeLimit) ?? d.activeLimit
         for (key, value) in [
             (CodingKeys.retryFirst, retryFirst), (.connectTimeout, connectTimeout), (.commandTimeout, commandTimeout), (.dataTimeout, dataTimeout),
             (.laneIdleTime, laneIdleTime),
@@ -124,6 +129,10 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
     public var connectionBurst = 1
     /// Recipients in one transaction, at most; a message with more is sent in several.
     public var maxRecipients = 100
+    /// Transactions handed to the lane and not yet done, at most; more mail for it waits in
+    /// the queue (not in the lane) until the lane has room, so that one slow destination
+    /// cannot fill the active queue.
+    public var maxQueued = 2000
     /// The local address connections to this destination leave from.
     public var sourceAddress: String?
     /// Share of soft failures (4xx, failed connections) over the last 20 attempts at which
@@ -139,6 +148,7 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
         case connectionRate = "connection_rate"
         case connectionBurst = "connection_burst"
         case maxRecipients = "max_recipients"
+        case maxQueued = "max_queued"
         case sourceAddress = "source_address"
         case backoffThreshold = "backoff_threshold"
     }
@@ -158,6 +168,7 @@ public struct LaneLimits: Sendable, Decodable, Equatable {
         connectionRate = try c.decodeIfPresent(RateLimit.self, forKey: .connectionRate)
         connectionBurst = try c.decodePositive(.connectionBurst) ?? d.connectionBurst
         maxRecipients = try c.decodePositive(.maxRecipients) ?? d.maxRecipients
+        maxQueued = try c.decodePositive(.maxQueued) ?? d.maxQueued
         sourceAddress = try Self.decodeAddress(c, .sourceAddress)
         backoffThreshold = try Self.decodeShare(c, .backoffThreshold) ?? d.backoffThreshold
     }
@@ -275,6 +286,7 @@ public struct LaneOverrides: Sendable, Decodable {
     public var connectionRate: RateLimit?
     public var connectionBurst: Int?
     public var maxRecipients: Int?
+    public var maxQueued: Int?
     public var sourceAddress: String?
     public var backoffThreshold: Double?
 
@@ -290,6 +302,7 @@ public struct LaneOverrides: Sendable, Decodable {
         connectionRate = try c.decodeIfPresent(RateLimit.self, forKey: .connectionRate)
         connectionBurst = try c.decodePositive(.connectionBurst)
         maxRecipients = try c.decodePositive(.maxRecipients)
+        maxQueued = try c.decodePositive(.maxQueued)
         sourceAddress = try LaneLimits.decodeAddress(c, .sourceAddress)
         backoffThreshold = try LaneLimits.decodeShare(c, .backoffThreshold)
     }
@@ -305,6 +318,7 @@ public struct LaneOverrides: Sendable, Decodable {
         if let v = connectionRate { l.connectionRate = v }
         if let v = connectionBurst { l.connectionBurst = v }
         if let v = maxRecipients { l.maxRecipients = v }
+        if let v = maxQueued { l.maxQueued = v }
         if let v = sourceAddress { l.sourceAddress = v }
         if let v = backoffThreshold { l.backoffThreshold = v }
         l.initialConnections = min(l.initialConnections, l.maxConnections)

@@ -538,7 +538,7 @@ struct Lanes: AsyncParsableCommand {
     struct Show: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "show",
-            abstract: "A table: lane, domains, queued, in flight, connections (open/window/ceiling), rate, state, last reply.",
+            abstract: "A table: lane, domains, queued (+ messages waiting for room), in flight, connections (open/window/ceiling), rate, state, last reply.",
             discussion: """
                 STATE is active, backing off (level N: connections and rate halved N times after many soft failures), \
                 reduced until T (a reply rule), suspended until T (the operator or a reply rule) or dead until T \
@@ -572,7 +572,7 @@ struct Lanes: AsyncParsableCommand {
                 let state = l.untilMillis.map { "\(l.state) until \(QueueListing.time($0))" } ?? l.state
                 let rate = [l.rate, l.connectionRate.map { "\($0) conn" }].compactMap { $0 }.joined(separator: ", ")
                 rows.append([
-                    l.lane, String(l.domains), String(l.queued), String(l.inFlight), "\(l.connections)/\(l.window)/\(l.maxConnections)",
+                    l.lane, String(l.domains), l.backlog > 0 ? "\(l.queued)+\(l.backlog)" : String(l.queued), String(l.inFlight), "\(l.connections)/\(l.window)/\(l.maxConnections)",
                     rate.isEmpty ? "-" : rate, state, String((l.reason ?? l.lastReply ?? "-").prefix(60)),
                 ])
             }

@@ -77,3 +77,51 @@ def test_dead_destination_is_parked_not_hammered(make_tern, dns, mx_port, sinks)
     sink.wait(20, timeout=20)
     wait_log(tern, r"lane dead\.example: revived by tern queue flush")
     wait_empty(tern)
+
+
+def test_a_full_lane_waits_in_the_queue_and_leaves_room_for_others(make_tern, dns, mx_port, sinks):
+    import json
+    import subprocess
+    from conftest import BINARY
+    dns.add("hang.example", ("A", "127.0.0.13"))
+    dns.add("live.example", ("A", "127.0.0.14"))
+    hole = Blackhole("127.0.0.13", mx_port)
+    live = sinks("127.0.0.14", data_delay=0.05)
+    try:
+        # The hanging lane may hold 3 transactions, all lanes 6: the rest of its mail waits in
+        # the queue, and the live lane still gets room.
+        tern = make_tern(delivery=delivery(dns, mx_port, ", command_timeout: 30s, active_limit: 6, lane: { max_queued: 3 }"))
+        send_many(tern, 12, "u{i}@hang.example")
+        send_many(tern, 20, "v{i}@live.example")
+        live.wait(20, timeout=20)
+        out = subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
+                             text=True, check=True).stdout
+        [hang] = [l for l in json.loads(out) if l["lane"] == "hang.example"]
+        assert hang["queued"] + hang["in_flight"] <= 3 and hang["backlog"] == 12 - 3, hang
+        table = subprocess.run([BINARY, "lanes", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
+                               text=True, check=True).stdout
+        assert any(line.startswith("hang.example") and "+9" in line for line in table.splitlines()), table
+        assert len(hole.held) <= 3
+    finally:
+        hole.stop()
+
+
+def test_tiny_active_queue_drains_everything_in_order(make_tern, dns, mx_port, sinks):
+    for d in ("x", "y", "z"):
+        dns.add(f"{d}.example", ("A", "127.0.0.15"))
+    receiver = sinks("127.0.0.15")
+    tern = make_tern(delivery=delivery(dns, mx_port, ", active_limit: 2, lane: { max_queued: 1 }"))
+    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+        for i in range(10):
+            # One message to all three domains, one to each: both backlogs fill and drain.
+            s.sendmail("app@client.example", [f"a{i}@x.example", f"a{i}@y.example", f"a{i}@z.example"], b"Subject: all\r\n\r\nx\r\n")
+            for d in ("x", "y", "z"):
+                s.sendmail("app@client.example", [f"b{i}@{d}.example"], b"Subject: one\r\n\r\nx\r\n")
+    got = receiver.wait(60, timeout=30)  # 10 x 3 transactions for the first kind, 30 for the second
+    assert sorted(r for m in got for r in m.rcpt_tos) == sorted(
+        [f"{p}{i}@{d}.example" for p in "ab" for i in range(10) for d in "xyz"])
+    # Each domain's mail arrives in the order it was queued.
+    for d in "xyz":
+        order = [r for m in got for r in m.rcpt_tos if r.endswith(f"@{d}.example")]
+        assert order == [f"{p}{i}@{d}.example" for i in range(10) for p in "ab"], order
+    wait_empty(tern)
