@@ -34,7 +34,7 @@ trap cleanup EXIT
 swift build -c release --product tern >/dev/null
 python3 bench/dns_sites.py $DNS_PORT > "$WORK/dns.log" 2>&1 &
 PIDS+=($!)
-smtp-sink -u postfix "127.0.0.1:$SINK_PORT" 256 > /dev/null 2>&1 &
+smtp-sink -u postfix "127.0.0.1:$SINK_PORT" 1024 > /dev/null 2>&1 &
 PIDS+=($!)
 wait_port $SINK_PORT
 

@@ -47,8 +47,11 @@ public actor Scheduler {
     private var laneActivity: [String: Int64] = [:]
     /// Transactions in all lanes (the active queue), and the due messages waiting for room:
     /// in the active queue, or in a lane that has `max_queued` already.
+    /// Messages whose `meta/` file is being written, and those to write once more after.
+    private var metaWriting: Set<QueueID> = []
+    private var metaAgain: Set<QueueID> = []
     private var activeJobs = 0
-    private var laneBacklog: [String: FIFO<QueueID>] = [:]
+    private var laneBacklog: [String: Backlog] = [:]
     /// Lanes with room whose waiting mail the active queue's limit holds back; they are
     /// refilled in turn (round robin, as Postfix's queue manager serves destinations) as
     /// room comes free anywhere.
@@ -146,10 +149,9 @@ public actor Scheduler {
 
     /// Hands a message's due recipients to their lanes, one transaction per next hop (or
     /// several, by `max_recipients`). A lane with `max_queued` transactions, or any lane while
-    /// the active queue holds `active_limit`, takes nothing: the message waits in that
-    /// lane's backlog, in arrival order. `from` names the backlog it was taken from, where
-    /// it is first in line.
-    private func dispatch(_ id: QueueID, from source: String? = nil) async {
+    /// the active queue holds `active_limit`, takes nothing: the recipients wait in that
+    /// lane's backlog, behind the mail that was there first.
+    private func dispatch(_ id: QueueID) async {
         guard !config.delivery.paused, !stopping, let before = entries[id], !before.meta.held else { return }
         if !config.providers.isEmpty {
             // Which provider each MX domain belongs to decides its lane; look up what is not
@@ -187,41 +189,46 @@ public actor Scheduler {
         for key in order {
             let (route, indexes) = groups[key]!
             let laneRoom = laneOutstanding[key, default: 0] < route.limits.maxQueued
-            let othersFirst = source != key && !(laneBacklog[key]?.isEmpty ?? true)
-            guard laneRoom, activeJobs < config.delivery.activeLimit, !othersFirst else {
-                laneBacklog[key, default: FIFO()].push(id)
+            guard laneRoom, activeJobs < config.delivery.activeLimit, laneBacklog[key] == nil else {
+                laneBacklog[key, default: Backlog()].add(id, route: route, indexes: indexes)
                 if laneRoom {
-                    // Held back by the active queue (or by mail ahead of it): refilled when
-                    // room comes free.
+                    // Held back by the active queue (or by mail ahead of it): refilled in
+                    // turn when room comes free.
                     starved.push(key)
                     if activeJobs < config.delivery.activeLimit { Task { await self.refill(nil) } }
                 }
                 continue
             }
-            // A lane's max_recipients splits a large message into several transactions.
-            let parts = stride(from: 0, to: indexes.count, by: route.limits.maxRecipients).map {
-                Array(indexes[$0..<min(indexes.count, $0 + route.limits.maxRecipients)])
-            }
-            for i in indexes { entry.inFlight.insert(i) }
-            laneOutstanding[key, default: 0] += parts.count
-            activeJobs += parts.count
-            laneActivity[key] = now
-            taken.append((route, parts))
+            taken.append((route, take(&entry, key, route, indexes, now: now)))
         }
         entries[id] = entry
+        for (route, parts) in taken { await submit(id, entry, route, parts, now: now) }
+    }
+
+    /// Counts a message's recipients for a lane as handed over; returns its transactions (a
+    /// lane's max_recipients splits a large message into several).
+    private func take(_ entry: inout Entry, _ key: String, _ route: Route, _ indexes: [Int], now: Int64) -> [[Int]] {
+        let parts = stride(from: 0, to: indexes.count, by: route.limits.maxRecipients).map {
+            Array(indexes[$0..<min(indexes.count, $0 + route.limits.maxRecipients)])
+        }
+        for i in indexes { entry.inFlight.insert(i) }
+        laneOutstanding[key, default: 0] += parts.count
+        activeJobs += parts.count
         active.record(activeJobs)
-        for (route, parts) in taken {
-            let lane = lane(for: route)
-            for part in parts {
-                let job = DeliveryJob(
-                    id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: part, route: route, dispatchedMillis: now)
-                await lane.submit(job)
-            }
+        laneActivity[key] = now
+        return parts
+    }
+
+    private func submit(_ id: QueueID, _ entry: Entry, _ route: Route, _ parts: [[Int]], now: Int64) async {
+        let lane = lane(for: route)
+        for part in parts {
+            await lane.submit(
+                DeliveryJob(id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: part, route: route, dispatchedMillis: now))
         }
     }
 
     /// Room came free (a transaction of lane `key` is done): that lane takes the next
-    /// messages waiting for it, then the lanes the active queue held back, in turn.
+    /// recipients waiting for it, then the lanes the active queue held back, in turn.
     private func refill(_ key: String?) async {
         if let key { await refillLane(key) }
         while activeJobs < config.delivery.activeLimit, let next = starved.pop() {
@@ -231,8 +238,20 @@ public actor Scheduler {
 
     private func refillLane(_ key: String) async {
         let limit = laneRoutes[key]?.limits.maxQueued ?? config.delivery.lane.maxQueued
-        while laneOutstanding[key, default: 0] < limit, activeJobs < config.delivery.activeLimit, let id = laneBacklog[key]?.pop() {
-            await dispatch(id, from: key)
+        while laneOutstanding[key, default: 0] < limit, activeJobs < config.delivery.activeLimit, !config.delivery.paused, !stopping,
+            let (id, route, indexes) = laneBacklog[key]?.pop()
+        {
+            // What waited is handed over as it was grouped, unless it changed meanwhile
+            // (delivered by a flush, deleted, held).
+            guard var entry = entries[id], !entry.meta.held else { continue }
+            let now = environment.now()
+            let due = indexes.filter {
+                entry.states[$0] == .pending && !entry.inFlight.contains($0) && (entry.meta.recipients[$0]?.nextAttemptMillis ?? 0) <= now
+            }
+            guard !due.isEmpty else { continue }
+            let parts = take(&entry, key, route, due, now: now)
+            entries[id] = entry
+            await submit(id, entry, route, parts, now: now)
         }
         guard let waiting = laneBacklog[key] else { return }
         if waiting.isEmpty {
@@ -420,10 +439,10 @@ public actor Scheduler {
         if !lastOne {
             do {
                 if !final.isEmpty { try await spool.mark(id, final) }
-                if deferredAny || !warnings.isEmpty { try await spool.writeMeta(id, current.meta) }
             } catch {
                 logger.error("\(id): cannot record delivery state: \(error)")
             }
+            if deferredAny || !warnings.isEmpty { await saveMeta(id) }
         }
         guard var after = entries[id] else { return }
         after.busy -= 1
@@ -438,6 +457,23 @@ public actor Scheduler {
         if deferredAny, let next = after.meta.recipients.values.map(\.nextAttemptMillis).min() {
             waiting[id] = min(waiting[id] ?? next, next)
         }
+    }
+
+    /// Writes a message's `meta/` file with its newest state. Writes of one message never
+    /// overlap (two lanes deferring it at once would share the temporary file): a write
+    /// asked for while one runs makes the running one write once more, with the state of
+    /// then. The caller stays counted as busy meanwhile, so the file is not retired under it.
+    private func saveMeta(_ id: QueueID) async {
+        guard metaWriting.insert(id).inserted else {
+            metaAgain.insert(id)
+            return
+        }
+        defer { metaWriting.remove(id) }
+        repeat {
+            metaAgain.remove(id)
+            guard let meta = entries[id]?.meta else { return }
+            do { try await spool.writeMeta(id, meta) } catch { logger.error("\(id): cannot record delivery state: \(error)") }
+        } while metaAgain.contains(id)
     }
 
     /// The first reply rule that matches a deferral's or bounce's server reply.
@@ -636,7 +672,8 @@ public actor Scheduler {
         }
         for id in changed {
             guard let entry = entries[id] else { continue }
-            do { try await spool.writeMeta(id, entry.meta) } catch { logger.error("\(id): cannot record hold: \(error)") }
+            _ = entry
+            await saveMeta(id)
             logger.info("\(id): \(held ? "held" : "released") by the operator")
             if !held { await dispatch(id) }
         }
@@ -697,6 +734,9 @@ public actor Scheduler {
             await lane.update(limits: limits, environment: environment)
         }
         logger.notice("configuration reloaded: \(config.routes.count) routes, \(config.providers.count) providers, \(config.delivery.replyRules.count) reply rules; \(lanes.count) lanes updated")
+        // Waiting mail is routed again under the new config.
+        laneBacklog = [:]
+        starved = FIFO()
         for id in Array(entries.keys) { await dispatch(id) }
     }
 
@@ -783,5 +823,31 @@ struct FIFO<Item: Hashable> {
         }
         members.remove(item)
         return item
+    }
+}
+
+/// A lane's waiting mail: messages in arrival order, each with the route and recipients it
+/// had when it was grouped for the lane.
+struct Backlog {
+    private var order = FIFO<QueueID>()
+    private var groups: [QueueID: (Route, [Int])] = [:]
+
+    var isEmpty: Bool { order.isEmpty }
+    /// Messages waiting.
+    var count: Int { order.count }
+
+    /// Adds a message's recipients; a message already waiting keeps its place.
+    mutating func add(_ id: QueueID, route: Route, indexes: [Int]) {
+        order.push(id)
+        if let (r, old) = groups[id] {
+            groups[id] = (r, old + indexes.filter { !old.contains($0) })
+        } else {
+            groups[id] = (route, indexes)
+        }
+    }
+
+    mutating func pop() -> (QueueID, Route, [Int])? {
+        guard let id = order.pop(), let (route, indexes) = groups.removeValue(forKey: id) else { return nil }
+        return (id, route, indexes)
     }
 }
