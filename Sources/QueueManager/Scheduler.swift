@@ -190,7 +190,7 @@ public actor Scheduler {
             let (route, indexes) = groups[key]!
             let laneRoom = laneOutstanding[key, default: 0] < route.limits.maxQueued
             guard laneRoom, activeJobs < config.delivery.activeLimit, laneBacklog[key] == nil else {
-                laneBacklog[key, default: Backlog()].add(id, route: route, indexes: indexes)
+                laneBacklog[key, default: Backlog()].add(id, indexes: indexes)
                 if laneRoom {
                     // Held back by the active queue (or by mail ahead of it): refilled in
                     // turn when room comes free.
@@ -239,16 +239,23 @@ public actor Scheduler {
     private func refillLane(_ key: String) async {
         let limit = laneRoutes[key]?.limits.maxQueued ?? config.delivery.lane.maxQueued
         while laneOutstanding[key, default: 0] < limit, activeJobs < config.delivery.activeLimit, !config.delivery.paused, !stopping,
-            let (id, route, indexes) = laneBacklog[key]?.pop()
+            let (id, indexes) = laneBacklog[key]?.pop()
         {
             // What waited is handed over as it was grouped, unless it changed meanwhile
-            // (delivered by a flush, deleted, held).
+            // (delivered by a flush, deleted, held); one routing for the group, not one per
+            // recipient. A group whose lane changed meanwhile (a provider's MX answer
+            // expired) is dispatched afresh.
             guard var entry = entries[id], !entry.meta.held else { continue }
             let now = environment.now()
             let due = indexes.filter {
                 entry.states[$0] == .pending && !entry.inFlight.contains($0) && (entry.meta.recipients[$0]?.nextAttemptMillis ?? 0) <= now
             }
-            guard !due.isEmpty else { continue }
+            guard let first = due.first else { continue }
+            let route = route(entry.envelope, first)
+            guard route.laneKey == key else {
+                await dispatch(id)
+                continue
+            }
             let parts = take(&entry, key, route, due, now: now)
             entries[id] = entry
             await submit(id, entry, route, parts, now: now)
@@ -826,28 +833,28 @@ struct FIFO<Item: Hashable> {
     }
 }
 
-/// A lane's waiting mail: messages in arrival order, each with the route and recipients it
-/// had when it was grouped for the lane.
+/// A lane's waiting mail: messages in arrival order, each with the recipients that wait
+/// for this lane.
 struct Backlog {
     private var order = FIFO<QueueID>()
-    private var groups: [QueueID: (Route, [Int])] = [:]
+    private var groups: [QueueID: [Int]] = [:]
 
     var isEmpty: Bool { order.isEmpty }
     /// Messages waiting.
     var count: Int { order.count }
 
     /// Adds a message's recipients; a message already waiting keeps its place.
-    mutating func add(_ id: QueueID, route: Route, indexes: [Int]) {
+    mutating func add(_ id: QueueID, indexes: [Int]) {
         order.push(id)
-        if let (r, old) = groups[id] {
-            groups[id] = (r, old + indexes.filter { !old.contains($0) })
+        if let old = groups[id] {
+            groups[id] = old + indexes.filter { !old.contains($0) }
         } else {
-            groups[id] = (route, indexes)
+            groups[id] = indexes
         }
     }
 
-    mutating func pop() -> (QueueID, Route, [Int])? {
-        guard let id = order.pop(), let (route, indexes) = groups.removeValue(forKey: id) else { return nil }
-        return (id, route, indexes)
+    mutating func pop() -> (QueueID, [Int])? {
+        guard let id = order.pop(), let indexes = groups.removeValue(forKey: id) else { return nil }
+        return (id, indexes)
     }
 }
