@@ -343,7 +343,10 @@ actor Lane {
 
     /// The operator asked for an attempt now (`tern queue flush`, `tern lanes resume`):
     /// end the rest.
-    func revive(by reason: String? = nil) {
+    /// A flush ends only a rest after failures; a suspension (the operator's, a reply
+    /// rule's) ends by `resume` or by its time.
+    func revive(by reason: String? = nil, endingSuspension: Bool = true) {
+        if window.suspended, !endingSuspension { return }
         if let reason, window.isDead(now: environment.now()) {
             environment.logger.notice("lane \(key): \(reason)")
         }

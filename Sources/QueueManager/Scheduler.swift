@@ -47,6 +47,10 @@ public actor Scheduler {
     private var laneActivity: [String: Int64] = [:]
     /// Transactions in all lanes (the active queue), and the due messages waiting for room:
     /// in the active queue, or in a lane that has `max_queued` already.
+    /// Lane suspensions in force (the operator's and reply rules'), kept in
+    /// `<spool>/suspensions.json` so that a restart does not end them.
+    private var suspensions: [String: LaneSuspension] = [:]
+
     /// Messages whose `meta/` file is being written, and those to write once more after.
     private var metaWriting: Set<QueueID> = []
     private var metaAgain: Set<QueueID> = []
@@ -109,6 +113,7 @@ public actor Scheduler {
         let loaded = try await spool.load { m in
             (m.id, Entry(envelope: m.envelope, contentSize: m.contentSize, states: m.states, meta: m.meta))
         }
+        loadSuspensions()
         entries.reserveCapacity(loaded.count)
         for (id, entry) in loaded {
             entries[id] = entry
@@ -322,7 +327,51 @@ public actor Scheduler {
         }
         lanes[route.laneKey] = lane
         laneRoutes[route.laneKey] = route
+        if let s = suspensions[route.laneKey], s.untilMillis > environment.now() {
+            // A suspension from before a restart holds for the lane made again.
+            Task { await lane.suspend(until: s.untilMillis, reason: s.reason) }
+        }
         return lane
+    }
+
+    private func loadSuspensions() {
+        do {
+            let now = environment.now()
+            suspensions = try spool.loadSuspensions().filter { $0.value.untilMillis > now }
+        } catch {
+            logger.error("\(spool.suspensionsPath): unreadable, lane suspensions from before the restart are lost: \(error)")
+            return
+        }
+        for (key, s) in suspensions.sorted(by: { $0.key < $1.key }) {
+            logger.notice("lane \(key): suspended until \(Lane.time(s.untilMillis)) from before the restart: \(s.reason)")
+            // Its lane is made now, so that `tern lanes` shows it before its next mail.
+            _ = makeLane(named: key)
+        }
+    }
+
+    /// The lane of a provider (`provider:NAME`) or of a recipient domain delivered direct
+    /// to its MX hosts, made before any mail for it; nil for a name that is neither.
+    private func makeLane(named key: String) -> Lane? {
+        if let lane = lanes[key] { return lane }
+        if key.hasPrefix("provider:") {
+            guard let provider = config.providers.first(where: { "provider:\($0.name)" == key }) else { return nil }
+            return lane(for: router.route(provider: provider))
+        }
+        guard !key.contains(":"), key.contains(".") else { return nil }
+        let route = router.route(recipient: "postmaster@\(key)", sender: "")
+        return route.laneKey == key ? lane(for: route) : nil
+    }
+
+    /// Records a lane's suspension (nil: ended) in the spool's `suspensions.json`.
+    private func recordSuspension(_ key: String, _ value: LaneSuspension?) {
+        let now = environment.now()
+        suspensions[key] = value
+        suspensions = suspensions.filter { $0.value.untilMillis > now }
+        do {
+            try spool.saveSuspensions(suspensions)
+        } catch {
+            logger.error("\(spool.suspensionsPath): cannot record the suspension of \(key): \(error)")
+        }
     }
 
     // MARK: - Outcomes
@@ -428,7 +477,9 @@ public actor Scheduler {
             guard let lane = lanes[key] else { continue }
             let until = now + Self.millis(rule.duration.duration)
             switch rule.action {
-            case .suspend: await lane.suspend(until: until, reason: "reply rule matched: \(reply)")
+            case .suspend:
+                recordSuspension(key, LaneSuspension(untilMillis: until, reason: "reply rule matched: \(reply)"))
+                await lane.suspend(until: until, reason: "reply rule matched: \(reply)")
             case .reduce: await lane.reduce(factor: rule.factor, until: until, reason: "reply rule matched: \(reply)")
             case .bounce: break
             }
@@ -630,7 +681,7 @@ public actor Scheduler {
             entries[id] = e
             count += 1
         }
-        for lane in lanes.values { await lane.revive(by: "revived by tern queue flush") }
+        for lane in lanes.values { await lane.revive(by: "revived by tern queue flush", endingSuspension: false) }
         for (id, _) in entries { await dispatch(id) }
         return count
     }
@@ -767,20 +818,20 @@ public actor Scheduler {
         // `gmail` names the provider's lane `provider:gmail` when no lane has that name.
         let key = lanes[name] == nil && config.providers.contains(where: { $0.name == name }) ? "provider:\(name)" : name
         var chosen = lanes.filter { $0.key == key || $0.key.hasPrefix(key + "/") }
-        if chosen.isEmpty, until != nil, key.hasPrefix("provider:"),
-            let provider = config.providers.first(where: { "provider:\($0.name)" == key })
-        {
-            // A provider that has had no mail yet: its lane is made now, so the suspension
-            // holds for the first message too.
-            chosen = [key: lane(for: router.route(provider: provider))]
+        if chosen.isEmpty, until != nil, let made = makeLane(named: key) {
+            // No mail for it yet: its lane is made now, so the suspension holds for the first
+            // message too.
+            chosen = [key: made]
         }
         guard !chosen.isEmpty else { return false }
         let now = environment.now()
         for (k, lane) in chosen {
             laneActivity[k] = now
             if let until {
+                recordSuspension(k, LaneSuspension(untilMillis: until, reason: "suspended by the operator"))
                 await lane.suspend(until: until, reason: "suspended by the operator")
             } else {
+                if suspensions[k] != nil { recordSuspension(k, nil) }
                 await lane.revive(by: "resumed by the operator")
             }
         }

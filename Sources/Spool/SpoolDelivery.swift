@@ -217,9 +217,15 @@ extension SpoolFiles {
     }
 
     static func writeMeta(_ path: String, _ meta: DeliveryMeta) throws {
+        try writeJSON(path, meta)
+    }
+
+    /// Writes a value as JSON to a temporary file, syncs it and renames it into place: the
+    /// file holds the old value or the new one, never a part.
+    static func writeJSON<Value: Encodable>(_ path: String, _ value: Value) throws {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        let bytes = Array(try encoder.encode(meta))
+        let bytes = Array(try encoder.encode(value))
         let temporary = path + ".tmp"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SpoolError("create", temporary, errno: errno) }
@@ -232,7 +238,32 @@ extension SpoolFiles {
     }
 }
 
+/// A lane suspension (the operator's or a reply rule's) that outlives a restart.
+public struct LaneSuspension: Sendable, Codable, Equatable {
+    /// Milliseconds since 1970.
+    public var untilMillis: Int64
+    public var reason: String
+
+    public init(untilMillis: Int64, reason: String) {
+        self.untilMillis = untilMillis
+        self.reason = reason
+    }
+}
+
 extension Spool {
+    /// `suspensions.json` in the spool: lane key → suspension.
+    public var suspensionsPath: String { root + "/suspensions.json" }
+
+    /// The recorded suspensions; none when the file does not exist.
+    public func loadSuspensions() throws -> [String: LaneSuspension] {
+        guard let text = ConfigLoader.readFile(suspensionsPath) else { return [:] }
+        return try JSONDecoder().decode([String: LaneSuspension].self, from: Data(text.utf8))
+    }
+
+    public func saveSuspensions(_ suspensions: [String: LaneSuspension]) throws {
+        try SpoolFiles.writeJSON(suspensionsPath, suspensions)
+    }
+
     /// The header block of a queued message (for `tern queue show`); empty if unreadable.
     public static func headers(root: String, id: QueueID, size: Int) -> [UInt8] {
         let path = root + "/queue/" + id.rawValue

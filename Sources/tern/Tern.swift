@@ -253,7 +253,8 @@ struct Check: AsyncParsableCommand {
                 + "messages_per_connection \(d.lane.messagesPerConnection), dead_time \(d.lane.deadTime), "
                 + "rate \(d.lane.rate.map { "\($0), burst \(d.lane.burst)" } ?? "unlimited"), "
                 + "connection_rate \(d.lane.connectionRate.map { "\($0), burst \(d.lane.connectionBurst)" } ?? "unlimited"), "
-                + "max_recipients \(d.lane.maxRecipients), idle lanes forgotten after \(d.laneIdleTime)")
+                + "max_recipients \(d.lane.maxRecipients), max_queued \(d.lane.maxQueued); idle lanes forgotten after \(d.laneIdleTime)")
+        print("  active queue: \(d.activeLimit) transactions in all lanes at most")
         print("  reply rules (first match wins):\(d.replyRules.isEmpty ? " none" : "")")
         for rule in d.replyRules {
             let match = [

@@ -108,7 +108,11 @@ def test_lanes_table_suspend_and_resume(make_tern, dns, mx_port, sinks):
     assert "resumed" in lanes("resume", "a.example").stdout
     receiver.wait(3)
     wait_log(tern, r"lane a\.example: resumed by the operator")
-    assert lanes("suspend", "nope.example", check=False).returncode == 1
+    # Not a lane, a provider or a domain: refused. A domain with no mail yet is fine.
+    assert lanes("suspend", "provider:nope", check=False).returncode == 1
+    assert lanes("suspend", "nope", check=False).returncode == 1
+    assert lanes("resume", "other.example", check=False).returncode == 1
+    assert "suspended until" in lanes("suspend", "new.example", "--for", "1m").stdout
 
 
 def test_domains_of_one_provider_share_its_lane(make_tern, dns, mx_port, sinks):
@@ -317,4 +321,44 @@ def test_a_provider_suspended_before_its_first_message(make_tern, dns, mx_port, 
     assert receiver.recipients() == []
     lanes("resume", "bigmail")
     receiver.wait(1)  # its deferred mail goes at once, with no flush
+    wait_empty(tern)
+
+
+def test_a_suspension_outlives_a_restart_and_a_flush(make_tern, dns, mx_port, sinks):
+    import subprocess
+    import time
+    from conftest import BINARY
+    from peers import send, wait_log
+    dns.add("shop.example", ("MX", 10, "a.mx.bigmail.example"))
+    dns.add("a.mx.bigmail.example", ("A", "127.0.0.16"))
+    dns.add("plain.example", ("A", "127.0.0.16"))
+    receiver = sinks("127.0.0.16")
+    providers = 'providers:\n  - { name: bigmail, mx: ["*.mx.bigmail.example"] }\n'
+    tern = make_tern(delivery=delivery(dns, mx_port), extra=providers)
+
+    def run(*args):
+        out = subprocess.run([BINARY, *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True,
+                             timeout=20)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    run("lanes", "suspend", "bigmail", "--for", "2h")
+    run("lanes", "suspend", "plain.example", "--for", "2h")
+    tern.stop()
+    tern.start()
+    wait_log(tern, r"lane provider:bigmail: suspended until .* from before the restart: suspended by the operator")
+    assert lane_state(tern, "provider:bigmail")["state"] == "suspended", "shown before its next mail"
+    assert lane_state(tern, "plain.example")["state"] == "suspended"
+    send(tern, "app@client.example", ["u@shop.example", "v@plain.example"])
+    time.sleep(1)
+    run("queue", "flush")  # a flush revives dead lanes, not suspended ones
+    time.sleep(1.5)
+    assert receiver.recipients() == [], "both suspensions held across the restart and the flush"
+    assert lane_state(tern, "plain.example")["state"] == "suspended"
+    run("lanes", "resume", "bigmail")
+    run("lanes", "resume", "plain.example")
+    receiver.wait(2)
+    tern.stop()
+    tern.start()
+    assert "from before the restart" not in tern.log()[tern.log().rfind("tern starting"):], "resumed lanes stay resumed"
     wait_empty(tern)
