@@ -112,6 +112,7 @@ struct Serve: AsyncParsableCommand {
         discussion: """
             Stops gracefully on SIGTERM or SIGINT: listeners close first, open transactions \
             finish, idle sessions get 421, deliveries under way get up to 10 seconds to finish. \
+            SIGHUP re-reads the delivery settings (as `tern reload` does). \
             Logs go to standard error, one line per event.
             """
     )
