@@ -34,6 +34,12 @@ public struct TokenBucket: Sendable, Equatable {
         return tokens >= 1 - 1e-9 ? 0 : Int64(((1 - tokens) / refill - 1e-6).rounded(.up))
     }
 
+    /// Whole tokens there now (none while waits are reserved).
+    public mutating func available(now: Int64) -> Int {
+        fill(now: now)
+        return max(0, Int((tokens + 1e-9).rounded(.down)))
+    }
+
     /// Takes a token that `wait` said is there.
     public mutating func takeAvailable(now: Int64) {
         fill(now: now)

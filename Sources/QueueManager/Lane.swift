@@ -81,7 +81,8 @@ actor Lane {
 
     func submit(_ job: DeliveryJob) {
         // A resting lane hands nothing to its idle connections: pump defers the job.
-        if !window.isDead(now: environment.now()), let (_, waiter) = idle.popLast() {
+        let now = environment.now()
+        if !window.isDead(now: now), !idle.isEmpty, rateWait(now: now) <= idleMillis, let (_, waiter) = idle.popLast() {
             inFlight += 1
             waiter.resume(returning: job)
             return
@@ -109,25 +110,51 @@ actor Lane {
             }
             return
         }
+        // A message rate also bounds the connections worth opening now: no more than the
+        // tokens there, so that no connection sits idle waiting for its turn.
+        var allowance = Int.max
+        if var b = bucket {
+            allowance = b.available(now: now)
+            bucket = b
+        }
         while queued > 0, window.mayOpen(now: now) {
-            let wait = window.connectionWait(now: now)
+            // The connection rate, or the message rate: come back when the next may go.
+            let wait = max(window.connectionWait(now: now), allowance > 0 ? 0 : rateWait(now: now))
             if wait > 0 {
-                // The connection rate: come back when the next connection may open.
-                if !pumpPending {
-                    pumpPending = true
-                    Task {
-                        try? await Task.sleep(for: .milliseconds(wait))
-                        self.wake()
-                    }
-                }
+                pumpLater(wait)
                 break
             }
             _ = window.takeConnection(now: now)
             window.opened()
+            allowance -= 1
+            // The new connection's first message has its token now, so the next pump does
+            // not count it again.
+            if var b = bucket {
+                b.takeAvailable(now: now)
+                bucket = b
+            }
             let worker = LaneWorker(lane: self, environment: environment, limits: window.limits, report: report)
-            Task { await worker.run() }
+            Task { await worker.run(messageTokenTaken: bucket != nil) }
         }
     }
+
+    private func pumpLater(_ wait: Int64) {
+        guard !pumpPending else { return }
+        pumpPending = true
+        Task {
+            try? await Task.sleep(for: .milliseconds(wait))
+            self.wake()
+        }
+    }
+
+    /// Milliseconds until the message rate lets the next message go (0: now).
+    private func rateWait(now: Int64) -> Int64 {
+        guard var b = bucket else { return 0 }
+        defer { bucket = b }
+        return b.wait(now: now)
+    }
+
+    private var idleMillis: Int64 { Scheduler.millis(environment.idleTime) }
 
     private func recordGauges(now: Int64) {
         connectionGauge.record(window.active)
@@ -158,9 +185,19 @@ actor Lane {
             inFlight -= 1
             if inFlight == 0 { recordGauges(now: environment.now()) }
         }
-        if window.isDead(now: environment.now()) { return nil }
+        let now = environment.now()
+        if window.isDead(now: now) { return nil }
+        if queued > 0 {
+            // The rate makes the next message wait longer than a connection idles: close
+            // this one rather than hold it open; the lane opens one when the time comes.
+            let wait = rateWait(now: now)
+            if wait > idleMillis {
+                pumpLater(wait)
+                return nil
+            }
+        }
         if let job = take() {
-            recordGauges(now: environment.now())
+            recordGauges(now: now)
             return job
         }
         let id = nextWaiter
@@ -381,13 +418,16 @@ struct LaneWorker: Sendable {
         }
     }
 
-    /// The lane took the connection rate's token for this worker's first connection.
+    /// The tokens the lane took for this worker when it started: the connection rate's for
+    /// its first connection, the message rate's for its first message.
     final class Permits: @unchecked Sendable {
         var firstTaken = true
+        var messageTaken = false
     }
 
-    func run() async {
+    func run(messageTokenTaken: Bool = false) async {
         let permits = Permits()
+        permits.messageTaken = messageTokenTaken
         var held: Held?
         var finished = false
         while let job = await lane.next(finished: finished) {
@@ -478,7 +518,7 @@ struct LaneWorker: Sendable {
                     sender: job.envelope.sender, recipients: remaining.map { job.envelope.recipients[$0] }, size: job.contentSize,
                     eightBit: job.envelope.body?.uppercased() == "8BITMIME", needsSMTPUTF8: job.envelope.smtpUTF8,
                     ret: job.envelope.ret, envid: job.envelope.envid)
-                await lane.permit()
+                if permits.messageTaken { permits.messageTaken = false } else { await lane.permit() }
                 let verdicts = await h.connection.send(message, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize))
                 h.messages += 1
                 times.transmission += environment.now() - sendStart

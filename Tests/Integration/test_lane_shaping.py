@@ -362,3 +362,19 @@ def test_a_suspension_outlives_a_restart_and_a_flush(make_tern, dns, mx_port, si
     tern.start()
     assert "from before the restart" not in tern.log()[tern.log().rfind("tern starting"):], "resumed lanes stay resumed"
     wait_empty(tern)
+
+
+def test_a_slow_rate_opens_no_connection_it_cannot_feed(make_tern, dns, mx_port, sinks):
+    # 30/min: one message every two seconds. A lane of 5 connections would otherwise open
+    # 5 at once and hold 4 of them idle, waiting for their turn, until the server gives up.
+    import time
+    dns.add("trickle.example", ("A", "127.0.0.17"))
+    receiver = sinks("127.0.0.17")
+    tern = make_tern(delivery=delivery(dns, mx_port, ', lane: { rate: "30/min", burst: 1, max_connections: 5, initial_connections: 5 }'))
+    start = time.time()
+    send_each(tern, 4, "t{i}@trickle.example")
+    times = sorted(m.time for m in receiver.wait(4, timeout=20))
+    assert times[-1] - times[0] >= 3 * 2 - 0.3, "the rate held"
+    assert receiver.max_connections == 1, f"{receiver.max_connections} connections open at once for one message per 2 s"
+    assert len([t for t in receiver.connection_times if t >= start]) == 1, "one connection carried them all"
+    wait_empty(tern)
