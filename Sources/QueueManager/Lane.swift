@@ -102,9 +102,11 @@ actor Lane {
             head = 0
             let reason = deadReason ?? .connection("destination not reachable")
             let note = window.suspended ? "delivery to \(key) suspended" : "delivery to \(key) suspended after repeated failures"
+            let resumeAt = window.suspended ? window.deadUntil : nil
             for job in waiting {
                 let results = job.recipients.map {
-                    RecipientResult(index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), relay: Lane.resting, remoteMTA: nil)
+                    RecipientResult(
+                        index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), relay: Lane.resting, remoteMTA: nil, resumeAt: resumeAt)
                 }
                 Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
             }

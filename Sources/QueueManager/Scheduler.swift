@@ -443,6 +443,13 @@ public actor Scheduler {
                             finalRecipient: recipient.address, originalRecipient: recipient.orcpt, action: .failed, status: status,
                             remoteMTA: result.remoteMTA, diagnostic: diagnostic))
                 }
+            case .deferred(_, let diagnostic) where result.resumeAt != nil:
+                // Untried: the lane is suspended. Due again when the suspension ends (spread
+                // over a second), and the retry schedule does not grow meanwhile.
+                deferredAny = true
+                entry.meta.recipients[result.index] = DeliveryMeta.Recipient(
+                    attempts: entry.meta.recipients[result.index]?.attempts ?? 0,
+                    nextAttemptMillis: max(now, result.resumeAt!) + Int64.random(in: 0...1000, using: &random), lastError: diagnostic)
             case .deferred(_, let diagnostic):
                 attempts.deferred.increment()
                 deferredAny = true

@@ -378,3 +378,24 @@ def test_a_slow_rate_opens_no_connection_it_cannot_feed(make_tern, dns, mx_port,
     assert receiver.max_connections == 1, f"{receiver.max_connections} connections open at once for one message per 2 s"
     assert len([t for t in receiver.connection_times if t >= start]) == 1, "one connection carried them all"
     wait_empty(tern)
+
+
+def test_mail_held_by_a_suspension_goes_when_it_ends_not_at_its_retry_time(make_tern, dns, mx_port, sinks):
+    import time
+    from peers import send, wait_log
+    dns.add("ts.example", ("A", "127.0.0.18"))
+    receiver = sinks("127.0.0.18")
+    receiver.replies["a@ts.example"] = "421 4.7.0 [TS04] Messages from 127.0.0.1 temporarily deferred"
+    rules = ', reply_rules: [ { text: "\\\\[TS04\\\\]", action: suspend, for: 3s } ]'
+    d = delivery(dns, mx_port, rules).replace("retry_first: 1s, retry_maximum: 2s", "retry_first: 1h, retry_maximum: 2h")
+    tern = make_tern(delivery=d)
+    send(tern, "app@client.example", ["a@ts.example"])
+    wait_log(tern, r"lane ts\.example: suspended until")
+    start = time.time()
+    send(tern, "app@client.example", ["b@ts.example"])
+    wait_log(tern, r"to=<b@ts\.example>, relay=none \(lane resting\), .*status=deferred")
+    [m] = receiver.wait(1, timeout=10)
+    assert m.rcpt_tos == ["b@ts.example"] and time.time() - start < 6, "due when the suspension ended, not in an hour"
+    [queued] = tern.queue()
+    [a] = queued["recipients"]
+    assert a["state"] == "deferred" and a["attempts"] == 1 and "TS04" in a["last_error"]
