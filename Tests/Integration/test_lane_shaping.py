@@ -399,3 +399,27 @@ def test_mail_held_by_a_suspension_goes_when_it_ends_not_at_its_retry_time(make_
     [queued] = tern.queue()
     [a] = queued["recipients"]
     assert a["state"] == "deferred" and a["attempts"] == 1 and "TS04" in a["last_error"]
+
+
+def test_lanes_watch_refreshes_through_a_pipe(make_tern, dns, mx_port, sinks):
+    import subprocess
+    from conftest import BINARY
+    from peers import send
+    dns.add("w.example", ("A", "127.0.0.19"))
+    receiver = sinks("127.0.0.19")
+    tern = make_tern(delivery=delivery(dns, mx_port))
+    send(tern, "app@client.example", ["x@w.example"])
+    receiver.wait(1)
+    proc = subprocess.Popen([BINARY, "lanes", "--watch", "--config", str(tern.config_path)], cwd=tern.dir,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        while len(seen) < 2:
+            line = proc.stdout.readline()
+            assert line, "the watch ended"
+            if "w.example" in line:
+                seen.append(line)
+        assert all("active" in l for l in seen)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
