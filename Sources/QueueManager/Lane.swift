@@ -77,7 +77,6 @@ actor Lane {
 
     /// The relay of a deferral made because the lane rests (nothing was tried).
     static let resting = "none (lane resting)"
-    var connections: Int { window.active }
 
     func submit(_ job: DeliveryJob) {
         // A resting lane hands nothing to its idle connections: pump defers the job.
