@@ -45,15 +45,14 @@ public actor Scheduler {
     /// Per lane: jobs handed to it and not yet reported, and when it last had any news.
     private var laneOutstanding: [String: Int] = [:]
     private var laneActivity: [String: Int64] = [:]
-    /// Transactions in all lanes (the active queue), and the due messages waiting for room:
-    /// in the active queue, or in a lane that has `max_queued` already.
     /// Lane suspensions in force (the operator's and reply rules'), kept in
     /// `<spool>/suspensions.json` so that a restart does not end them.
     private var suspensions: [String: LaneSuspension] = [:]
-
     /// Messages whose `meta/` file is being written, and those to write once more after.
     private var metaWriting: Set<QueueID> = []
     private var metaAgain: Set<QueueID> = []
+    /// Transactions in all lanes (the active queue), and per lane the due recipients
+    /// waiting for room: their lane has `max_queued` already, or the active queue is full.
     private var activeJobs = 0
     private var laneBacklog: [String: Backlog] = [:]
     /// Lanes with room whose waiting mail the active queue's limit holds back; they are
