@@ -735,8 +735,7 @@ public actor Scheduler {
             changed.append(id)
         }
         for id in changed {
-            guard let entry = entries[id] else { continue }
-            _ = entry
+            guard entries[id] != nil else { continue }
             await saveMeta(id)
             logger.info("\(id): \(held ? "held" : "released") by the operator")
             if !held { await dispatch(id) }
