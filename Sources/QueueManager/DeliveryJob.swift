@@ -59,6 +59,8 @@ public struct LaneStatus: Sendable, Codable {
     public var maxConnections: Int
     /// The message rate the lane keeps now (lowered while backing off or reduced).
     public var rate: String?
+    /// The message rate the config gives the lane (differs from `rate` while slowed).
+    public var configuredRate: String?
     public var connectionRate: String?
     /// `active`, `backing off (level N)`, `reduced`, `suspended` or `dead`.
     public var state: String
@@ -77,6 +79,7 @@ public struct LaneStatus: Sendable, Codable {
         case inFlight = "in_flight"
         case maxConnections = "max_connections"
         case connectionRate = "connection_rate"
+        case configuredRate = "configured_rate"
         case untilMillis = "until_ms"
         case restingUntilMillis = "resting_until_ms"
         case lastReply = "last_reply"

@@ -276,6 +276,7 @@ actor Lane {
         return LaneStatus(
             lane: key, queued: queued, inFlight: inFlight, connections: window.active, window: window.window,
             maxConnections: window.connectionCeiling(now: now), rate: window.effectiveRate(now: now).map { "\($0)" },
+            configuredRate: window.limits.rate.map { "\($0)" },
             connectionRate: window.limits.connectionRate.map { "\($0)" }, state: state, untilMillis: until,
             restingUntilMillis: window.isDead(now: now) ? window.deadUntil : nil, reason: stateReason, domains: 0, lastReply: nil)
     }

@@ -572,7 +572,8 @@ struct Lanes: AsyncParsableCommand {
             var rows = [["LANE", "DOMAINS", "QUEUED", "INFLIGHT", "CONNS", "RATE", "STATE", "LAST REPLY"]]
             for l in lanes {
                 let state = l.untilMillis.map { "\(l.state) until \(QueueListing.time($0))" } ?? l.state
-                let rate = [l.rate, l.connectionRate.map { "\($0) conn" }].compactMap { $0 }.joined(separator: ", ")
+                let slowed = l.rate != l.configuredRate ? l.configuredRate.map { " of \($0)" } ?? "" : ""
+                let rate = [l.rate.map { $0 + slowed }, l.connectionRate.map { "\($0) conn" }].compactMap { $0 }.joined(separator: ", ")
                 rows.append([
                     l.lane, String(l.domains), l.backlog > 0 ? "\(l.queued)+\(l.backlog)" : String(l.queued), String(l.inFlight), "\(l.connections)/\(l.window)/\(l.maxConnections)",
                     rate.isEmpty ? "-" : rate, state, String((l.reason ?? l.lastReply ?? "-").prefix(60)),

@@ -152,7 +152,7 @@ def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
     rules = (', reply_rules: ['
              '{ text: "\\\\[TS04\\\\]", action: suspend, for: 3s }, '
              '{ code: 452, text: "for good", action: bounce }, '
-             '{ enhanced: "4.7.28", action: reduce, for: 1h, factor: 0.5 } ]')
+             '{ enhanced: "4.7.28", action: reduce, for: 1h, factor: 0.5 } ], lane: { rate: "100/s", burst: 10 }')
     tern = make_tern(delivery=delivery(dns, mx_port, rules))
     start = time.time()
     send(tern, "app@client.example", ["a@ts.example"])
@@ -171,9 +171,10 @@ def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
     assert "bounced by a reply rule" in r["Diagnostic-Code"]
     # Gmail-style rate complaint: the lane slows down.
     send(tern, "app@client.example", ["slow@ts.example"])
-    wait_log(tern, r"lane ts\.example: reduced to 10 connections until [\d-]+ [\d:]+Z: reply rule matched: 451 4\.7\.28")
+    wait_log(tern, r"lane ts\.example: reduced to 10 connections, 50/s until [\d-]+ [\d:]+Z: reply rule matched: 451 4\.7\.28")
     state = lane_state(tern, "ts.example")
     assert state["state"] == "reduced" and state["max_connections"] == 10 and "4.7.28" in state["reason"]
+    assert state["rate"] == "50/s" and state["configured_rate"] == "100/s"
 
 
 def test_reload_changes_limits_keeps_mail_and_refuses_a_bad_config(make_tern, dns, mx_port, sinks):
