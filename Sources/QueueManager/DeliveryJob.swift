@@ -24,9 +24,6 @@ struct RecipientResult: Sendable {
     var remoteMTA: String?
     /// Delivered to a server that does not offer DSN: NOTIFY=SUCCESS is ours to answer.
     var relayedWithoutDSN = false
-    /// Deferred untried because the lane is suspended until then: not an attempt, and the
-    /// next one is due when the suspension ends, not by the retry schedule.
-    var resumeAt: Int64?
 }
 
 /// How long each part of an attempt took, in milliseconds, for `delays=a/b/c/d` (as

@@ -96,16 +96,17 @@ actor Lane {
         let now = environment.now()
         defer { recordGauges(now: now) }
         if window.isDead(now: now) {
+            // A suspension holds the lane's jobs (they go when it ends, and nothing is
+            // written meanwhile); a rest after failures defers them.
+            if window.suspended { return }
             let waiting = Array(jobs[head...])
             jobs.removeAll()
             head = 0
             let reason = deadReason ?? .connection("destination not reachable")
-            let note = window.suspended ? "delivery to \(key) suspended" : "delivery to \(key) suspended after repeated failures"
-            let resumeAt = window.suspended ? window.deadUntil : nil
+            let note = "delivery to \(key) suspended after repeated failures"
             for job in waiting {
                 let results = job.recipients.map {
-                    RecipientResult(
-                        index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), relay: Lane.resting, remoteMTA: nil, resumeAt: resumeAt)
+                    RecipientResult(index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), relay: Lane.resting, remoteMTA: nil)
                 }
                 Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
             }
@@ -392,6 +393,22 @@ actor Lane {
         window.revive()
         deadReason = nil
         stateReason = nil
+        pump()
+    }
+
+    /// Takes back the jobs of the chosen messages that have not started (an operator
+    /// deleted or held them, or the relay is stopping); a job under way is not touched.
+    func withdraw(_ chosen: @Sendable (QueueID) -> Bool) -> [DeliveryJob] {
+        var kept: [DeliveryJob] = []
+        var taken: [DeliveryJob] = []
+        for job in jobs[head...] {
+            if chosen(job.id) { taken.append(job) } else { kept.append(job) }
+        }
+        guard !taken.isEmpty else { return [] }
+        jobs = kept
+        head = 0
+        recordGauges(now: environment.now())
+        return taken
     }
 
 }

@@ -442,13 +442,6 @@ public actor Scheduler {
                             finalRecipient: recipient.address, originalRecipient: recipient.orcpt, action: .failed, status: status,
                             remoteMTA: result.remoteMTA, diagnostic: diagnostic))
                 }
-            case .deferred(_, let diagnostic) where result.resumeAt != nil:
-                // Untried: the lane is suspended. Due again when the suspension ends (spread
-                // over a second), and the retry schedule does not grow meanwhile.
-                deferredAny = true
-                entry.meta.recipients[result.index] = DeliveryMeta.Recipient(
-                    attempts: entry.meta.recipients[result.index]?.attempts ?? 0,
-                    nextAttemptMillis: max(now, result.resumeAt!) + Int64.random(in: 0...1000, using: &random), lastError: diagnostic)
             case .deferred(_, let diagnostic):
                 attempts.deferred.increment()
                 deferredAny = true
@@ -694,7 +687,29 @@ public actor Scheduler {
 
     /// Deletes the selected recipients (whole messages unless `domain` narrows it), with no
     /// notification to the sender, as `postsuper -d` does.
+    /// Takes back from the lanes the jobs of the chosen messages that have not started:
+    /// their recipients are no longer in flight. Lanes given room are refilled.
+    private func withdraw(_ chosen: @escaping @Sendable (QueueID) -> Bool) async {
+        var freed: [String] = []
+        for (key, lane) in lanes where laneOutstanding[key, default: 0] > 0 {
+            let jobs = await lane.withdraw(chosen)
+            guard !jobs.isEmpty else { continue }
+            for job in jobs {
+                entries[job.id]?.inFlight.subtract(job.recipients)
+                laneOutstanding[key, default: 0] -= 1
+                activeJobs -= 1
+            }
+            freed.append(key)
+        }
+        active.record(activeJobs)
+        if !stopping { for key in freed { await refill(key) } }
+    }
+
     public func delete(_ selection: Selection) async -> Int {
+        // Jobs of these messages that wait in a lane are taken back first, so that no
+        // deleted recipient is sent after the operator was told it is gone.
+        let chosen = Set(entries.filter { !selection.recipients($0.key, $0.value.envelope, $0.value.states, $0.value.meta).isEmpty }.keys)
+        await withdraw { chosen.contains($0) }
         var count = 0
         // Each message is read afresh: a delivery may have finished during the last await.
         for id in Array(entries.keys) {
@@ -718,6 +733,8 @@ public actor Scheduler {
             }
         }
         depth.record(entries.count)
+        // The rest of a message whose job was taken back goes again.
+        for id in chosen where entries[id] != nil { await dispatch(id) }
         return count
     }
 
@@ -734,6 +751,10 @@ public actor Scheduler {
             }
             changed.append(id)
         }
+        if held {
+            let ids = Set(changed)
+            await withdraw { ids.contains($0) }
+        }
         for id in changed {
             guard entries[id] != nil else { continue }
             await saveMeta(id)
@@ -747,6 +768,9 @@ public actor Scheduler {
     /// finish and be recorded, so a restart does not send them again.
     public func drain(timeout: Duration) async {
         stopping = true
+        // Jobs that wait in lanes (a suspended lane holds its own) have not started: they
+        // go after the restart.
+        await withdraw { _ in true }
         let deadline = ContinuousClock.now + timeout
         while entries.values.contains(where: { !$0.inFlight.isEmpty || $0.busy > 0 }), ContinuousClock.now < deadline {
             try? await Task.sleep(for: .milliseconds(50))

@@ -588,7 +588,7 @@ struct Lanes: AsyncParsableCommand {
     }
 
     struct Suspend: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Stop delivering to a lane for a while; its mail waits, deferred.")
+        static let configuration = CommandConfiguration(abstract: "Stop delivering to a lane for a while; its mail waits in the lane, untried, and goes when the time is up.")
         @OptionGroup var options: ConfigOption
         @Argument(help: "The lane, as `tern lanes` names it, or a provider's name (`yahoo` for provider:yahoo, even before it has had mail).")
         var lane: String
@@ -604,7 +604,7 @@ struct Lanes: AsyncParsableCommand {
     }
 
     struct Resume: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Deliver to a suspended or resting lane again, now: its deferred mail goes at once.")
+        static let configuration = CommandConfiguration(abstract: "Deliver to a suspended or resting lane again, now: its held and deferred mail goes at once.")
         @OptionGroup var options: ConfigOption
         @Argument(help: "The lane, or a provider's name.") var lane: String
 
