@@ -4,13 +4,20 @@ import smtplib
 from peers import delivery, wait_empty
 
 
-def lane_state(tern, name):
-    import json
+def tern_cli(tern, *args, check=True):
+    """`tern ARGS --config …` against the test's daemon; fails the test on a non-zero exit
+    unless check is False."""
     import subprocess
     from conftest import BINARY
-    out = subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
-                         text=True, timeout=20, check=True)
-    [lane] = [l for l in json.loads(out.stdout) if l["lane"] == name]
+    out = subprocess.run([BINARY, *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True,
+                         timeout=20)
+    assert not check or out.returncode == 0, out.stderr
+    return out
+
+
+def lane_state(tern, name):
+    import json
+    [lane] = [l for l in json.loads(tern_cli(tern, "lanes", "--json").stdout) if l["lane"] == name]
     return lane
 
 
@@ -64,26 +71,17 @@ def test_lane_leaves_from_its_source_address(make_tern, dns, mx_port, sinks):
     assert m.peer[0] == "127.0.0.5"
     # The source address is part of the lane; the destination alone names it for the operator.
     assert lane_state(tern, "egress.example/127.0.0.5")["domains"] == 1
-    import subprocess
-    from conftest import BINARY
-    out = subprocess.run([BINARY, "lanes", "suspend", "egress.example", "--for", "1h", "--config", str(tern.config_path)],
-                         cwd=tern.dir, capture_output=True, text=True, timeout=20)
-    assert out.returncode == 0, out.stderr
+    tern_cli(tern, "lanes", "suspend", "egress.example", "--for", "1h")
     assert lane_state(tern, "egress.example/127.0.0.5")["state"] == "suspended"
 
 
 def test_lanes_table_suspend_and_resume(make_tern, dns, mx_port, sinks):
     import json
-    import subprocess
     import time
-    from conftest import BINARY
     from peers import send, wait_log
 
     def lanes(*args, check=True):
-        out = subprocess.run([BINARY, "lanes", *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
-                             text=True, timeout=20)
-        assert not check or out.returncode == 0, out.stderr
-        return out
+        return tern_cli(tern, "lanes", *args, check=check)
 
     dns.add("a.example", ("A", "127.0.0.14"))
     dns.add("b.example", ("A", "127.0.0.14"))
@@ -131,12 +129,7 @@ def test_domains_of_one_provider_share_its_lane(make_tern, dns, mx_port, sinks):
             s.sendmail("app@client.example", [f"u{i}@club.example"], b"Subject: c\r\n\r\nx\r\n")
     provider.wait(16, timeout=30)
     assert provider.max_connections <= 2, f"the provider saw {provider.max_connections} connections at once"
-    import subprocess, json
-    from conftest import BINARY
-    lanes = json.loads(subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir,
-                                      capture_output=True, text=True, check=True).stdout)
-    [lane] = [l for l in lanes if l["lane"] == "provider:bigmail"]
-    assert lane["domains"] == 2
+    assert lane_state(tern, "provider:bigmail")["domains"] == 2
 
 
 def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
@@ -179,9 +172,6 @@ def test_reply_rules_suspend_bounce_and_reduce(make_tern, dns, mx_port, sinks):
 
 def test_reload_changes_limits_keeps_mail_and_refuses_a_bad_config(make_tern, dns, mx_port, sinks):
     import signal
-    import subprocess
-    import time
-    from conftest import BINARY
     from peers import wait_log
     dns.add("re.example", ("A", "127.0.0.18"))
     receiver = sinks("127.0.0.18", data_delay=0.3)
@@ -205,8 +195,7 @@ def test_reload_changes_limits_keeps_mail_and_refuses_a_bad_config(make_tern, dn
     got = receiver.wait(13, timeout=30)
     assert sorted(r for m in got for r in m.rcpt_tos) == sorted([f"a{i}@re.example" for i in range(4)] + [f"b{i}@re.example" for i in range(9)])
     assert 1 < receiver.max_connections <= 3
-    out = subprocess.run([BINARY, "reload", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True)
-    assert out.returncode == 0 and "reloaded" in out.stdout
+    assert "reloaded" in tern_cli(tern, "reload").stdout
 
 
 def test_rising_soft_failures_slow_the_lane_and_it_recovers(make_tern, dns, mx_port, sinks):
@@ -247,9 +236,7 @@ def test_connection_rate_spaces_new_connections(make_tern, dns, mx_port, sinks):
 
 def test_idle_lanes_are_forgotten_and_made_again(make_tern, dns, mx_port, sinks):
     import json
-    import subprocess
     import time
-    from conftest import BINARY
     dns.add("idle.example", ("A", "127.0.0.11"))
     receiver = sinks("127.0.0.11")
     tern = make_tern(delivery=delivery(dns, mx_port, ", lane_idle_time: 2s"))
@@ -258,9 +245,7 @@ def test_idle_lanes_are_forgotten_and_made_again(make_tern, dns, mx_port, sinks)
     assert lane_state(tern, "idle.example")["domains"] == 1
 
     def lane_names():
-        out = subprocess.run([BINARY, "lanes", "--json", "--config", str(tern.config_path)], cwd=tern.dir,
-                             capture_output=True, text=True, timeout=20, check=True)
-        return [l["lane"] for l in json.loads(out.stdout)]
+        return [l["lane"] for l in json.loads(tern_cli(tern, "lanes", "--json").stdout)]
 
     deadline = time.time() + 15
     while "idle.example" in lane_names():
@@ -273,9 +258,7 @@ def test_idle_lanes_are_forgotten_and_made_again(make_tern, dns, mx_port, sinks)
 
 
 def test_reload_unpauses_delivery_and_takes_new_retry_times(make_tern, dns, mx_port, sinks):
-    import subprocess
     import time
-    from conftest import BINARY
     from peers import send, wait_log
     dns.add("later.example", ("A", "127.0.0.12"))
     receiver = sinks("127.0.0.12")
@@ -287,8 +270,7 @@ def test_reload_unpauses_delivery_and_takes_new_retry_times(make_tern, dns, mx_p
     # Unpause and shorten the retry schedule in one reload, as `postfix reload` would.
     tern.config_path.write_text(tern.config_path.read_text().replace(", paused: true", "")
                                 .replace("retry_first: 1h, retry_maximum: 2h", "retry_first: 1s, retry_maximum: 1s"))
-    out = subprocess.run([BINARY, "reload", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    tern_cli(tern, "reload")
     receiver.wait(1)
     send(tern, "app@client.example", ["r@later.example"])
     wait_log(tern, r"to=<r@later\.example>, .*status=deferred")
@@ -297,10 +279,8 @@ def test_reload_unpauses_delivery_and_takes_new_retry_times(make_tern, dns, mx_p
 
 
 def test_a_provider_suspended_before_its_first_message(make_tern, dns, mx_port, sinks):
-    import subprocess
     import time
-    from conftest import BINARY
-    from peers import send, wait_log
+    from peers import send
     dns.add("shop.example", ("MX", 10, "a.mx.bigmail.example"))
     dns.add("a.mx.bigmail.example", ("A", "127.0.0.15"))
     receiver = sinks("127.0.0.15")
@@ -308,10 +288,7 @@ def test_a_provider_suspended_before_its_first_message(make_tern, dns, mx_port, 
     tern = make_tern(delivery=delivery(dns, mx_port), extra=providers)
 
     def lanes(*args):
-        out = subprocess.run([BINARY, "lanes", *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
-                             text=True, timeout=20)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+        return tern_cli(tern, "lanes", *args).stdout
 
     # The provider's name alone will do, and no mail has been seen for it yet.
     assert "suspended until" in lanes("suspend", "bigmail", "--for", "1h")
@@ -328,9 +305,7 @@ def test_a_provider_suspended_before_its_first_message(make_tern, dns, mx_port, 
 
 
 def test_a_suspension_outlives_a_restart_and_a_flush(make_tern, dns, mx_port, sinks):
-    import subprocess
     import time
-    from conftest import BINARY
     from peers import send, wait_log
     dns.add("shop.example", ("MX", 10, "a.mx.bigmail.example"))
     dns.add("a.mx.bigmail.example", ("A", "127.0.0.16"))
@@ -340,10 +315,7 @@ def test_a_suspension_outlives_a_restart_and_a_flush(make_tern, dns, mx_port, si
     tern = make_tern(delivery=delivery(dns, mx_port), extra=providers)
 
     def run(*args):
-        out = subprocess.run([BINARY, *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True,
-                             timeout=20)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+        return tern_cli(tern, *args).stdout
 
     run("lanes", "suspend", "bigmail", "--for", "2h")
     run("lanes", "suspend", "plain.example", "--for", "2h")
@@ -431,19 +403,14 @@ def test_lanes_watch_refreshes_through_a_pipe(make_tern, dns, mx_port, sinks):
 
 
 def test_mail_deleted_or_held_while_it_waits_in_a_lane_is_not_sent(make_tern, dns, mx_port, sinks):
-    import subprocess
     import time
-    from conftest import BINARY
     from peers import send
     dns.add("wait.example", ("A", "127.0.0.20"))
     receiver = sinks("127.0.0.20")
     tern = make_tern(delivery=delivery(dns, mx_port))
 
     def run(*args):
-        out = subprocess.run([BINARY, *args, "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True, text=True,
-                             timeout=20)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+        return tern_cli(tern, *args).stdout
 
     run("lanes", "suspend", "wait.example", "--for", "1h")
     send(tern, "app@client.example", ["gone@wait.example"])
