@@ -104,6 +104,17 @@ public struct Router: Sendable {
         return Route(name: "default", nextHop: .mx(domain: domain), tls: delivery.mxTLS, limits: delivery.lane)
     }
 
+    /// The route of each smarthost line of the table, as mail for it would get it (to make
+    /// a smarthost's lane before its first mail).
+    public func smarthostRoutes() -> [Route] {
+        routes.indices.compactMap { i in
+            guard routes[i].transport == .smarthost, let s = routes[i].smarthost else { return nil }
+            return Route(
+                name: routes[i].name, nextHop: .smarthost(host: s.host, port: s.port), tls: s.tls, caFile: s.caFile, authUser: s.auth?.user,
+                limits: limits[i])
+        }
+    }
+
     /// The lane of a provider's mail by direct MX delivery, before any of it has come (an
     /// operator suspends a provider ahead of time).
     public func route(provider: ProviderConfig) -> Route {

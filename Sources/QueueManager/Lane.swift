@@ -42,6 +42,9 @@ actor Lane {
     private var nextWaiter = 0
     /// Jobs that workers have taken and not finished.
     private var inFlight = 0
+    /// Workers started that have not asked for their first job yet: each will take one of
+    /// the queued jobs, so pump starts no more workers than there are jobs for them.
+    private var starting = 0
     /// Why the destination is resting, for the deferrals while it does.
     private var deadReason: AttemptOutcome?
     /// The reply or error behind the lane's present state, for `tern lanes`.
@@ -119,7 +122,7 @@ actor Lane {
             allowance = b.available(now: now)
             bucket = b
         }
-        while queued > 0, window.mayOpen(now: now) {
+        while queued > starting, window.mayOpen(now: now) {
             // The connection rate, or the message rate: come back when the next may go.
             let wait = max(window.connectionWait(now: now), allowance > 0 ? 0 : rateWait(now: now))
             if wait > 0 {
@@ -135,6 +138,7 @@ actor Lane {
                 b.takeAvailable(now: now)
                 bucket = b
             }
+            starting += 1
             let worker = LaneWorker(lane: self, environment: environment, limits: window.limits, report: report)
             Task { await worker.run(messageTokenTaken: bucket != nil) }
         }
@@ -186,6 +190,8 @@ actor Lane {
         if finished {
             inFlight -= 1
             if inFlight == 0 { recordGauges(now: environment.now()) }
+        } else {
+            starting -= 1  // a worker's first call
         }
         let now = environment.now()
         if window.isDead(now: now) { return nil }

@@ -357,14 +357,16 @@ public actor Scheduler {
         }
     }
 
-    /// The lane of a provider (`provider:NAME`) or of a recipient domain delivered direct
-    /// to its MX hosts, made before any mail for it; nil for a name that is neither.
+    /// The lane of a provider (`provider:NAME`), a smarthost (`host:port`, `user@host:port`)
+    /// or a recipient domain delivered direct to its MX hosts, made before any mail for it;
+    /// nil for a name that is none of these.
     private func makeLane(named key: String) -> Lane? {
         if let lane = lanes[key] { return lane }
         if key.hasPrefix("provider:") {
             guard let provider = config.providers.first(where: { "provider:\($0.name)" == key }) else { return nil }
             return lane(for: router.route(provider: provider))
         }
+        if let route = router.smarthostRoutes().first(where: { $0.laneKey == key }) { return lane(for: route) }
         guard !key.contains(":"), key.contains(".") else { return nil }
         let route = router.route(recipient: "postmaster@\(key)", sender: "")
         return route.laneKey == key ? lane(for: route) : nil

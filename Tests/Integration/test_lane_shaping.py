@@ -429,3 +429,22 @@ def test_mail_deleted_or_held_while_it_waits_in_a_lane_is_not_sent(make_tern, dn
     time.sleep(1)
     assert receiver.recipients() == ["kept@wait.example"], "neither the deleted nor the held message went"
     assert len(tern.queue()) == 1, "the held one stays queued"
+
+
+def test_a_smarthost_lane_suspended_before_its_first_message(make_tern, sinks):
+    import time
+    from peers import send
+    upstream = sinks("127.0.0.11")
+    routes = ("routes:\n  - { name: up, domains: [\"*\"], transport: smarthost, "
+              f"smarthost: {{ host: 127.0.0.11, port: {upstream.port}, tls: none }} }}\n")
+    tern = make_tern(delivery="{ retry_first: 1s }", extra=routes)
+    key = f"127.0.0.11:{upstream.port}"
+    tern_cli(tern, "lanes", "suspend", key, "--for", "1h")
+    send(tern, "app@client.example", ["a@anywhere.example"])
+    time.sleep(1)
+    state = lane_state(tern, key)
+    assert state["state"] == "suspended" and state["queued"] == 1 and state["connections"] == 0
+    assert upstream.recipients() == []
+    tern_cli(tern, "lanes", "resume", key)
+    upstream.wait(1)
+    wait_empty(tern)
