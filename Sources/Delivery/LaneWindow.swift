@@ -64,21 +64,21 @@ public struct LaneWindow: Sendable {
 
     /// The connections the lane may hold now: its maximum, lowered by a backoff or a
     /// reply rule's reduction.
-    public func connectionCeiling(now: Int64) -> Int {
-        var ceiling = limits.maxConnections
-        if backoffLevel > 0 { ceiling = max(1, ceiling >> backoffLevel) }
-        if let cap, now < cap.until { ceiling = min(ceiling, max(1, Int(Double(limits.maxConnections) * cap.factor))) }
-        return ceiling
-    }
+    public func connectionCeiling(now: Int64) -> Int { lowered(limits.maxConnections, now: now) }
 
     /// The message rate the lane keeps now: the configured one, lowered the same way.
     public func effectiveRate(now: Int64) -> RateLimit? {
         guard var rate = limits.rate else { return nil }
-        var count = rate.count
-        if backoffLevel > 0 { count = max(1, count >> backoffLevel) }
-        if let cap, now < cap.until { count = min(count, max(1, Int(Double(rate.count) * cap.factor))) }
-        rate.count = count
+        rate.count = lowered(rate.count, now: now)
         return rate
+    }
+
+    /// A limit halved per backoff level and cut to a reduction's factor, at least 1.
+    private func lowered(_ value: Int, now: Int64) -> Int {
+        var v = value
+        if backoffLevel > 0 { v = max(1, v >> backoffLevel) }
+        if let cap, now < cap.until { v = min(v, max(1, Int(Double(value) * cap.factor))) }
+        return v
     }
 
     /// Milliseconds until the connection rate lets one more connection open (0: now).

@@ -39,6 +39,12 @@ public struct ControlReply: Sendable, Codable {
     public var error: String?
     /// For `lanes`.
     public var lanes: [LaneStatus]?
+
+    public init(count: Int, error: String? = nil, lanes: [LaneStatus]? = nil) {
+        self.count = count
+        self.error = error
+        self.lanes = lanes
+    }
 }
 
 /// Runs the scheduler and the control socket (`<spool>/control`, mode 0600: only the

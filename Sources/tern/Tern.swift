@@ -412,20 +412,20 @@ func loadQueue(_ config: TernConfig) throws -> [SpooledMessage] {
     }
 }
 
-/// Sends one command to the running daemon; exits 75 (EX_TEMPFAIL) when none answers.
-func control(_ config: TernConfig, _ operation: ControlRequest.Operation, _ selection: Scheduler.Selection) throws -> Int {
-    let path = QueueManagerService.socketPath(spool: config.spool)
+/// Sends one request to the running daemon. When none listens, `offline` (when given)
+/// does the work on the spool's files instead, as postsuper does; otherwise, or when that
+/// fails, exits 75 (EX_TEMPFAIL). A request the daemon refuses exits 1.
+func daemonRequest(_ config: TernConfig, _ request: ControlRequest, offline: (() throws -> Int)? = nil) throws -> ControlReply {
     do {
-        let reply = try ControlClient.send(ControlRequest(operation: operation, selection: selection), socket: path)
+        let reply = try ControlClient.send(request, socket: QueueManagerService.socketPath(spool: config.spool))
         if let error = reply.error {
             printError("tern: \(error)")
             throw ExitCode(1)
         }
-        return reply.count
-    } catch let error as ControlClient.Failure where error.noDaemon && operation != .flush {
-        // No daemon: work on the files directly, as postsuper does.
+        return reply
+    } catch let error as ControlClient.Failure where error.noDaemon && offline != nil {
         do {
-            return try OfflineQueueControl.perform(ControlRequest(operation: operation, selection: selection), spool: config.spool)
+            return ControlReply(count: try offline!())
         } catch {
             printError("tern: \(config.spool): \(error)")
             throw ExitCode(75)
@@ -434,6 +434,14 @@ func control(_ config: TernConfig, _ operation: ControlRequest.Operation, _ sele
         printError("tern: \(error.description) (is `tern serve` running with this config?)")
         throw ExitCode(75)
     }
+}
+
+/// A queue command (flush, delete, hold, release): the daemon's count of messages. With no
+/// daemon, all but flush edit the spool's files.
+func control(_ config: TernConfig, _ operation: ControlRequest.Operation, _ selection: Scheduler.Selection) throws -> Int {
+    let request = ControlRequest(operation: operation, selection: selection)
+    let offline = operation == .flush ? nil : { try OfflineQueueControl.perform(request, spool: config.spool) }
+    return try daemonRequest(config, request, offline: offline).count
 }
 
 struct Route: AsyncParsableCommand {
@@ -554,7 +562,7 @@ struct Lanes: AsyncParsableCommand {
         func run() async throws {
             let config = try options.load()
             repeat {
-                let lanes = try Lanes.request(config, ControlRequest(operation: .lanes, selection: .init())).lanes ?? []
+                let lanes = try daemonRequest(config, ControlRequest(operation: .lanes, selection: .init())).lanes ?? []
                 if json {
                     print(try QueueListing.json(lanes))
                 } else {
@@ -598,7 +606,7 @@ struct Lanes: AsyncParsableCommand {
             let config = try options.load()
             guard let d = ConfigDuration(parsing: duration) else { throw ValidationError("--for takes a duration such as 30m or 2h") }
             let until = Scheduler.wallClockMillis() + d.duration.components.seconds * 1000
-            _ = try Lanes.request(config, ControlRequest(operation: .suspend, selection: .init(), lane: lane, untilMillis: until))
+            _ = try daemonRequest(config, ControlRequest(operation: .suspend, selection: .init(), lane: lane, untilMillis: until))
             print("\(lane): suspended until \(QueueListing.time(until))")
         }
     }
@@ -609,7 +617,7 @@ struct Lanes: AsyncParsableCommand {
         @Argument(help: "The lane, or a provider's name.") var lane: String
 
         func run() async throws {
-            _ = try Lanes.request(try options.load(), ControlRequest(operation: .resume, selection: .init(), lane: lane))
+            _ = try daemonRequest(try options.load(), ControlRequest(operation: .resume, selection: .init(), lane: lane))
             print("\(lane): resumed")
         }
     }
@@ -628,7 +636,7 @@ struct Reload: AsyncParsableCommand {
 
     func run() async throws {
         let config = try options.load()
-        _ = try Lanes.request(config, ControlRequest(operation: .reload, selection: .init()))
+        _ = try daemonRequest(config, ControlRequest(operation: .reload, selection: .init()))
         print("reloaded")
     }
 }
