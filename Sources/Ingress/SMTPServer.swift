@@ -79,7 +79,9 @@ public final class SMTPServer: Service, Sendable {
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 512)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            // TCP_NODELAY is a TCP-level option: at the socket level its number is SO_DEBUG,
+            // which needs CAP_NET_ADMIN and leaves Nagle's algorithm on.
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .bind(host: listener.address.host, port: listener.address.port) { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations

@@ -128,7 +128,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
             }
             channel = try await bootstrap
                 .connectTimeout(TimeAmount(configuration.connectTimeout))
-                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(ReadTimeoutHandler(timeout: TimeAmount(configuration.commandTimeout)))

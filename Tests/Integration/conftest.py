@@ -21,8 +21,11 @@ BINARY = os.environ.get("TERN_BINARY", str(Path(__file__).resolve().parents[2] /
 
 
 class Tern:
-    def __init__(self, directory: Path, config: str):
+    def __init__(self, directory: Path, config: str, user=None, binary=BINARY):
         self.dir = directory
+        # (uid, gid) to run the daemon and the queue commands as; None: as the test runs.
+        self.user = user
+        self.binary = binary
         self.config_path = directory / "tern.yaml"
         self.config_path.write_text(config)
         self.log_path = directory / "tern.log"
@@ -33,7 +36,8 @@ class Tern:
         self.log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [BINARY, "serve", "--config", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
+            [self.binary, "serve", "--config", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+            **self.credentials()
         )
         names = re.findall(r"\{ name: (\S+), kind:", self.config_path.read_text())
         deadline = time.time() + timeout
@@ -47,6 +51,21 @@ class Tern:
                 raise RuntimeError(f"tern exited with {self.proc.returncode}:\n{text}")
             time.sleep(0.05)
         raise RuntimeError("tern did not start:\n" + self.log())
+
+    def credentials(self):
+        """Popen's arguments that run a command as this instance's user."""
+        if self.user is None:
+            return {}
+        uid, gid = self.user
+        return {"user": uid, "group": gid, "extra_groups": []}
+
+    def run(self, *args, check=True, timeout=20):
+        """A `tern` command against this instance's config, as its user."""
+        out = subprocess.run([self.binary, *args, "--config", str(self.config_path)], cwd=self.dir, capture_output=True,
+                             text=True, timeout=timeout, **self.credentials())
+        if check:
+            assert out.returncode == 0, out.stderr
+        return out
 
     def port(self, name):
         return self.ports[name]
@@ -64,11 +83,7 @@ class Tern:
         return self.stop(signal.SIGKILL)
 
     def queue(self):
-        out = subprocess.run(
-            [BINARY, "queue", "list", "--json", "--config", str(self.config_path)],
-            cwd=self.dir, capture_output=True, text=True, check=True,
-        ).stdout
-        return json.loads(out)
+        return json.loads(self.run("queue", "list", "--json").stdout)
 
     def spool_files(self, state="queue"):
         d = self.dir / "var/spool" / state
