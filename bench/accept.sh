@@ -26,7 +26,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-swift build -c release --product tern >/dev/null
+. bench/common.sh
+TERN_BIN=$(tern_binary)
 
 
 # --- Tern ---
@@ -43,11 +44,10 @@ limits: { max_message_size: 10MB, max_connections: 1000, max_connections_per_cli
 delivery: { paused: true }
 log: { level: warning }
 YAML
-.build/release/tern serve --config "$WORK/tern/tern.yaml" 2>"$WORK/tern/log" &
+"$TERN_BIN" serve --config "$WORK/tern/tern.yaml" 2>"$WORK/tern/log" &
 TERN_PID=$!
 
 # --- Postfix ---
-. bench/common.sh
 # defer_transports: mail stays in Postfix's queue, as Tern's bench config keeps it queued.
 postfix_instance "$PF" $POSTFIX_PORT "defer_transports = smtp"
 pf check

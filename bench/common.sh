@@ -41,3 +41,11 @@ pf() { script -qec "postfix -c $PF_CONF $*" /dev/null; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
 busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 HZ=$(getconf CLK_TCK)
+
+# The tern binary to measure: $TERN_BIN when set (to compare two builds in one run of the
+# same machine), else a release build of this tree.
+tern_binary() {
+    if [ -n "${TERN_BIN:-}" ]; then echo "$TERN_BIN"; return; fi
+    swift build -c release --product tern >/dev/null
+    echo "$PWD/.build/release/tern"
+}

@@ -22,8 +22,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-swift build -c release --product tern >/dev/null
-.build/release/tern dkim keygen --domain client.test --selector bench --out "$WORK/dkim.key" >/dev/null
+. bench/common.sh
+TERN_BIN=$(tern_binary)
+"$TERN_BIN" dkim keygen --domain client.test --selector bench --out "$WORK/dkim.key" >/dev/null
 
 for name in plain filtered; do
     port=$PLAIN_PORT; [ $name = filtered ] && port=$FILTERED_PORT
@@ -47,7 +48,7 @@ filters:
     settings: { keys: [ { domain: client.test, selector: bench, key_file: $WORK/dkim.key } ] }
 YAML
     fi
-    .build/release/tern serve --config "$WORK/$name/tern.yaml" 2>"$WORK/$name/log" &
+    "$TERN_BIN" serve --config "$WORK/$name/tern.yaml" 2>"$WORK/$name/log" &
     PIDS+=($!)
 done
 
@@ -68,7 +69,6 @@ CF
 opendkim -f -x "$WORK/opendkim.conf" 2>"$WORK/opendkim.log" &
 PIDS+=($!)
 
-. bench/common.sh
 postfix_instance "$PF" $POSTFIX_PORT "defer_transports = smtp
 smtpd_milters = inet:127.0.0.1:$MILTER_PORT
 milter_default_action = tempfail"

@@ -31,7 +31,7 @@ cleanup() {
 trap cleanup EXIT
 . bench/common.sh
 
-swift build -c release --product tern >/dev/null
+TERN_BIN=$(tern_binary)
 python3 bench/dns_sites.py $DNS_PORT > "$WORK/dns.log" 2>&1 &
 PIDS+=($!)
 smtp-sink -u postfix "127.0.0.1:$SINK_PORT" 1024 > /dev/null 2>&1 &
@@ -62,7 +62,7 @@ single() {  # single MAX_RECIPIENTS
 
 run() {  # run NAME ROUTING [DELIVERY_EXTRA] -> "recipients_per_s peak_rss_kb"
     config "$1" true "$2" "${3:-}"
-    .build/release/tern serve --config "$WORK/$1.yaml" 2>>"$WORK/$1.log" &
+    "$TERN_BIN" serve --config "$WORK/$1.yaml" 2>>"$WORK/$1.log" &
     local pid=$!
     wait_port $TERN_PORT
     python3 - "$TERN_PORT" "$MESSAGES" <<'PY'
@@ -84,7 +84,7 @@ PY
     [ "$queued" = "$MESSAGES" ] || { echo "only $queued of $MESSAGES messages queued" >&2; exit 1; }
     local t0 t1
     t0=$(date +%s.%N)
-    .build/release/tern serve --config "$WORK/$1.yaml" 2>>"$WORK/$1.log" &
+    "$TERN_BIN" serve --config "$WORK/$1.yaml" 2>>"$WORK/$1.log" &
     pid=$!
     while [ -n "$(ls -A "$WORK/$1-spool/queue")" ]; do sleep 0.2; done
     t1=$(date +%s.%N)

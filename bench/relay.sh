@@ -33,10 +33,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-swift build -c release --product tern >/dev/null
+. bench/common.sh
+TERN_BIN=$(tern_binary)
 
 start_tern() {
-    .build/release/tern serve --config "$WORK/tern/tern.yaml" 2>>"$WORK/tern/log" &
+    "$TERN_BIN" serve --config "$WORK/tern/tern.yaml" 2>>"$WORK/tern/log" &
     TERN_PID=$!
 }
 
@@ -59,7 +60,6 @@ routes:
 log: { level: warning }
 YAML
 
-. bench/common.sh
 postfix_instance "$PF" $POSTFIX_PORT "relayhost = [127.0.0.1]:$SINK_PORT
 smtp_tls_security_level = none
 default_destination_concurrency_limit = 20"

@@ -122,7 +122,7 @@ enum Milter {
         case TERN_SMFIR_REPLYCODE:
             let text = strings().first ?? ""
             guard let code = Int(text.prefix(3)), (400...599).contains(code) else {
-                throw ProtocolError(description: "bad reply code '\(text.prefix(60))'")
+                throw ProtocolError(description: "bad reply code '\(LogEscape.escape(text.prefix(60)))'")
             }
             var rest = Substring(text.dropFirst(3)).drop(while: { $0 == " " || $0 == "-" })
             var enhanced: EnhancedStatusCode?
@@ -136,9 +136,9 @@ enum Milter {
                 // continuation lines repeat "550-5.7.1 "; keep their text only
                 if l.count > 4, Int(l.prefix(3)) != nil { return String(l.dropFirst(4)).drop(while: { $0 != " " }).drop(while: { $0 == " " }).description }
                 return l
-            }
+            }.map { LogEscape.escape($0) }  // the milter's text reaches the client and the log
             return .replyCode(SMTPReply(code, enhanced, lines.isEmpty ? [""] : lines))
-        case TERN_SMFIR_QUARANTINE: return .quarantine(strings().first ?? "")
+        case TERN_SMFIR_QUARANTINE: return .quarantine(LogEscape.escape(strings().first ?? ""))
         case TERN_SMFIR_ADDHEADER:
             let s = strings()
             guard s.count >= 2 else { throw ProtocolError(description: "bad add-header") }

@@ -16,6 +16,9 @@ public enum AttemptOutcome: Sendable, Equatable {
     case tls(String)
     /// The server broke the protocol (an unparseable reply, a wrong code).
     case protocolError(String)
+    /// The next hop is this relay itself (its address is one of ours, or it greets with our
+    /// own hostname): delivering would only send the mail round again.
+    case loop(String)
 }
 
 /// The fate of one recipient after one attempt at one host.
@@ -46,6 +49,10 @@ public enum DeliveryPolicy {
     public static func verdict(stage: DeliveryStage, outcome failure: AttemptOutcome, isLastHost: Bool) -> RecipientVerdict {
         if case .reply(let reply) = failure, reply.isPositive {
             return .delivered(reply)
+        }
+        if case .loop = failure {
+            // As Postfix: final, whatever the stage; no other host of the lane is better.
+            return .bounced(status: status(of: failure, stage: stage), diagnostic: diagnostic(failure))
         }
         if case .reply(let reply) = failure, reply.isPermanentFailure, permanentAt(stage) {
             return .bounced(status: status(of: failure, stage: stage), diagnostic: diagnostic(failure))
@@ -94,6 +101,7 @@ public enum DeliveryPolicy {
         case .timeout: return EnhancedStatusCode(4, 4, 2)  // bad connection
         case .tls: return EnhancedStatusCode(4, 7, 5)  // cryptographic failure
         case .protocolError: return EnhancedStatusCode(4, 5, 0)  // other protocol status
+        case .loop: return EnhancedStatusCode(5, 4, 6)  // routing loop detected
         }
     }
 
@@ -105,6 +113,7 @@ public enum DeliveryPolicy {
         case .timeout(let text): return "X-Tern; timed out: \(text)"
         case .tls(let text): return "X-Tern; TLS failed: \(text)"
         case .protocolError(let text): return "X-Tern; protocol error: \(text)"
+        case .loop(let text): return "X-Tern; \(text)"
         }
     }
 }
@@ -118,6 +127,7 @@ extension AttemptOutcome: CustomStringConvertible {
         case .timeout(let text): return "timed out: \(text)"
         case .tls(let text): return "TLS failed: \(text)"
         case .protocolError(let text): return "protocol error: \(text)"
+        case .loop(let text): return text
         }
     }
 }

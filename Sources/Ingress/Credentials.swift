@@ -58,8 +58,12 @@ public struct UserDatabase: Sendable {
     public func verify(user: String, password: String) -> Bool {
         let known = hashes[user]
         let setting = known ?? Self.decoy
+        // crypt(3) reads a C string: a NUL would end the password early, and `secret\0junk`
+        // would pass for `secret`. No password in a users file holds a NUL, so none matches.
+        // The hash is computed all the same, so the answer takes as long either way.
+        let cut = password.utf8.contains(0) || user.utf8.contains(0)
         guard let computed = Self.crypt(password, setting: setting) else { return false }
-        return known != nil && Self.constantTimeEqual(computed, setting)
+        return known != nil && !cut && Self.constantTimeEqual(computed, setting)
     }
 
     /// A valid SHA-512-crypt setting for users that do not exist.

@@ -5,7 +5,8 @@ import SMTPProtocol
 /// What the framing layer hands to the session.
 enum SMTPFrame: Sendable, Equatable {
     /// A command line (or a SASL response line) without its line ending. `paused`: the line
-    /// was DATA or STARTTLS, and decoding waits for an `SMTPFramingControl`.
+    /// may change how the next bytes are read (it starts DATA, BDAT or STARTTLS), and
+    /// decoding waits for an `SMTPFramingControl` that says how to go on.
     case line([UInt8], paused: Bool)
     /// A line longer than the limit; its bytes up to the next LF are dropped.
     case lineTooLong
@@ -27,6 +28,8 @@ enum SMTPFramingControl: Sendable {
     case readCommands
     /// Read a DATA stream.
     case readData(normalizeBareLineEndings: Bool)
+    /// Read this many bytes as a BDAT chunk, then commands again.
+    case readChunk(size: Int)
     /// Send this reply, then start TLS: whatever the client pipelined after STARTTLS in
     /// plaintext is thrown away, never read as commands (CVE-2011-0411).
     case startTLS(reply: ByteBuffer, context: NIOSSLContext)
@@ -34,12 +37,19 @@ enum SMTPFramingControl: Sendable {
     case shutdown
 }
 
-/// Splits the byte stream into command lines and DATA streams, with a hard cap on how much
-/// it buffers, and with a read timeout that depends on what it is reading.
+/// Splits the byte stream into command lines, DATA streams and BDAT chunks, with a hard cap
+/// on how much it buffers, and with a deadline that depends on what it is reading.
 ///
-/// After a line that starts `DATA` or `STARTTLS` it stops decoding until the session, which
-/// alone knows whether the command was accepted, sends a `SMTPFramingControl`. Everything the
-/// client pipelined meanwhile waits in the buffer.
+/// The session's state machine alone decides what the next bytes are. After a line whose
+/// verb is `DATA`, `BDAT` or `STARTTLS` the framing stops decoding until the session sends a
+/// `SMTPFramingControl`: only the machine knows whether that line was a command it accepted,
+/// a command it refused, or a SASL response that merely reads like one. Everything the client
+/// pipelined meanwhile waits in the buffer.
+///
+/// Timeouts are deadlines, not idle timers: a command line must be complete within
+/// `commandTimeout` of the moment the framing began waiting for it, and a whole DATA stream or
+/// BDAT chunk within `dataTimeout`, however the client spreads its bytes. No deadline runs
+/// while the framing is paused: then the server, not the client, is the one working.
 final class SMTPFramingHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = SMTPFrame
@@ -98,7 +108,6 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         } else {
             buffer!.writeBuffer(&incoming)
         }
-        armTimer(context: context)
         decode(context: context)
     }
 
@@ -112,6 +121,8 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
             mode = .command
         case .readData(let normalize):
             mode = .data(DataDecoder(normalizeBareLineEndings: normalize))
+        case .readChunk(let size):
+            mode = .chunk(remaining: size)
         case .startTLS(let reply, let sslContext):
             context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
             buffer = nil  // plaintext pipelined after STARTTLS: discarded
@@ -126,6 +137,7 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         }
         promise?.succeed()
         armTimer(context: context)
+        if case .chunk(0) = mode { finishChunk(context: context) }
         decode(context: context)
         // Frames produced here, outside channelRead, reach the session only with a
         // channelReadComplete: NIOAsyncChannel hands reads over in batches at that event.
@@ -175,19 +187,18 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
                 }
                 if line.last == 0x0D { line.removeLast() }
                 guard line.count <= maxLineLength else {
+                    armTimer(context: context)
                     context.fireChannelRead(wrapInboundOut(.lineTooLong))
                     continue
                 }
                 let pauses = Self.pausesFraming(line)
-                if pauses { mode = .paused }
-                context.fireChannelRead(wrapInboundOut(.line(line, paused: pauses)))
-                // RFC 3030: a chunk's bytes follow its BDAT line at once and are read whether
-                // or not the command is accepted, so the framing takes the size from the line.
-                if let size = Self.chunkSize(line) {
-                    mode = .chunk(remaining: size)
-                    armTimer(context: context)
-                    if size == 0 { finishChunk(context: context) }
+                if pauses {
+                    mode = .paused
+                    cancelTimer()
+                } else {
+                    armTimer(context: context)  // the next line's deadline starts now
                 }
+                context.fireChannelRead(wrapInboundOut(.line(line, paused: pauses)))
             case .chunk(let remaining):
                 let n = min(remaining, buf.readableBytes)
                 let bytes = buf.readBytes(length: n)!
@@ -224,17 +235,10 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         context.fireChannelRead(wrapInboundOut(.chunkEnd))
     }
 
-    /// The chunk size of a well-formed `BDAT size [LAST]` line.
-    static func chunkSize(_ line: [UInt8]) -> Int? {
-        guard line.count >= 6, line[0] | 0x20 == 0x62, line[1] | 0x20 == 0x64, line[2] | 0x20 == 0x61,
-            line[3] | 0x20 == 0x74, line[4] == 0x20,
-            case .bdat(let size, _) = try? SMTPCommandParser.parse(line)
-        else { return nil }
-        return size
-    }
-
-    /// DATA and STARTTLS change how the following bytes must be read, so decoding stops
-    /// after them until the session has answered.
+    /// DATA, BDAT and STARTTLS may change how the following bytes must be read, so decoding
+    /// stops after a line with one of these verbs until the session has decided. The test is
+    /// the parser's own for a verb (letters, then a space or the end), so no line the parser
+    /// reads as one of these commands gets past it.
     static func pausesFraming(_ line: [UInt8]) -> Bool {
         func isVerb(_ verb: String) -> Bool {
             let v = Array(verb.utf8)
@@ -242,14 +246,21 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
             for i in 0..<v.count where line[i] | 0x20 != v[i] | 0x20 { return false }
             return line.count == v.count || line[v.count] == 0x20
         }
-        return isVerb("DATA") || isVerb("STARTTLS")
+        return isVerb("DATA") || isVerb("BDAT") || isVerb("STARTTLS")
     }
 
     // MARK: - Timeouts
 
+    private func cancelTimer() {
+        timer?.cancel()
+        timer = nil
+    }
+
+    /// Starts the deadline for what the framing reads next.
     private func armTimer(context: ChannelHandlerContext) {
         timer?.cancel()
         guard !timedOut else { return }
+        if case .paused = mode { return }
         let timeout: TimeAmount
         switch mode {
         case .data, .chunk: timeout = dataTimeout

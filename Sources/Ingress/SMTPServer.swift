@@ -146,7 +146,7 @@ public final class SMTPServer: Service, Sendable {
         let policy = SessionPolicy(
             kind: listener.kind, hostname: config.hostname, tlsAvailable: environment.tlsContext != nil,
             authAvailable: environment.users != nil, maxMessageSize: config.limits.maxMessageSize.bytes,
-            maxRecipients: config.limits.maxRecipients, maxErrors: config.limits.maxErrors,
+            maxRecipients: config.limits.maxRecipients, maxErrors: config.limits.maxErrors, maxHops: config.limits.maxHops,
             allowedSenders: config.access.allowedSenders, bareLineEndings: config.access.bareLineEndings)
         do {
             try await connection.executeThenClose { inbound, outbound in

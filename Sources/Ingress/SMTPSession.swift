@@ -46,9 +46,23 @@ struct SMTPSession {
 
     private var client: String { "[\(clientAddress)]:\(clientPort)" }
 
+    /// The framing stopped after a line and waits for this session to say how to read on.
+    /// Exactly one `SMTPFramingControl` answers each such line: the machine's action decides
+    /// which, so the framing never guesses what the next bytes are.
+    var framingPaused = false
+
+    /// The framing and the session disagree about what the bytes are: the stream cannot be
+    /// read any further.
+    struct UnexpectedFrame: Error {}
+
     mutating func run() async throws {
         do {
             try await serve()
+        } catch is UnexpectedFrame {
+            logger.warning("protocol error from \(client): data where a command was expected, or a command inside data")
+            await dropChunkedMessage()
+            try? await perform(machine.unexpectedFrame())
+            return
         } catch {
             await dropChunkedMessage()
             throw error
@@ -66,10 +80,9 @@ struct SMTPSession {
         try await send(machine.greeting())
         while !machine.isClosed, let frame = try await frames.next() {
             let action: SessionStateMachine.Action?
-            var pausedFraming = false
             switch frame {
             case .line(let line, let paused):
-                pausedFraming = paused
+                framingPaused = paused
                 let isSASL = machine.awaitingSASLResponse
                 action = machine.line(line)
                 if case .reply(let r) = action, !r.isPositive { logReject(isSASL ? [] : line, r) }
@@ -82,17 +95,38 @@ struct SMTPSession {
             case .shutdown:
                 action = machine.shutdown()
             case .data, .dataEnd, .chunkEnd:
-                preconditionFailure("message data outside DATA or BDAT")
+                throw UnexpectedFrame()
             }
-            if let action { try await perform(action, pausedFraming: pausedFraming) }
+            if let action { try await perform(action) }
+            // A paused line whose answer was deferred (shutdown while idle never is) still
+            // gets its control: the framing must never wait for one that does not come.
+            if framingPaused, !machine.isClosed { control(.readCommands) }
         }
     }
 
-    private mutating func perform(_ action: SessionStateMachine.Action, pausedFraming: Bool) async throws {
+    /// Tells a paused framing how to read on, as the machine decided with `action`. An action
+    /// that changes the framing after a line that did not pause it means the two disagree.
+    private mutating func resumeFraming(after action: SessionStateMachine.Action) throws {
+        let next = SessionStateMachine.framing(after: action)
+        guard framingPaused else {
+            switch next {
+            case .commands, .closed: return
+            case .data, .chunk, .tls: throw UnexpectedFrame()
+            }
+        }
+        switch next {
+        case .commands: control(.readCommands)
+        case .data(let normalize): control(.readData(normalizeBareLineEndings: normalize))
+        case .chunk(let size): control(.readChunk(size: size))
+        case .tls, .closed: break  // STARTTLS sends its own control, with its reply
+        }
+    }
+
+    private mutating func perform(_ action: SessionStateMachine.Action) async throws {
+        if case .startTLS = action {} else { try resumeFraming(after: action) }
         switch action {
         case .reply(let reply):
             try await send(reply)
-            if pausedFraming { control(.readCommands) }
         case .close(let reply):
             try await send(reply)
             channel.close(promise: nil)
@@ -101,20 +135,19 @@ struct SMTPSession {
             try await send(final)
             channel.close(promise: nil)
         case .startTLS(let reply):
-            guard let context = environment.tlsContext else { preconditionFailure("STARTTLS offered without a context") }
+            guard framingPaused, let context = environment.tlsContext else { throw UnexpectedFrame() }
             control(.startTLS(reply: ByteBuffer(string: reply.encoded), context: context))
             machine.tlsEstablished()
             logger.debug("STARTTLS from \(client)")
         case .beginData(let reply, let normalize):
             try await send(reply)
-            control(.readData(normalizeBareLineEndings: normalize))
             let outcome = try await receiveMessage(normalize: normalize)
-            try await perform(machine.dataEnded(outcome), pausedFraming: false)
+            try await perform(machine.dataEnded(outcome))
         case .verifyCredentials(let user, let password):
             try await verify(user: user, password: password)
         case .receiveChunk(let size, let last, let first, let normalize):
             try await receiveChunk(size: size, last: last, first: first, normalize: normalize)
-        case .discardChunk(let reply):
+        case .discardChunk(let reply, let size):
             var none: Intake?
             var checker = LineEndingChecker()
             guard try await readChunk(into: &none, checker: &checker) else { throw CancellationError() }
@@ -128,7 +161,7 @@ struct SMTPSession {
     private mutating func verify(user: String, password: String) async throws {
         let throttle = environment.authThrottle
         if throttle.isBlocked(clientAddress) {
-            try await perform(.close(SMTPReply(421, .temporaryAuthFailure, "Error: too many failed authentications")), pausedFraming: false)
+            try await perform(.close(SMTPReply(421, .temporaryAuthFailure, "Error: too many failed authentications")))
             return
         }
         let ok: Bool
@@ -144,9 +177,9 @@ struct SMTPSession {
             logger.notice("warning: \(client): SASL authentication failed for user \(user)")
             try await Task.sleep(for: delay)
         }
-        try await perform(machine.authChecked(user: user, success: ok), pausedFraming: false)
+        try await perform(machine.authChecked(user: user, success: ok))
         if !ok, throttle.isBlocked(clientAddress), !machine.isClosed {
-            try await perform(.close(SMTPReply(421, .temporaryAuthFailure, "Error: too many failed authentications")), pausedFraming: false)
+            try await perform(.close(SMTPReply(421, .temporaryAuthFailure, "Error: too many failed authentications")))
         }
     }
 
@@ -159,13 +192,15 @@ struct SMTPSession {
         /// The whole message, when filters must see it before anything is written.
         var buffer: [UInt8]?
         var size = 0
+        /// The client's `Received:` headers (Tern's own is not fed to it).
+        var hops = HopCounter()
         var tooBig = false
         var writeFailed = false
     }
 
     /// Opens a spool file and writes Tern's `Received:` header into it.
-    private func startMessage() async -> Intake {
-        guard let transaction = machine.transaction else { preconditionFailure("a message without a transaction") }
+    private func startMessage() async throws -> Intake {
+        guard let transaction = machine.transaction else { throw UnexpectedFrame() }
         let writer = environment.spool.begin()
         var intake = Intake(writer: writer, tlsVersion: await currentTLSVersion())
         if environment.filters.applies(to: listener.name) { intake.buffer = [] }
@@ -182,6 +217,7 @@ struct SMTPSession {
     private func append(_ bytes: [UInt8], to intake: inout Intake, counted: Bool = true) async {
         if counted {
             intake.size += bytes.count
+            intake.hops.feed(bytes)
             if intake.size > machine.policy.maxMessageSize { intake.tooBig = true }
         }
         guard !intake.tooBig, !intake.writeFailed else { return }
@@ -198,12 +234,17 @@ struct SMTPSession {
     }
 
     /// Decides how a fully received message ends, and commits it if it is acceptable.
-    private func finishMessage(_ intake: Intake, violations: DataDecoder.Violations, normalized: Bool) async -> DataOutcome {
-        guard let transaction = machine.transaction else { preconditionFailure("a message without a transaction") }
+    private func finishMessage(_ intake: Intake, violations: DataDecoder.Violations, normalized: Bool) async throws -> DataOutcome {
+        guard let transaction = machine.transaction else {
+            await intake.writer.abort()
+            throw UnexpectedFrame()
+        }
         let writer = intake.writer
         let outcome: DataOutcome
         if intake.tooBig {
             outcome = .tooBig
+        } else if intake.hops.received >= machine.policy.maxHops {
+            outcome = .tooManyHops
         } else if violations.contains(.nul) {
             outcome = .containsNUL
         } else if !normalized, !violations.isDisjoint(with: [.bareLF, .bareCR]) {
@@ -305,7 +346,7 @@ struct SMTPSession {
 
     /// Streams a DATA message into the spool and reports how it ended.
     private mutating func receiveMessage(normalize: Bool) async throws -> DataOutcome {
-        var intake = await startMessage()
+        var intake = try await startMessage()
         var violations: DataDecoder.Violations = []
         var ended = false
         loop: while let frame = try await frames.next() {
@@ -318,12 +359,13 @@ struct SMTPSession {
                 break loop
             case .timeout:
                 await intake.writer.abort()
-                try await perform(machine.timeout(), pausedFraming: false)
+                try await perform(machine.timeout())
                 throw CancellationError()
             case .shutdown:
                 _ = machine.shutdown()
             case .line, .lineTooLong, .chunkEnd:
-                preconditionFailure("command frame inside DATA")
+                await intake.writer.abort()
+                throw UnexpectedFrame()
             }
         }
         guard ended else {
@@ -332,7 +374,7 @@ struct SMTPSession {
             logger.info("lost connection after DATA from \(client): nothing queued")
             throw CancellationError()
         }
-        return await finishMessage(intake, violations: violations, normalized: normalize)
+        return try await finishMessage(intake, violations: violations, normalized: normalize)
     }
 
     /// Reads one BDAT chunk into the message under way (or into nowhere, when `discard`).
@@ -349,12 +391,14 @@ struct SMTPSession {
             case .chunkEnd:
                 return true
             case .timeout:
-                try await perform(machine.timeout(), pausedFraming: false)
+                try await perform(machine.timeout())
                 return false
             case .shutdown:
                 _ = machine.shutdown()
             case .line, .lineTooLong, .dataEnd:
-                preconditionFailure("command frame inside a BDAT chunk")
+                if let intake { await intake.writer.abort() }
+                intake = nil
+                throw UnexpectedFrame()
             }
         }
         return false
@@ -367,7 +411,7 @@ struct SMTPSession {
         var intake: Intake?
         var checker = LineEndingChecker(normalizeBareLineEndings: normalize)
         if first {
-            intake = await startMessage()
+            intake = try await startMessage()
         } else if let pending = chunked {
             intake = pending.intake
             checker = pending.checker
@@ -381,11 +425,11 @@ struct SMTPSession {
             var tail: [UInt8] = []
             checker.finish(into: &tail)
             if !tail.isEmpty { await append(tail, to: &current) }
-            let outcome = await finishMessage(current, violations: checker.violations, normalized: normalize)
-            try await perform(machine.dataEnded(outcome), pausedFraming: false)
+            let outcome = try await finishMessage(current, violations: checker.violations, normalized: normalize)
+            try await perform(machine.dataEnded(outcome))
         } else {
             chunked = (current, checker)
-            try await perform(machine.chunkReceived(size: size), pausedFraming: false)
+            try await perform(machine.chunkReceived(size: size))
         }
     }
 
@@ -421,7 +465,8 @@ struct SMTPSession {
 
     /// Tells the framing how to read on. Not awaited: it reaches the event loop after every
     /// reply written before it, and the session's next step is to read, which waits anyway.
-    private func control(_ control: SMTPFramingControl) {
+    private mutating func control(_ control: SMTPFramingControl) {
+        framingPaused = false
         channel.triggerUserOutboundEvent(control, promise: nil)
     }
 

@@ -12,6 +12,8 @@ struct SessionPolicy: Sendable {
     var maxMessageSize: Int
     var maxRecipients: Int
     var maxErrors: Int
+    /// `Received:` headers at which a message is refused as a loop.
+    var maxHops = 50
     var allowedSenders: [String: [String]]
     var bareLineEndings: BareLineEndingPolicy
 }
@@ -22,6 +24,8 @@ enum DataOutcome: Equatable, Sendable {
     case tooBig
     case containsNUL
     case bareLineEnding
+    /// The message already passed through `maxHops` relays: a mail loop.
+    case tooManyHops
     case spoolFailure
     /// A filter refused the message (its own reply), or failed and its default refused it.
     case filtered(SMTPReply)
@@ -48,8 +52,25 @@ struct SessionStateMachine {
         /// Read a BDAT chunk into the message (starting it if `first`), then report with
         /// `chunkReceived` or, after the last, `dataEnded`.
         case receiveChunk(size: Int, last: Bool, first: Bool, normalize: Bool)
-        /// Read a refused BDAT chunk off the wire and throw it away, then send the reply.
-        case discardChunk(SMTPReply)
+        /// Read a refused BDAT chunk of `size` bytes off the wire and throw it away, then
+        /// send the reply (RFC 3030 §2: the chunk follows whatever the answer).
+        case discardChunk(SMTPReply, size: Int)
+    }
+
+    /// How the framing reads on after an action, when the line that led to it paused the
+    /// framing. The machine is the one owner of this decision: the framing only stops after a
+    /// line that might change how the next bytes are read, and the action says how they are.
+    enum NextFraming: Equatable, Sendable {
+        /// Command lines (also SASL responses, which are lines).
+        case commands
+        /// A DATA stream.
+        case data(normalize: Bool)
+        /// A BDAT chunk of this many bytes, accepted or refused.
+        case chunk(size: Int)
+        /// The TLS handshake, then command lines.
+        case tls
+        /// Nothing: the connection closes.
+        case closed
     }
 
     private enum Phase: Equatable {
@@ -80,6 +101,17 @@ struct SessionStateMachine {
         var sender: ReversePath
         var parameters: MailParameters
         var recipients: [EnvelopeRecipient] = []
+    }
+
+    /// What the framing must read after `action`.
+    static func framing(after action: Action) -> NextFraming {
+        switch action {
+        case .reply, .verifyCredentials: return .commands
+        case .close, .replyThenClose: return .closed
+        case .startTLS: return .tls
+        case .beginData(_, let normalize): return .data(normalize: normalize)
+        case .receiveChunk(let size, _, _, _), .discardChunk(_, let size): return .chunk(size: size)
+        }
     }
 
     let policy: SessionPolicy
@@ -175,8 +207,19 @@ struct SessionStateMachine {
         phase = .start
     }
 
+    /// Ends the session when the driver reports an event that the phase does not allow: the
+    /// byte stream and the machine no longer agree, and nothing after this can be trusted.
+    private mutating func outOfSequence() -> Action {
+        phase = .closed
+        return .close(.protocolError)
+    }
+
+    /// The framing delivered message bytes, or the end of a message, where no DATA or BDAT
+    /// transfer is under way.
+    mutating func unexpectedFrame() -> Action { outOfSequence() }
+
     mutating func authChecked(user: String, success: Bool) -> Action {
-        guard phase == .verifying else { preconditionFailure("authChecked outside AUTH") }
+        guard phase == .verifying else { return outOfSequence() }
         phase = .ready
         if success {
             authUser = user
@@ -187,13 +230,13 @@ struct SessionStateMachine {
 
     /// A BDAT chunk that was not the last arrived whole.
     mutating func chunkReceived(size: Int) -> Action {
-        guard phase == .data else { preconditionFailure("chunkReceived outside BDAT") }
+        guard phase == .data else { return outOfSequence() }
         phase = .chunking
         return .reply(SMTPReply(250, .ok, "\(size) octets received"))
     }
 
     mutating func dataEnded(_ outcome: DataOutcome) -> Action {
-        guard phase == .data else { preconditionFailure("dataEnded outside DATA") }
+        guard phase == .data else { return outOfSequence() }
         transaction = nil
         phase = .ready
         let reply: SMTPReply
@@ -203,6 +246,7 @@ struct SessionStateMachine {
         case .containsNUL: reply = SMTPReply(550, .badContent, "Error: message contains NUL characters")
         case .bareLineEnding:
             reply = SMTPReply(550, .badLineEnding, "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
+        case .tooManyHops: reply = SMTPReply(554, EnhancedStatusCode(5, 4, 6), "Error: too many hops")
         case .spoolFailure: reply = SMTPReply(451, .transientSystem, "Error: queue file write error")
         case .filtered(let filterReply): reply = filterReply
         case .discarded(let id): reply = SMTPReply(250, .ok, "Ok: queued as \(id)")
@@ -265,10 +309,10 @@ struct SessionStateMachine {
         case .bdat(let size, let last):
             // RFC 3030 §2: the chunk follows whatever the answer, so a refusal still reads it.
             guard phase == .mail || phase == .chunking, let transaction else {
-                return discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command"))
+                return discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command"), size: size)
             }
             guard !transaction.recipients.isEmpty else {
-                return discardChunk(SMTPReply(554, .invalidCommand, "Error: no valid recipients"))
+                return discardChunk(SMTPReply(554, .invalidCommand, "Error: no valid recipients"), size: size)
             }
             let first = phase == .mail
             phase = .data
@@ -445,9 +489,9 @@ struct SessionStateMachine {
         return .reply(SMTPReply(250, .destinationOK, "Ok"))
     }
 
-    private mutating func discardChunk(_ reply: SMTPReply) -> Action {
+    private mutating func discardChunk(_ reply: SMTPReply, size: Int) -> Action {
         switch fail(reply) {
-        case .reply(let r): return .discardChunk(r)
+        case .reply(let r): return .discardChunk(r, size: size)
         case let other: return other
         }
     }

@@ -26,6 +26,8 @@ struct LaneEnvironment: Sendable {
     var logger: Logger
     /// How long an idle connection waits for the next message before it is closed.
     var idleTime: Duration = .seconds(2)
+    /// This relay's own listener addresses (`ip:port`): a next hop there is a mail loop.
+    var ownAddresses: Set<String> = []
 }
 
 /// One destination (a smarthost, or a recipient domain's MX hosts): its jobs, its
@@ -506,6 +508,14 @@ struct LaneWorker: Sendable {
         hostLoop: for host in hosts {
             for address in host.addresses where !remaining.isEmpty {
                 let target = "\(address):\(serverPort)"
+                if environment.ownAddresses.contains(target) {
+                    // Delivering to our own listener would only accept the mail again.
+                    let domain = job.envelope.recipients[remaining[0]].address.split(separator: "@").last.map(String.init) ?? ""
+                    let loop = AttemptOutcome.loop("mail for \(domain) loops back to myself (\(host.name)[\(address)]:\(serverPort) is this relay)")
+                    finish(remaining, DeliveryPolicy.verdict(stage: .connect, outcome: loop, isLastHost: true))
+                    remaining = []
+                    break hostLoop
+                }
                 let setup = "\(job.route.name) \(tls) \(job.route.caFile ?? "")"
                 if let h = held, h.address != target || h.setup != setup || !h.connection.isReady || h.messages >= limits.messagesPerConnection {
                     await h.connection.quit()
@@ -521,12 +531,19 @@ struct LaneWorker: Sendable {
                         heloName: environment.heloName, tlsPolicy: tls, credentials: credentials,
                         serverName: host.name, caFile: job.route.caFile, connectTimeout: environment.connectTimeout,
                         commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout, isLastHost: false,
-                        sourceAddress: limits.sourceAddress)
+                        sourceAddress: limits.sourceAddress, ownHostname: environment.heloName)
                     do {
                         let connection = try await SMTPClientConnection.connect(host: address, port: serverPort, configuration: configuration)
                         held = Held(connection, address: target, setup: setup)
                         await lane.connectionSucceeded()
                     } catch {
+                        if case .loop = error.outcome {
+                            environment.logger.info("\(job.id): \(host.name)[\(address)]:\(serverPort): \(error.outcome)")
+                            finish(remaining, DeliveryPolicy.verdict(stage: error.stage, outcome: error.outcome, isLastHost: true),
+                                   relay: "\(host.name)[\(address)]:\(serverPort)")
+                            remaining = []
+                            break hostLoop
+                        }
                         lastOutcome = error.outcome
                         if DeliveryPolicy.throttlesLane(stage: error.stage, outcome: error.outcome) {
                             await lane.connectionFailed(error.outcome)

@@ -93,7 +93,7 @@ public actor Scheduler {
         self.environment = LaneEnvironment(
             spool: spool, resolver: resolver, heloName: config.hostname, mxPort: d.mxPort, connectTimeout: d.connectTimeout.duration,
             commandTimeout: d.commandTimeout.duration, dataTimeout: d.dataTimeout.duration, credentials: credentials, now: now,
-            logger: logger)
+            logger: logger, ownAddresses: Self.ownAddresses(config.listeners))
         self.logger = logger
         self.tick = tick
         self.resolver = resolver
@@ -788,6 +788,20 @@ public actor Scheduler {
         }
         let left = entries.values.filter { !$0.inFlight.isEmpty }.count
         if left > 0 { logger.notice("stopping with \(left) deliveries under way; they are tried again after the restart") }
+    }
+
+    /// The `ip:port` of each listener with a fixed port; a wildcard listener is reached on
+    /// loopback too. A next hop at one of these is this relay.
+    static func ownAddresses(_ listeners: [ListenerConfig]) -> Set<String> {
+        var out: Set<String> = []
+        for l in listeners where l.address.port != 0 {
+            out.insert("\(l.address.host):\(l.address.port)")
+            if ["0.0.0.0", "::", "*", ""].contains(l.address.host) {
+                out.insert("127.0.0.1:\(l.address.port)")
+                out.insert("::1:\(l.address.port)")
+            }
+        }
+        return out
     }
 
     static func retrySchedule(_ d: DeliveryConfig) -> RetrySchedule {

@@ -55,4 +55,5 @@ public struct EnhancedStatusCode: Hashable, Sendable, CustomStringConvertible {
     public static let encryptionRequired = EnhancedStatusCode(5, 7, 11)
     public static let temporaryAuthFailure = EnhancedStatusCode(4, 7, 0)
     public static let serviceShuttingDown = EnhancedStatusCode(4, 3, 2)
+    public static let protocolError = EnhancedStatusCode(4, 5, 0)
 }

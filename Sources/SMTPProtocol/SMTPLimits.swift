@@ -18,6 +18,12 @@ public enum SMTPLimits {
     public static let commandLineWithExtensions = 2048
     /// §4.5.3.1.5: reply line including the code and CRLF.
     public static let replyLine = 512
+    /// The longest reply line Tern reads from a server: RFC 5321 allows 512, real servers
+    /// send longer ones, none this long (Postfix's `smtp_line_length_limit` is 990 for lines it
+    /// sends; what it reads it cuts at `line_length_limit`, 2048).
+    public static let maxReplyLine = 4096
+    /// The most bytes one reply (all its lines) may take.
+    public static let maxReplyBytes = 32768
     /// §4.5.3.1.6: text line of the message including CRLF.
     public static let textLine = 1000
     /// §4.5.3.1.8: the minimum number of recipients a server must buffer.

@@ -59,6 +59,8 @@ extension SMTPReply {
     public static let relayDenied = SMTPReply(554, .deliveryNotAuthorized, "Relay access denied")
     public static let startTLSFirst = SMTPReply(530, .securityPolicy, "Must issue a STARTTLS command first")
     public static let authRequired = SMTPReply(530, .securityPolicy, "Authentication required")
+    /// The client's bytes no longer make sense where the session stands; nothing after them can.
+    public static let protocolError = SMTPReply(421, .protocolError, "Error: protocol error, closing connection")
 }
 
 /// Gathers reply lines from a server into replies.
@@ -70,6 +72,12 @@ public struct SMTPReplyParser: Sendable {
     private var code: Int?
     private var lines: [String] = []
     private var enhanced: EnhancedStatusCode?
+    private var bytes = 0
+
+    /// No server needs more for one reply (an EHLO reply has a line per extension, a
+    /// greeting banner a few); past these the reply is refused rather than kept growing.
+    public static let maxLines = 100
+    public static let maxBytes = SMTPLimits.maxReplyBytes
 
     public init() {}
 
@@ -86,12 +94,18 @@ public struct SMTPReplyParser: Sendable {
         guard separator == 0x20 || separator == 0x2D else {
             throw SMTPParseError(.badReply, "bad separator after reply code")
         }
-        var text = bytes.count > 4 ? Substring(String(decoding: bytes[4...], as: UTF8.self)) : ""
+        // A server's text reaches logs, stored errors, bounces and `tern queue list`: no
+        // control character of its gets that far.
+        var text = bytes.count > 4 ? Substring(LogEscape.escape(bytes: bytes[4...])) : ""
         if let first = text.split(separator: " ", maxSplits: 1).first,
             let esc = EnhancedStatusCode(parsing: first), esc.klass == code / 100
         {
             if self.lines.isEmpty { self.enhanced = esc }
             text = text.dropFirst(first.count).drop(while: { $0 == " " })
+        }
+        self.bytes += bytes.count + 2
+        guard lines.count < Self.maxLines, self.bytes <= Self.maxBytes else {
+            throw SMTPParseError(.badReply, "reply longer than \(Self.maxLines) lines or \(Self.maxBytes) bytes")
         }
         self.code = code
         self.lines.append(String(text))

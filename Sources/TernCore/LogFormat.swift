@@ -1,4 +1,5 @@
 import Logging
+import SMTPProtocol
 
 #if canImport(Glibc)
 import Glibc
@@ -24,13 +25,25 @@ public struct TernLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
-        var line = "\(Self.timestamp()) tern[\(getpid())]: \(event.level): \(event.message)"
+        // One event is one line, whatever the values from the network in it hold: a line
+        // feed, a NUL or an escape sequence in a user name, a command or a server's reply is
+        // written as `\xNN`, so no value can forge a line, cut one, or colour a terminal.
+        var line = "\(Self.timestamp()) tern[\(getpid())]: \(event.level): \(LogEscape.escape(event.message.description))"
         let merged = metadata.merging(event.metadata ?? [:]) { $1 }
         if !merged.isEmpty {
-            line += " " + merged.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")
+            line += " " + merged.sorted { $0.key < $1.key }.map { "\($0.key)=\(LogEscape.escape($0.value.description))" }.joined(separator: " ")
         }
         line += "\n"
-        line.withCString { _ = write(2, $0, strlen($0)) }
+        let bytes = Array(line.utf8)
+        bytes.withUnsafeBytes { buffer in
+            guard let base = buffer.baseAddress else { return }
+            var offset = 0
+            while offset < buffer.count {
+                let n = write(2, base + offset, buffer.count - offset)
+                if n <= 0 { break }
+                offset += n
+            }
+        }
     }
 
     static func timestamp() -> String {

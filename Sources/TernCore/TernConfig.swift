@@ -173,6 +173,9 @@ public struct LimitsConfig: Sendable, Decodable {
     /// address is disconnected on sight; each failure also slows the next reply.
     public var maxAuthFailures = 5
     public var authFailureWindow = ConfigDuration(.seconds(600))
+    /// `Received:` headers a message may carry when it arrives (Postfix's `hopcount_limit`):
+    /// at this many it is refused, `554 5.4.6`, as a mail loop.
+    public var maxHops = 50
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case maxMessageSize = "max_message_size"
@@ -184,6 +187,7 @@ public struct LimitsConfig: Sendable, Decodable {
         case maxErrors = "max_errors"
         case maxAuthFailures = "max_auth_failures"
         case authFailureWindow = "auth_failure_window"
+        case maxHops = "max_hops"
     }
 
     public init() {}
@@ -201,6 +205,7 @@ public struct LimitsConfig: Sendable, Decodable {
         maxErrors = try c.decodePositive(.maxErrors) ?? d.maxErrors
         maxAuthFailures = try c.decodePositive(.maxAuthFailures) ?? d.maxAuthFailures
         authFailureWindow = try c.decodeIfPresent(ConfigDuration.self, forKey: .authFailureWindow) ?? d.authFailureWindow
+        maxHops = try c.decodePositive(.maxHops) ?? d.maxHops
     }
 }
 

@@ -25,13 +25,17 @@ public struct SMTPClientConfiguration: Sendable {
     public var isLastHost: Bool
     /// The local address to connect from (a lane's egress IP); the system's choice when nil.
     public var sourceAddress: String?
+    /// This relay's own hostname: a server that greets with it is this relay (a mail loop).
+    public var ownHostname: String?
 
     public init(
         heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil, serverName: String,
         caFile: String? = nil, connectTimeout: Duration = .seconds(30), commandTimeout: Duration = .seconds(300),
-        dataTimeout: Duration = .seconds(600), isLastHost: Bool = true, sourceAddress: String? = nil
+        dataTimeout: Duration = .seconds(600), isLastHost: Bool = true, sourceAddress: String? = nil,
+        ownHostname: String? = nil
     ) {
         self.sourceAddress = sourceAddress
+        self.ownHostname = ownHostname
         self.heloName = heloName
         self.tlsPolicy = tlsPolicy
         self.credentials = credentials
@@ -77,17 +81,19 @@ public struct ConnectionFailure: Error, Sendable, Equatable {
 public final class SMTPClientConnection: @unchecked Sendable {
     private let channel: any Channel
     private let outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>
-    private var replies: NIOAsyncChannelInboundStream<[UInt8]>.AsyncIterator
+    private var replies: NIOAsyncChannelInboundStream<ReplyLine>.AsyncIterator
     private var machine: SMTPClientStateMachine
     private let configuration: SMTPClientConfiguration
     private var parser = SMTPReplyParser()
+    /// Lines of an older generation arrived before the STARTTLS handshake: never replies.
+    private var generation = 0
     private var stage = DeliveryStage.connect
     /// Who answered: `host[ip]:port`, for logs and Remote-MTA.
     public let peer: String
 
     private init(
-        channel: NIOAsyncChannel<[UInt8], ByteBuffer>, configuration: SMTPClientConfiguration, peer: String,
-        outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, inbound: NIOAsyncChannelInboundStream<[UInt8]>
+        channel: NIOAsyncChannel<ReplyLine, ByteBuffer>, configuration: SMTPClientConfiguration, peer: String,
+        outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, inbound: NIOAsyncChannelInboundStream<ReplyLine>
     ) {
         self.channel = channel.channel
         self.outbound = outbound
@@ -95,7 +101,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
         self.configuration = configuration
         self.machine = SMTPClientStateMachine(
             heloName: configuration.heloName, tlsPolicy: configuration.tlsPolicy, credentials: configuration.credentials,
-            isLastHost: configuration.isLastHost)
+            isLastHost: configuration.isLastHost, ownHostname: configuration.ownHostname)
         self.peer = peer
     }
 
@@ -120,7 +126,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
     private static func connectOnce(
         host: String, port: Int, configuration: SMTPClientConfiguration, group: any EventLoopGroup
     ) async throws(ConnectionFailure) -> SMTPClientConnection {
-        let channel: NIOAsyncChannel<[UInt8], ByteBuffer>
+        let channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
         do {
             var bootstrap = ClientBootstrap(group: group)
             if let source = configuration.sourceAddress {
@@ -131,9 +137,8 @@ public final class SMTPClientConnection: @unchecked Sendable {
                 .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(ReadTimeoutHandler(timeout: TimeAmount(configuration.commandTimeout)))
-                        try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(ReplyLineDecoder()))
-                        return try NIOAsyncChannel<[UInt8], ByteBuffer>(wrappingChannelSynchronously: channel)
+                        try channel.pipeline.syncOperations.addHandler(ReplyFramer(timeout: TimeAmount(configuration.commandTimeout)))
+                        return try NIOAsyncChannel<ReplyLine, ByteBuffer>(wrappingChannelSynchronously: channel)
                     }
                 }
         } catch {
@@ -169,7 +174,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
                     try await connection.startTLS()
                     action = connection.machine.tlsEstablished()
                 case .close(let quit, _):
-                    let outcome = connection.lastFailure ?? .protocolError("connection closed")
+                    let outcome = connection.machine.closingOutcome ?? connection.lastFailure ?? .protocolError("connection closed")
                     await connection.close(quit: quit)
                     throw ConnectionFailure(stage: connection.stage, outcome: outcome)
                 case .messageDone, .sendContent:
@@ -177,6 +182,9 @@ public final class SMTPClientConnection: @unchecked Sendable {
                 }
             }
         } catch let failure as ConnectionFailure {
+            // A bad reply (unparseable, too long, too many lines): the channel and its writer
+            // still have to be closed, or the writer's deinit traps.
+            await connection.close(quit: false)
             throw failure
         } catch {
             var cause: any Error = error
@@ -235,8 +243,8 @@ public final class SMTPClientConnection: @unchecked Sendable {
     /// A connection outlives one call here (a lane reuses it for the next message), which
     /// the scoped `executeThenClose` cannot express; `close` finishes the writer instead.
     private static func streams(
-        of channel: NIOAsyncChannel<[UInt8], ByteBuffer>
-    ) -> (NIOAsyncChannelInboundStream<[UInt8]>, NIOAsyncChannelOutboundWriter<ByteBuffer>) {
+        of channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
+    ) -> (NIOAsyncChannelInboundStream<ReplyLine>, NIOAsyncChannelOutboundWriter<ByteBuffer>) {
         (UnscopedStreams.self as any UnscopedStreamsProvider.Type).make(channel)
     }
 
@@ -254,14 +262,15 @@ public final class SMTPClientConnection: @unchecked Sendable {
             guard let line = try await replies.next() else {
                 throw ConnectionFailure(stage: stage, outcome: .connection("connection closed by the server"))
             }
-            let text = String(decoding: line, as: UTF8.self)
+            guard line.generation == generation else { continue }  // plaintext sent before TLS
+            let text = String(decoding: line.bytes, as: UTF8.self)
             do {
                 if let reply = try parser.feed(line: Substring(text)) {
                     if !reply.isPositive { lastFailure = .reply(reply) }
                     return reply
                 }
             } catch {
-                throw ConnectionFailure(stage: stage, outcome: .protocolError("bad reply: \(text.prefix(100))"))
+                throw ConnectionFailure(stage: stage, outcome: .protocolError("bad reply: \(error.detail): \(text.prefix(100))"))
             }
         }
     }
@@ -300,15 +309,24 @@ public final class SMTPClientConnection: @unchecked Sendable {
         let channel = self.channel
         try await channel.eventLoop.submit {
             let handler = try NIOSSLClientHandler(context: context, serverHostname: hostname)
+            // Whatever the server sent after its 220 is plaintext the handshake never covered.
+            try channel.pipeline.syncOperations.handler(type: ReplyFramer.self).discardPlaintext()
             try channel.pipeline.syncOperations.addHandler(handler, position: .first)
         }.get()
+        generation += 1
+        parser = SMTPReplyParser()
     }
 
     private func setReadTimeout(_ timeout: Duration) async throws {
-        try await channel.triggerUserOutboundEvent(ReadTimeoutHandler.SetTimeout(timeout: TimeAmount(timeout))).get()
+        try await channel.triggerUserOutboundEvent(ReplyFramer.SetTimeout(timeout: TimeAmount(timeout))).get()
     }
 
+    private var closed = false
+
+    /// Closes once, whichever path gets here first.
     private func close(quit: Bool) async {
+        guard !closed else { return }
+        closed = true
         if quit, channel.isActive {
             // A server that does not answer QUIT promptly is not waited for.
             try? await setReadTimeout(.seconds(min(10, configuration.commandTimeout.components.seconds)))
@@ -332,7 +350,8 @@ public final class SMTPClientConnection: @unchecked Sendable {
     /// What an error from the channel means for delivery.
     private func outcome(of error: any Error) -> AttemptOutcome {
         if let failure = error as? ConnectionFailure { return failure.outcome }
-        if error is ReadTimeoutHandler.Timeout { return .timeout("no reply after \(stage.rawValue)") }
+        if error is ReplyFramer.Timeout { return .timeout("no reply after \(stage.rawValue)") }
+        if error is ReplyFramer.LineTooLong { return .protocolError("reply line longer than \(SMTPLimits.maxReplyLine) bytes") }
         if error is NIOSSLError || error is BoringSSLError || error is NIOSSLExtraError { return .tls("\(error)") }
         if stage == .startTLS { return .tls("handshake failed: \(error)") }
         return .connection("\(error)")
@@ -355,91 +374,19 @@ extension String {
     var isIPAddress: Bool { contains(":") || allSatisfy { $0.isNumber || $0 == "." } }
 }
 
-/// Splits the server's output into reply lines, at most 4096 bytes each (RFC 5321 allows
-/// 512; real servers send longer, none this long).
-struct ReplyLineDecoder: ByteToMessageDecoder {
-    typealias InboundOut = [UInt8]
-
-    mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let lf = buffer.readableBytesView.firstIndex(of: 0x0A) else {
-            if buffer.readableBytes > 4096 { throw ConnectionFailure(stage: .greeting, outcome: .protocolError("reply line too long")) }
-            return .needMoreData
-        }
-        var line = buffer.readBytes(length: lf - buffer.readerIndex)!
-        buffer.moveReaderIndex(forwardBy: 1)
-        if line.last == 0x0D { line.removeLast() }
-        context.fireChannelRead(wrapInboundOut(line))
-        return .continue
-    }
-}
-
-/// Closes the channel with `Timeout` when nothing arrives for the current timeout.
-final class ReadTimeoutHandler: ChannelDuplexHandler {
-    typealias InboundIn = ByteBuffer
-    typealias InboundOut = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
-
-    struct Timeout: Error {}
-    struct SetTimeout: Sendable { var timeout: TimeAmount }
-
-    private var timeout: TimeAmount
-    private var timer: Scheduled<Void>?
-
-    init(timeout: TimeAmount) { self.timeout = timeout }
-
-    func channelActive(context: ChannelHandlerContext) {
-        arm(context)
-        context.fireChannelActive()
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        if context.channel.isActive { arm(context) }
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        timer?.cancel()
-        context.fireChannelInactive()
-    }
-
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        arm(context)
-        context.fireChannelRead(data)
-    }
-
-    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
-        guard let set = event as? SetTimeout else {
-            context.triggerUserOutboundEvent(event, promise: promise)
-            return
-        }
-        timeout = set.timeout
-        arm(context)
-        promise?.succeed()
-    }
-
-    private func arm(_ context: ChannelHandlerContext) {
-        timer?.cancel()
-        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
-        timer = context.eventLoop.scheduleTask(in: timeout) {
-            bound.value.fireErrorCaught(Timeout())
-            bound.value.close(promise: nil)
-        }
-    }
-}
-
 /// The unscoped stream accessors are deprecated in favour of `executeThenClose`; reaching
 /// them through a protocol witness keeps the one intended use from warning on every build.
 private protocol UnscopedStreamsProvider {
     static func make(
-        _ channel: NIOAsyncChannel<[UInt8], ByteBuffer>
-    ) -> (NIOAsyncChannelInboundStream<[UInt8]>, NIOAsyncChannelOutboundWriter<ByteBuffer>)
+        _ channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
+    ) -> (NIOAsyncChannelInboundStream<ReplyLine>, NIOAsyncChannelOutboundWriter<ByteBuffer>)
 }
 
 private enum UnscopedStreams: UnscopedStreamsProvider {
     @available(*, deprecated)
     static func make(
-        _ channel: NIOAsyncChannel<[UInt8], ByteBuffer>
-    ) -> (NIOAsyncChannelInboundStream<[UInt8]>, NIOAsyncChannelOutboundWriter<ByteBuffer>) {
+        _ channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
+    ) -> (NIOAsyncChannelInboundStream<ReplyLine>, NIOAsyncChannelOutboundWriter<ByteBuffer>) {
         (channel.inbound, channel.outbound)
     }
 }

@@ -132,7 +132,14 @@ public struct SMTPClientStateMachine: Sendable {
     private var acceptedRecipients = 0
     private var sentRecipients: [Int] = []
 
-    public init(heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil, isLastHost: Bool = true) {
+    /// This relay's own hostname, when the greeting and EHLO reply must be checked against it.
+    public let ownHostname: String?
+
+    public init(
+        heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil, isLastHost: Bool = true,
+        ownHostname: String? = nil
+    ) {
+        self.ownHostname = ownHostname
         self.heloName = heloName
         self.tlsPolicy = tlsPolicy
         self.credentials = credentials
@@ -144,11 +151,18 @@ public struct SMTPClientStateMachine: Sendable {
 
     // MARK: - Events
 
+    /// Why the connection is closing, when a reply or a violation closed it.
+    public private(set) var closingOutcome: AttemptOutcome?
+
     /// A reply from the server.
     public mutating func reply(_ reply: SMTPReply) -> Action {
+        if reply.isPositive, let expected = expectedPositiveCodes(), !expected.contains(reply.code) {
+            return protocolViolation(reply)
+        }
         switch state {
         case .greeting:
             guard reply.code == 220 else { return failConnection(.greeting, reply) }
+            if let loop = loopsBack(reply, stage: .greeting) { return loop }
             state = .ehlo
             return .send([.ehlo(heloName)])
         case .ehlo, .ehloAfterTLS:
@@ -162,6 +176,7 @@ public struct SMTPClientStateMachine: Sendable {
                 }
                 return failConnection(.hello, reply)
             }
+            if let loop = loopsBack(reply, stage: .hello) { return loop }
             extensions = ServerExtensions(ehlo: reply)
             return afterHello()
         case .helo:
@@ -256,6 +271,69 @@ public struct SMTPClientStateMachine: Sendable {
     public mutating func quit() -> Action {
         state = .closed
         return .close(quit: true, verdicts: [])
+    }
+
+    // MARK: - Mail loops
+
+    /// A server whose greeting or EHLO reply names this relay's own hostname is this relay:
+    /// Postfix's "host greeted me with my own hostname". The connection ends; the lane
+    /// bounces its mail (5.4.6) instead of sending it round again.
+    private mutating func loopsBack(_ reply: SMTPReply, stage: DeliveryStage) -> Action? {
+        guard let own = ownHostname?.lowercased(), !own.isEmpty,
+            let first = reply.lines.first?.split(separator: " ", maxSplits: 1).first,
+            first.lowercased() == own
+        else { return nil }
+        let outcome = AttemptOutcome.loop("mail loops back to myself: \(stage == .greeting ? "the greeting" : "the EHLO reply") names \(own)")
+        let verdicts = remainingVerdicts(stage: stage, outcome: outcome)
+        state = .closed
+        closingOutcome = outcome
+        return .close(quit: true, verdicts: verdicts)
+    }
+
+    // MARK: - What each command may get
+
+    /// RFC 5321 §4.3.2: the success and intermediate codes that the command in flight may
+    /// get. A 4xx or 5xx is a refusal, handled where the state is; a positive code outside
+    /// this set is a protocol error. Nil where any reply is unsolicited.
+    private func expectedPositiveCodes() -> Set<Int>? {
+        switch state {
+        case .greeting, .startTLS: return [220]
+        case .ehlo, .ehloAfterTLS, .helo, .resetting, .content: return [250]
+        case .auth(let step): return step == 1 || step == 2 ? [334] : [235]
+        case .envelope(let pending):
+            let total = (message?.recipients.count ?? 0) + 1
+            return total - pending == 0 ? [250] : [250, 251]
+        case .data: return [354]
+        case .ready, .closed: return nil
+        }
+    }
+
+    /// The stage a reply in the current state answers.
+    private var currentStage: DeliveryStage {
+        switch state {
+        case .greeting: return .greeting
+        case .ehlo, .ehloAfterTLS, .helo: return .hello
+        case .startTLS: return .startTLS
+        case .auth: return .auth
+        case .envelope(let pending): return (message?.recipients.count ?? 0) + 1 - pending == 0 ? .mail : .rcpt
+        case .data: return .data
+        case .content: return .endOfData
+        case .resetting, .ready, .closed: return .mail
+        }
+    }
+
+    /// A positive reply the command cannot get (250 to DATA, 354 after the dot, 220 to MAIL):
+    /// the server and Tern no longer agree on which reply answers which command, so nothing
+    /// more it says can be trusted. Whatever has no verdict yet is deferred (4.5.0), never
+    /// delivered; the connection is dropped without QUIT.
+    private mutating func protocolViolation(_ reply: SMTPReply) -> Action {
+        let outcome = AttemptOutcome.protocolError(
+            "unexpected reply \(reply.code) to \(currentStage.rawValue): \(reply.lines.joined(separator: " ").prefix(200))")
+        let verdicts = remainingVerdicts(stage: currentStage, outcome: outcome)
+        state = .closed
+        closingOutcome = outcome
+        message = nil
+        return .close(quit: false, verdicts: verdicts)
     }
 
     // MARK: - Steps
@@ -407,6 +485,7 @@ public struct SMTPClientStateMachine: Sendable {
 
     private mutating func failConnection(_ stage: DeliveryStage, _ reply: SMTPReply) -> Action {
         state = .closed
+        closingOutcome = .reply(reply)
         return .close(quit: reply.code != 421, verdicts: remainingVerdicts(stage: stage, outcome: .reply(reply)))
     }
 

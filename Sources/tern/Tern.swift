@@ -65,6 +65,13 @@ struct LoadedResources {
     var smarthostCredentials: [String: ClientCredentials] = [:]
 
     init(_ config: TernConfig, file: String) throws {
+        // Secrets that other users could read are refused, as the smarthost password file
+        // and DKIM keys are: a users file's hashes can be cracked offline, a key impersonates.
+        for (key, path) in [("access.users_file", config.access.usersFile), ("tls.key", config.tls?.key)] {
+            guard let path, let mode = Self.groupOrOtherMode(path) else { continue }
+            printError("tern: \(file): \(key): \(path) has mode \(mode), which lets other users read it; chmod 600 it")
+            throw ExitCode(78)
+        }
         if let path = config.access.usersFile {
             do {
                 users = try UserDatabase.load(path: path)
@@ -91,6 +98,13 @@ struct LoadedResources {
 }
 
 extension LoadedResources {
+    /// The file's permission bits in octal when group or others may read or write it.
+    static func groupOrOtherMode(_ path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) == 0, st.st_mode & 0o077 != 0 else { return nil }
+        return String(st.st_mode & 0o777, radix: 8)
+    }
+
     /// Reads each smarthost route's password file (at start, and again on each reload).
     static func smarthostCredentials(_ config: TernConfig, file: String) -> Result<[String: ClientCredentials], ConfigError> {
         var found: [String: ClientCredentials] = [:]

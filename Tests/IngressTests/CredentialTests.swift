@@ -22,6 +22,15 @@ final class CredentialTests: XCTestCase {
         }
     }
 
+    /// Regression: crypt(3) stops at a NUL, so `secret1\0junk` logged in as `secret1`.
+    func testAPasswordWithANULNeverMatches() throws {
+        let db = UserDatabase(hashes: ["alice": try hash("secret1", prefix: "$6$")])
+        XCTAssertTrue(db.verify(user: "alice", password: "secret1"))
+        XCTAssertFalse(db.verify(user: "alice", password: "secret1\0junk"))
+        XCTAssertFalse(db.verify(user: "alice", password: "secret1\0"))
+        XCTAssertFalse(db.verify(user: "alice\0x", password: "secret1"))
+    }
+
     func testUsersFileFormat() throws {
         let path = "/tmp/tern-users-\(getpid())"
         let h = try hash("pw", prefix: "$6$")

@@ -112,6 +112,8 @@ final class FramingHandlerTests: XCTestCase {
 }
 
 final class ChunkFramingTests: XCTestCase {
+    /// The framing reads a chunk only when the session says so, with the size the session
+    /// took from the command it accepted (or refused): a BDAT line alone never starts one.
     func testChunksAreCountedNotDecodedHoweverSplit() throws {
         // The chunk holds what would be commands and a DATA terminator: all of it is data.
         let chunk = "a\r\n.\r\nQUIT\r\n\n"
@@ -124,10 +126,23 @@ final class ChunkFramingTests: XCTestCase {
             try channel.pipeline.syncOperations.addHandler(recorder)
             let bytes = Array(input.utf8)
             var offset = 0
+            var answered = 0
+            // Plays the session: each paused BDAT line is answered with its size.
+            func answer() throws {
+                while answered < recorder.frames.count {
+                    let frame = recorder.frames[answered]
+                    answered += 1
+                    if case .line(let l, paused: true) = frame {
+                        let size = Int(String(decoding: l, as: UTF8.self).split(separator: " ")[1])!
+                        try channel.triggerUserOutboundEvent(SMTPFramingControl.readChunk(size: size)).wait()
+                    }
+                }
+            }
             while offset < bytes.count {
                 let end = min(bytes.count, offset + split)
                 try channel.writeInbound(ByteBuffer(bytes: bytes[offset..<end]))
                 offset = end
+                try answer()
             }
             var data: [UInt8] = []
             var shape: [String] = []
@@ -144,10 +159,26 @@ final class ChunkFramingTests: XCTestCase {
         }
     }
 
-    func testMalformedBDATIsJustALine() {
-        XCTAssertNil(SMTPFramingHandler.chunkSize(Array("BDAT x".utf8)))
-        XCTAssertNil(SMTPFramingHandler.chunkSize(Array("BDATE 5".utf8)))
-        XCTAssertEqual(SMTPFramingHandler.chunkSize(Array("bdat 12 last".utf8)), 12)
+    /// Regression: a SASL response that reads `BDAT 0` made the framing start a chunk on its
+    /// own while the session was in AUTH, and the session aborted the process on the frame.
+    func testABDATLineWaitsForTheSession() throws {
+        let recorder = Recorder2()
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandler(SMTPFramingHandler(commandTimeout: .seconds(60), dataTimeout: .seconds(60)))
+        try channel.pipeline.syncOperations.addHandler(recorder)
+        try channel.writeInbound(ByteBuffer(string: "BDAT 0\r\nNOOP\r\n"))
+        XCTAssertEqual(recorder.frames, [.line(Array("BDAT 0".utf8), paused: true)])
+        try channel.triggerUserOutboundEvent(SMTPFramingControl.readCommands).wait()
+        XCTAssertEqual(recorder.frames, [.line(Array("BDAT 0".utf8), paused: true), .line(Array("NOOP".utf8), paused: false)])
+    }
+
+    func testVerbsThatPause() {
+        for line in ["DATA", "data", "BDAT 5", "bdat x", "STARTTLS", "StartTLS now"] {
+            XCTAssertTrue(SMTPFramingHandler.pausesFraming(Array(line.utf8)), line)
+        }
+        for line in ["DATAX", "BDATE 5", "NOOP", "", "STARTTLSX", "MAIL FROM:<data@x>"] {
+            XCTAssertFalse(SMTPFramingHandler.pausesFraming(Array(line.utf8)), line)
+        }
     }
 }
 

@@ -15,7 +15,7 @@ final class SessionStateMachineTests: XCTestCase {
     private func code(_ action: SessionStateMachine.Action) -> Int {
         switch action {
         case .reply(let r), .close(let r), .startTLS(let r), .beginData(let r, _), .replyThenClose(let r, _): return r.code
-        case .discardChunk(let r): return r.code
+        case .discardChunk(let r, _): return r.code
         case .verifyCredentials, .receiveChunk: return 0
         }
     }
@@ -130,15 +130,15 @@ final class SessionStateMachineTests: XCTestCase {
         XCTAssertEqual(code(send(&m, "RSET")), 250)
         XCTAssertNil(m.transaction)
         XCTAssertEqual(code(send(&m, "VRFY x")), 252)
-        XCTAssertEqual(send(&m, "BDAT 10 LAST"), .discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command")))
+        XCTAssertEqual(send(&m, "BDAT 10 LAST"), .discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command"), size: 10))
     }
 
     func testChunkingSequence() {
         var m = SessionStateMachine(policy: policy(), trusted: true, tlsActive: false)
         _ = send(&m, "EHLO c.test")
-        XCTAssertEqual(send(&m, "BDAT 5"), .discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command")))
+        XCTAssertEqual(send(&m, "BDAT 5"), .discardChunk(SMTPReply(503, .invalidCommand, "Error: need RCPT command"), size: 5))
         _ = send(&m, "MAIL FROM:<a@c.test>")
-        XCTAssertEqual(send(&m, "BDAT 5"), .discardChunk(SMTPReply(554, .invalidCommand, "Error: no valid recipients")))
+        XCTAssertEqual(send(&m, "BDAT 5"), .discardChunk(SMTPReply(554, .invalidCommand, "Error: no valid recipients"), size: 5))
         _ = send(&m, "RCPT TO:<u@example.org>")
         XCTAssertEqual(send(&m, "BDAT 5"), .receiveChunk(size: 5, last: false, first: true, normalize: true))
         XCTAssertEqual(m.chunkReceived(size: 5), .reply(SMTPReply(250, .ok, "5 octets received")))
@@ -208,5 +208,17 @@ final class SessionStateMachineTests: XCTestCase {
         guard case .replyThenClose(let r, let final) = inTransaction.dataEnded(.queued("X")) else { return XCTFail() }
         XCTAssertEqual(r.code, 250)
         XCTAssertEqual(final.enhanced, EnhancedStatusCode(4, 3, 2))
+    }
+
+    /// The one decision about what the bytes after a line are: every action names it.
+    func testEachActionSaysHowTheFramingReadsOn() {
+        typealias M = SessionStateMachine
+        XCTAssertEqual(M.framing(after: .reply(.ok)), .commands)
+        XCTAssertEqual(M.framing(after: .verifyCredentials(user: "u", password: "p")), .commands)
+        XCTAssertEqual(M.framing(after: .close(.ok)), .closed)
+        XCTAssertEqual(M.framing(after: .startTLS(.ok)), .tls)
+        XCTAssertEqual(M.framing(after: .beginData(.ok, normalize: true)), .data(normalize: true))
+        XCTAssertEqual(M.framing(after: .receiveChunk(size: 7, last: false, first: true, normalize: false)), .chunk(size: 7))
+        XCTAssertEqual(M.framing(after: .discardChunk(.ok, size: 9)), .chunk(size: 9))
     }
 }

@@ -109,6 +109,7 @@ def certs(tmp_path_factory):
     (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     run("openssl", "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
+    os.chmod(d / "server.key", 0o600)  # tern refuses a TLS key that others can read
     return d
 
 
@@ -120,6 +121,7 @@ def users_file(tmp_path_factory):
     bob = subprocess.run(["openssl", "passwd", "-5", "builder"], capture_output=True, text=True, check=True).stdout.strip()
     path = d / "users"
     path.write_text(f"# test users\nalice:{alice}\nbob:{bob}\n")
+    os.chmod(path, 0o600)  # tern refuses a users file that others can read
     return path
 
 

@@ -219,6 +219,122 @@ class Blackhole:
         self.sock.close()
 
 
+class Hostile:
+    """A receiving server that misbehaves on purpose, one scripted way per instance.
+
+    `script(conn)` runs for each connection with a `HostileConnection`: it reads client lines
+    and sends raw bytes, so a test can inject, dribble, overflow or lie. What the server truly
+    received (messages after a real 354 and final dot) is in `received`. Bounded: each
+    connection's script ends when the client goes away or `stop()` is called."""
+
+    def __init__(self, host, port, script, tls=None):
+        self.script = script
+        self.received = []
+        self.connections = 0
+        self.client_closed_after = []  # seconds from accept to the client closing
+        self.running = True
+        self.context = None
+        if tls:
+            self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.context.load_cert_chain(str(tls[0]), str(tls[1]))
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(50)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        self.sock.settimeout(0.2)
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, sock):
+        c = HostileConnection(self, sock)
+        started = time.time()
+        try:
+            self.script(c)
+        except (OSError, EOFError, ssl.SSLError):
+            pass
+        finally:
+            self.client_closed_after.append(time.time() - started)
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        self.sock.close()
+
+
+class HostileConnection:
+    def __init__(self, server, sock):
+        self.server = server
+        self.sock = sock
+        self.sock.settimeout(30)
+        self.buf = b""
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\n" not in self.buf:
+            if not self.server.running:
+                raise EOFError()
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError()
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.rstrip(b"\r")
+
+    def starttls(self):
+        self.buf = b""
+        self.sock = self.server.context.wrap_socket(self.sock, server_side=True)
+
+    def honest_session(self, ehlo_extra=(), data_reply=b"250 2.0.0 accepted\r\n"):
+        """Behaves as a plain receiving server from here on; records what it receives."""
+        mail_from, rcpts = None, []
+        while True:
+            line = self.line()
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                lines = [b"hostile.test", *ehlo_extra]
+                self.send(b"".join(b"250-" + l + b"\r\n" for l in lines[:-1]) + b"250 " + lines[-1] + b"\r\n")
+            elif verb == b"MAIL":
+                mail_from, rcpts = line, []
+                self.send(b"250 2.1.0 ok\r\n")
+            elif verb == b"RCPT":
+                rcpts.append(line)
+                self.send(b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA":
+                self.send(b"354 go ahead\r\n")
+                content = b""
+                while True:
+                    l = self.line()
+                    if l == b".":
+                        break
+                    content += l + b"\r\n"
+                self.server.received.append((mail_from, rcpts, content))
+                self.send(data_reply)
+            elif verb == b"RSET" or verb == b"NOOP":
+                self.send(b"250 2.0.0 ok\r\n")
+            elif verb == b"QUIT":
+                self.send(b"221 2.0.0 bye\r\n")
+                return
+            else:
+                self.send(b"502 5.5.2 what\r\n")
+
+
 # MARK: - Helpers for delivery tests
 
 HOSTS = [f"127.0.0.{n}" for n in range(11, 21)]

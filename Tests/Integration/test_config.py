@@ -75,3 +75,24 @@ def test_shipped_configs_are_valid(tmp_path):
         out = subprocess.run([BINARY, "check", "--config", str(patched)], capture_output=True, text=True, cwd=tmp_path)
         # The stand-in certificate is not a real one: only a TLS load error is acceptable.
         assert out.returncode == 0 or "tls: cannot load" in out.stderr, (example.name, out.stderr)
+
+
+@pytest.mark.parametrize("which", ["users", "key"])
+def test_secrets_that_others_can_read_are_refused(tmp_path, certs, users_file, which):
+    import os
+    import shutil
+    users = tmp_path / "users"
+    shutil.copy(users_file, users)
+    key = tmp_path / "server.key"
+    shutil.copy(certs / "server.key", key)
+    os.chmod(users, 0o600)
+    os.chmod(key, 0o600)
+    os.chmod(users if which == "users" else key, 0o640)
+    text = (BASE + f"tls: {{ certificate: {certs / 'server.crt'}, key: {key} }}\n"
+            + f"access:\n  users_file: {users}\n")
+    out = check(tmp_path, text)
+    assert out.returncode == 78, out.stdout + out.stderr
+    name = "access.users_file" if which == "users" else "tls.key"
+    assert f"{name}: " in out.stderr and "mode 640" in out.stderr, out.stderr
+    os.chmod(users if which == "users" else key, 0o600)
+    assert check(tmp_path, text).returncode == 0

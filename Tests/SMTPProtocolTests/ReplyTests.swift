@@ -47,4 +47,27 @@ final class ReplyTests: XCTestCase {
         XCTAssertNil(EnhancedStatusCode(parsing: "5.1"))
         XCTAssertNil(EnhancedStatusCode(parsing: "5.1.1000"))
     }
+
+    func testAReplyHasABoundedNumberOfLines() throws {
+        var parser = SMTPReplyParser()
+        for _ in 0..<SMTPReplyParser.maxLines { XCTAssertNil(try parser.feed(line: "220-banner")) }
+        XCTAssertThrowsError(try parser.feed(line: "220-one too many"))
+
+        var bytes = SMTPReplyParser()
+        let long = "250-" + String(repeating: "x", count: 4000)
+        XCTAssertThrowsError(try { for _ in 0..<20 { _ = try bytes.feed(line: Substring(long)) } }())
+    }
+
+    func testControlCharactersInReplyTextAreEscaped() throws {
+        var parser = SMTPReplyParser()
+        let reply = try XCTUnwrap(parser.feed(line: "550 5.1.1 \u{1B}[31mred\u{0}cut\u{7F}"))
+        XCTAssertEqual(reply.lines, ["\\x1B[31mred\\x00cut\\x7F"])
+    }
+
+    func testLogEscape() {
+        XCTAssertEqual(LogEscape.escape("plain text, ünïcødé"), "plain text, ünïcødé")
+        XCTAssertEqual(LogEscape.escape("a\nb\rc\u{0}d\te"), "a\\x0Ab\\x0Dc\\x00d\\x09e")
+        XCTAssertEqual(LogEscape.escape("x\u{85}y\u{2028}z\u{202E}"), "x\\x85y\\u{2028}z\\u{202E}")
+        XCTAssertEqual(LogEscape.escape(bytes: [0x61, 0x0A, 0xFF]), "a\\x0A\u{FFFD}")
+    }
 }

@@ -161,6 +161,64 @@ final class SMTPClientStateMachineTests: XCTestCase {
         XCTAssertNil(ServerExtensions(ehlo: r(250, "x", "SIZE")).size)
         XCTAssertNil(ServerExtensions(ehlo: r(250, "x", "SIZE 0")).size, "SIZE 0 means no fixed limit")
     }
+    // MARK: - What each command may get (RFC 5321 §4.3.2)
+
+    private func readyMachine() -> SMTPClientStateMachine {
+        var m = SMTPClientStateMachine(heloName: "relay.test", tlsPolicy: .none)
+        _ = m.reply(r(220, "mx.test ESMTP"))
+        _ = m.reply(SMTPReply(250, nil, ["mx.test", "PIPELINING"]))
+        return m
+    }
+
+    private func assertDeferredAsProtocolError(_ action: SMTPClientStateMachine.Action, count: Int = 2, file: StaticString = #filePath, line: UInt = #line) {
+        guard case .close(let quit, let verdicts) = action else { return XCTFail("\(action)", file: file, line: line) }
+        XCTAssertFalse(quit, file: file, line: line)
+        XCTAssertEqual(verdicts.count, count, file: file, line: line)
+        for v in verdicts {
+            guard case .deferred(let status, let diagnostic) = v else { return XCTFail("\(v)", file: file, line: line) }
+            XCTAssertEqual(status, EnhancedStatusCode(4, 5, 0), file: file, line: line)
+            XCTAssertTrue(diagnostic.contains("protocol error"), diagnostic, file: file, line: line)
+        }
+    }
+
+    /// The reply to DATA must be 354 before any content goes out: a 250 there is a lie or an
+    /// off-by-one, never a delivery.
+    func test250ToDataIsAProtocolError() {
+        var m = readyMachine()
+        _ = m.send(message())
+        XCTAssertEqual(m.reply(r(250, "ok")), .wait)
+        XCTAssertEqual(m.reply(r(250, "ok")), .wait)
+        XCTAssertEqual(m.reply(r(250, "ok")), .send([.data]))
+        assertDeferredAsProtocolError(m.reply(r(250, "got it")))
+        XCTAssertFalse(m.isReady)
+    }
+
+    func testOnlyA250AfterTheDotDelivers() {
+        for code in [220, 221, 235, 251, 334, 354] {
+            var m = readyMachine()
+            _ = m.send(message())
+            _ = m.reply(r(250, "ok"))
+            _ = m.reply(r(250, "ok"))
+            _ = m.reply(r(250, "ok"))
+            XCTAssertEqual(m.reply(r(354, "go")), .sendContent)
+            assertDeferredAsProtocolError(m.reply(r(code, "odd")))
+        }
+    }
+
+    func testPositiveCodesThatAnswerNothingSentAreProtocolErrors() {
+        var greeting = SMTPClientStateMachine(heloName: "relay.test", tlsPolicy: .none)
+        guard case .close(false, _) = greeting.reply(r(250, "not a greeting")) else { return XCTFail() }
+        XCTAssertEqual(greeting.closingOutcome.map { "\($0)" }?.contains("unexpected reply 250 to greeting"), true)
+
+        var mail = readyMachine()
+        _ = mail.send(message())
+        assertDeferredAsProtocolError(mail.reply(r(354, "to MAIL")))
+
+        var rcpt = readyMachine()
+        _ = rcpt.send(message(["a@example.org"]))
+        _ = rcpt.reply(r(250, "ok"))
+        XCTAssertEqual(rcpt.reply(r(251, "will forward")), .send([.data]), "251 is a success for RCPT")
+    }
 }
 
 final class MXResolverPureTests: XCTestCase {
@@ -191,4 +249,5 @@ final class MXResolverPureTests: XCTestCase {
         XCTAssertNil(MXResolver.addressLiteral("example.com"))
         XCTAssertEqual(MXResolver.addressText([127, 0, 0, 1]), "127.0.0.1")
     }
+
 }
