@@ -150,6 +150,19 @@ struct Serve: AsyncParsableCommand {
         // kernel merge concurrent fsyncs into one journal commit.
         let threadPool = NIOThreadPool(numberOfThreads: 16)
         threadPool.start()
+        // One daemon per spool, before anything in it is touched: recovery, the control
+        // socket. The lock lives as long as this process.
+        let spoolLock: SpoolLock
+        do {
+            spoolLock = try SpoolLock.acquire(root: config.spool)
+        } catch let busy as SpoolLock.Busy {
+            printError("tern: cannot serve: \(busy)")
+            throw ExitCode(75)
+        } catch {
+            printError("tern: cannot lock the spool \(config.spool): \(error)")
+            throw ExitCode(73)
+        }
+        defer { withExtendedLifetime(spoolLock) {} }
         let spool: Spool
         let report: Spool.RecoveryReport
         do {
@@ -439,7 +452,14 @@ func daemonRequest(_ config: TernConfig, _ request: ControlRequest, offline: (()
         return reply
     } catch let error as ControlClient.Failure where error.noDaemon && offline != nil {
         do {
+            // The spool's lock says whether a daemon owns it, whatever its socket does: the
+            // files are edited only under the lock, never under a live daemon.
+            let lock = try SpoolLock.acquire(root: config.spool)
+            defer { withExtendedLifetime(lock) {} }
             return ControlReply(count: try offline!())
+        } catch let busy as SpoolLock.Busy {
+            printError("tern: \(busy); its control socket does not answer, so nothing was changed")
+            throw ExitCode(75)
         } catch {
             printError("tern: \(config.spool): \(error)")
             throw ExitCode(75)

@@ -104,3 +104,23 @@ def test_without_daemon_delete_hold_release_work_on_the_files(make_tern):
     assert not tern.queue()[0]["held"]
     tern.start()
     assert len(tern.queue()) == 1
+
+
+def test_one_daemon_per_spool(make_tern):
+    """A second `tern serve` on the same spool exits 75 naming the first one's PID and leaves
+    its control socket alone; offline edits happen only when no daemon holds the spool."""
+    tern = make_tern()
+    from conftest import good_transaction
+    good_transaction(tern.port("mx"))
+    second = subprocess.run([BINARY, "serve", "--config", str(tern.config_path)], cwd=tern.dir, capture_output=True,
+                            text=True, timeout=20)
+    assert second.returncode == 75, second.stderr
+    assert f"locked by process {tern.proc.pid}" in second.stderr, second.stderr
+    # The first daemon still answers on its socket: hold goes through it.
+    out = tern_cmd(tern, "queue", "hold", "--all")
+    assert "1" in out.stdout
+    assert tern.queue()[0]["held"] is True
+    # With the daemon gone (kill -9: no clean-up at all), the lock is free for offline edits.
+    tern.kill9()
+    out = tern_cmd(tern, "queue", "release", "--all")
+    assert tern.queue()[0]["held"] is False
