@@ -147,6 +147,7 @@ public final class SMTPServer: Service, Sendable {
             kind: listener.kind, hostname: config.hostname, tlsAvailable: environment.tlsContext != nil,
             authAvailable: environment.users != nil, maxMessageSize: config.limits.maxMessageSize.bytes,
             maxRecipients: config.limits.maxRecipients, maxErrors: config.limits.maxErrors, maxHops: config.limits.maxHops,
+            minFreeSpace: config.limits.effectiveMinFreeSpace, freeSpace: { [spool = environment.spool] in spool.freeBytes() },
             allowedSenders: config.access.allowedSenders, bareLineEndings: config.access.bareLineEndings)
         do {
             try await connection.executeThenClose { inbound, outbound in

@@ -196,6 +196,8 @@ struct SMTPSession {
         var hops = HopCounter()
         var tooBig = false
         var writeFailed = false
+        /// The write failed because the file system is full.
+        var outOfSpace = false
     }
 
     /// Opens a spool file and writes Tern's `Received:` header into it.
@@ -229,6 +231,7 @@ struct SMTPSession {
             try await intake.writer.append(bytes)
         } catch {
             intake.writeFailed = true
+            intake.outOfSpace = (error as? SpoolError)?.isOutOfSpace == true
             logger.error("\(intake.writer.id): spool write failed: \(error)")
         }
     }
@@ -250,7 +253,7 @@ struct SMTPSession {
         } else if !normalized, !violations.isDisjoint(with: [.bareLF, .bareCR]) {
             outcome = .bareLineEnding
         } else if intake.writeFailed {
-            outcome = .spoolFailure
+            outcome = intake.outOfSpace ? .outOfSpace : .spoolFailure
         } else {
             var envelope = Envelope(
                 sender: transaction.sender.description,
@@ -287,7 +290,7 @@ struct SMTPSession {
             } catch {
                 logger.error("\(writer.id): spool commit failed: \(error)")
                 await writer.abort()
-                return .spoolFailure
+                return (error as? SpoolError)?.isOutOfSpace == true ? .outOfSpace : .spoolFailure
             }
         }
         await writer.abort()
@@ -339,7 +342,7 @@ struct SMTPSession {
             try await writer.append(message.content)
         } catch {
             logger.error("\(writer.id): spool write failed: \(error)")
-            return .stop(.spoolFailure)
+            return .stop((error as? SpoolError)?.isOutOfSpace == true ? .outOfSpace : .spoolFailure)
         }
         return .proceed(hold: hold)
     }

@@ -14,6 +14,10 @@ struct SessionPolicy: Sendable {
     var maxErrors: Int
     /// `Received:` headers at which a message is refused as a loop.
     var maxHops = 50
+    /// Below this many free bytes on the spool's file system, MAIL gets `452 4.3.1`.
+    var minFreeSpace = 0
+    /// The spool's free bytes now; injected, as a clock is, so tests can pass any figure.
+    var freeSpace: @Sendable () -> Int = { .max }
     var allowedSenders: [String: [String]]
     var bareLineEndings: BareLineEndingPolicy
 }
@@ -27,6 +31,8 @@ enum DataOutcome: Equatable, Sendable {
     /// The message already passed through `maxHops` relays: a mail loop.
     case tooManyHops
     case spoolFailure
+    /// The spool's file system filled up while the message was written.
+    case outOfSpace
     /// A filter refused the message (its own reply), or failed and its default refused it.
     case filtered(SMTPReply)
     /// A filter said to drop it: the client hears the usual 250, nothing is queued.
@@ -248,6 +254,7 @@ struct SessionStateMachine {
             reply = SMTPReply(550, .badLineEnding, "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
         case .tooManyHops: reply = SMTPReply(554, EnhancedStatusCode(5, 4, 6), "Error: too many hops")
         case .spoolFailure: reply = SMTPReply(451, .transientSystem, "Error: queue file write error")
+        case .outOfSpace: reply = .insufficientStorage
         case .filtered(let filterReply): reply = filterReply
         case .discarded(let id): reply = SMTPReply(250, .ok, "Ok: queued as \(id)")
         }
@@ -444,6 +451,10 @@ struct SessionStateMachine {
         if let size = parameters.size, size > policy.maxMessageSize {
             return .reply(SMTPReply(552, .messageTooBig, "Message size exceeds fixed limit"))
         }
+        // RFC 1870 §6.1 and Postfix's queue_minfree: refuse now what could not be stored.
+        let free = policy.freeSpace()
+        if free < policy.minFreeSpace { return .reply(.insufficientStorage) }
+        if let size = parameters.size, size > free - policy.minFreeSpace { return .reply(.insufficientStorage) }
         if let mailbox = sender.mailbox, mailbox.requiresSMTPUTF8, !parameters.smtpUTF8 {
             return .reply(SMTPReply(553, .utf8NotPermitted, "Non-ASCII sender address needs SMTPUTF8"))
         }

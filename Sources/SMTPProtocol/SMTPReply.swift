@@ -59,6 +59,8 @@ extension SMTPReply {
     public static let relayDenied = SMTPReply(554, .deliveryNotAuthorized, "Relay access denied")
     public static let startTLSFirst = SMTPReply(530, .securityPolicy, "Must issue a STARTTLS command first")
     public static let authRequired = SMTPReply(530, .securityPolicy, "Authentication required")
+    /// The spool's file system is (nearly) full: try again later (RFC 1870 §6.1, RFC 3463 4.3.1).
+    public static let insufficientStorage = SMTPReply(452, .systemFull, "Insufficient system storage")
     /// The client's bytes no longer make sense where the session stands; nothing after them can.
     public static let protocolError = SMTPReply(421, .protocolError, "Error: protocol error, closing connection")
 }

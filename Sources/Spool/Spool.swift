@@ -90,7 +90,9 @@ public final class Spool: Sendable {
         // Finished files kept for reuse (before the loop below adds more).
         var pooled = 0
         for name in try SpoolFiles.list(free) {
-            if pooled < Self.freeLimit, QueueID(name) != nil {
+            // Files parked before this fix, or by a crash between truncate and rename, may
+            // still hold a message: none stays readable, none keeps its blocks.
+            if pooled < Self.freeLimit, QueueID(name) != nil, truncate(free + "/" + name, 0) == 0 {
                 freeFiles.withLockedValue { $0.append(name) }
                 pooled += 1
             } else {
@@ -131,14 +133,23 @@ public final class Spool: Sendable {
     }
 
     /// Takes a file out of `queue/`: into `free/` for reuse, or deleted when enough are kept.
-    /// Its trailer names its old queue id, so it never passes for a message again.
+    /// It is emptied first: delivered, bounced and deleted mail gives its blocks back at once
+    /// and leaves nothing readable behind; reuse saves only the file's creation.
     func recycle(_ path: String, name: String) {
         let keep = freeFiles.withLockedValue { $0.count < Self.freeLimit }
-        if keep, rename(path, free + "/" + name) == 0 {
+        if keep, truncate(path, 0) == 0, rename(path, free + "/" + name) == 0 {
             freeFiles.withLockedValue { $0.append(name) }
         } else {
             unlink(path)
         }
+    }
+
+    /// Bytes free for Tern on the spool's file system (what an unprivileged user may use).
+    public func freeBytes() -> Int {
+        var st = statvfs()
+        guard statvfs(root, &st) == 0 else { return Int.max }
+        let (bytes, overflow) = Int(st.f_bavail).multipliedReportingOverflow(by: Int(st.f_frsize))
+        return overflow ? Int.max : bytes
     }
 
     /// Starts a message. Nothing touches the disk until the first chunk or the commit.
@@ -220,9 +231,18 @@ public final class SpoolWriter: @unchecked Sendable {
         let path = self.path
         let current = fd
         let spool = self.spool
+        let name = id.rawValue
+        fd = -1
         let (f, reused) = try await spool.pool.runIfActive { () throws -> (CInt, Bool) in
             let (f, reused) = current >= 0 ? (current, false) : try spool.createFile(path)
-            try SpoolFiles.writeAll(f, data, path: path)
+            do {
+                try SpoolFiles.writeAll(f, data, path: path)
+            } catch {
+                // A full disk mid-message: no descriptor and no partial file stay behind.
+                close(f)
+                spool.recycle(path, name: name)
+                throw error
+            }
             return (f, reused)
         }
         fd = f

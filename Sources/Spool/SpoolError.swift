@@ -14,6 +14,9 @@ public struct SpoolError: Error, CustomStringConvertible, Sendable {
     static let noTrailer = "no valid trailer in"
     var isMissingTrailer: Bool { operation == Self.noTrailer }
 
+    /// The file system is full (or the user's quota is).
+    public var isOutOfSpace: Bool { errno == ENOSPC || errno == EDQUOT }
+
     public var description: String {
         let reason = errno.map { ": " + String(cString: strerror($0)) } ?? ""
         return "\(operation) \(path)\(reason)"

@@ -176,6 +176,11 @@ public struct LimitsConfig: Sendable, Decodable {
     /// `Received:` headers a message may carry when it arrives (Postfix's `hopcount_limit`):
     /// at this many it is refused, `554 5.4.6`, as a mail loop.
     public var maxHops = 50
+    /// Free space the spool's file system must keep (Postfix's `queue_minfree`): below it,
+    /// MAIL gets `452 4.3.1`, and so does a declared SIZE that would not fit above it. By
+    /// default 1.5 × `max_message_size`, so that a message under way always fits.
+    public var minFreeSpace: ByteSize?
+    public var effectiveMinFreeSpace: Int { minFreeSpace?.bytes ?? maxMessageSize.bytes * 3 / 2 }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case maxMessageSize = "max_message_size"
@@ -188,6 +193,7 @@ public struct LimitsConfig: Sendable, Decodable {
         case maxAuthFailures = "max_auth_failures"
         case authFailureWindow = "auth_failure_window"
         case maxHops = "max_hops"
+        case minFreeSpace = "min_free_space"
     }
 
     public init() {}
@@ -206,6 +212,7 @@ public struct LimitsConfig: Sendable, Decodable {
         maxAuthFailures = try c.decodePositive(.maxAuthFailures) ?? d.maxAuthFailures
         authFailureWindow = try c.decodeIfPresent(ConfigDuration.self, forKey: .authFailureWindow) ?? d.authFailureWindow
         maxHops = try c.decodePositive(.maxHops) ?? d.maxHops
+        minFreeSpace = try c.decodeIfPresent(ByteSize.self, forKey: .minFreeSpace)
     }
 }
 

@@ -221,4 +221,19 @@ final class SessionStateMachineTests: XCTestCase {
         XCTAssertEqual(M.framing(after: .receiveChunk(size: 7, last: false, first: true, normalize: false)), .chunk(size: 7))
         XCTAssertEqual(M.framing(after: .discardChunk(.ok, size: 9)), .chunk(size: 9))
     }
+
+    func testMailIsRefusedWhenTheSpoolCannotTakeIt() {
+        var p = policy()
+        p.minFreeSpace = 1000
+        p.freeSpace = { 999 }
+        var full = SessionStateMachine(policy: p, trusted: true, tlsActive: false)
+        _ = send(&full, "EHLO client.test")
+        XCTAssertEqual(send(&full, "MAIL FROM:<a@client.test>"), .reply(.insufficientStorage))
+
+        p.freeSpace = { 1500 }
+        var tight = SessionStateMachine(policy: p, trusted: true, tlsActive: false)
+        _ = send(&tight, "EHLO client.test")
+        XCTAssertEqual(send(&tight, "MAIL FROM:<a@client.test> SIZE=501"), .reply(.insufficientStorage))
+        XCTAssertEqual(code(send(&tight, "MAIL FROM:<a@client.test> SIZE=500")), 250)
+    }
 }
