@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .executable(name: "tern", targets: ["tern"]),
         .executable(name: "SMTPFuzzer", targets: ["SMTPFuzzer"]),
+        .executable(name: "SessionFuzzer", targets: ["SessionFuzzer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),
@@ -148,6 +149,14 @@ let package = Package(
 
         // libFuzzer entry point for the command parser (see scripts/fuzz).
         .executableTarget(name: "SMTPFuzzer", dependencies: ["SMTPProtocol"], swiftSettings: strict),
+        // libFuzzer entry point for the server session: framing handler and state machine.
+        .executableTarget(
+            name: "SessionFuzzer",
+            dependencies: [
+                "Ingress", "SMTPProtocol", "TernCore",
+                .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
+            swiftSettings: strict),
 
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
