@@ -10,6 +10,7 @@ let package = Package(
         .executable(name: "tern", targets: ["tern"]),
         .executable(name: "SMTPFuzzer", targets: ["SMTPFuzzer"]),
         .executable(name: "SessionFuzzer", targets: ["SessionFuzzer"]),
+        .executable(name: "ClientFuzzer", targets: ["ClientFuzzer"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.80.0"),
@@ -157,6 +158,8 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"),
             ],
             swiftSettings: strict),
+        // libFuzzer entry point for the SMTP client's reply parser and state machine.
+        .executableTarget(name: "ClientFuzzer", dependencies: ["Transports", "Delivery", "SMTPProtocol"], swiftSettings: strict),
 
         .testTarget(name: "SMTPProtocolTests", dependencies: ["SMTPProtocol"]),
         .testTarget(name: "TernCoreTests", dependencies: ["TernCore"]),
