@@ -175,4 +175,7 @@ final class ConnectionLimiter: Sendable {
     }
 
     var open: Int { state.withLockedValue { $0.total } }
+
+    /// More than 80% of the slots are taken: the server is under stress.
+    var underPressure: Bool { state.withLockedValue { $0.total * 5 > maxTotal * 4 } }
 }

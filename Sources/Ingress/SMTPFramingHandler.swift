@@ -37,6 +37,27 @@ enum SMTPFramingControl: Sendable {
     case shutdown
 }
 
+/// The deadlines the framing gives a client, and the shorter ones it gives while the server is
+/// under connection pressure (Postfix's stress mode): then an idle or slow client lets its
+/// slot go sooner, and a legitimate one still gets in.
+struct FramingTimeouts: Sendable {
+    var command: TimeAmount
+    var data: TimeAmount
+    var stressCommand: TimeAmount
+    var stressData: TimeAmount
+    /// True while most connection slots are taken.
+    var underStress: @Sendable () -> Bool = { false }
+
+    init(command: TimeAmount, data: TimeAmount, stressCommand: TimeAmount? = nil, stressData: TimeAmount? = nil,
+         underStress: @escaping @Sendable () -> Bool = { false }) {
+        self.command = command
+        self.data = data
+        self.stressCommand = min(stressCommand ?? command, command)
+        self.stressData = min(stressData ?? data, data)
+        self.underStress = underStress
+    }
+}
+
 /// Splits the byte stream into command lines, DATA streams and BDAT chunks, with a hard cap
 /// on how much it buffers, and with a deadline that depends on what it is reading.
 ///
@@ -68,8 +89,7 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
     private var mode = Mode.command
     private var buffer: ByteBuffer?
     private let maxLineLength: Int
-    private let commandTimeout: TimeAmount
-    private let dataTimeout: TimeAmount
+    private let timeouts: FramingTimeouts
     private var timer: Scheduled<Void>?
     private var timedOut = false
     private var readHeld = false
@@ -77,10 +97,13 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
     /// until the session catches up.
     static let maxBuffered = 256 * 1024
 
-    init(maxLineLength: Int = SMTPLimits.commandLineWithExtensions, commandTimeout: TimeAmount, dataTimeout: TimeAmount) {
+    init(maxLineLength: Int = SMTPLimits.commandLineWithExtensions, timeouts: FramingTimeouts) {
         self.maxLineLength = maxLineLength
-        self.commandTimeout = commandTimeout
-        self.dataTimeout = dataTimeout
+        self.timeouts = timeouts
+    }
+
+    convenience init(maxLineLength: Int = SMTPLimits.commandLineWithExtensions, commandTimeout: TimeAmount, dataTimeout: TimeAmount) {
+        self.init(maxLineLength: maxLineLength, timeouts: FramingTimeouts(command: commandTimeout, data: dataTimeout))
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -261,10 +284,11 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         timer?.cancel()
         guard !timedOut else { return }
         if case .paused = mode { return }
+        let stress = timeouts.underStress()
         let timeout: TimeAmount
         switch mode {
-        case .data, .chunk: timeout = dataTimeout
-        default: timeout = commandTimeout
+        case .data, .chunk: timeout = stress ? timeouts.stressData : timeouts.data
+        default: timeout = stress ? timeouts.stressCommand : timeouts.command
         }
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
         timer = context.eventLoop.scheduleTask(in: timeout) {

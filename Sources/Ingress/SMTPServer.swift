@@ -74,8 +74,12 @@ public final class SMTPServer: Service, Sendable {
 
     private func bind(_ listener: ListenerConfig) async throws -> NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never> {
         let implicitTLS = listener.kind == .smtps ? environment.tlsContext : nil
-        let commandTimeout = TimeAmount(config.limits.commandTimeout.duration)
-        let dataTimeout = TimeAmount(config.limits.dataTimeout.duration)
+        let limiter = self.limiter
+        let timeouts = FramingTimeouts(
+            command: TimeAmount(config.limits.commandTimeout.duration), data: TimeAmount(config.limits.dataTimeout.duration),
+            stressCommand: TimeAmount(config.limits.stressCommandTimeout.duration),
+            stressData: TimeAmount(config.limits.stressDataTimeout.duration),
+            underStress: { limiter.underPressure })
         return try await ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 512)
@@ -86,7 +90,7 @@ public final class SMTPServer: Service, Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
-                    try sync.addHandler(SMTPFramingHandler(commandTimeout: commandTimeout, dataTimeout: dataTimeout))
+                    try sync.addHandler(SMTPFramingHandler(timeouts: timeouts))
                     return try NIOAsyncChannel<SMTPFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
                 }
             }

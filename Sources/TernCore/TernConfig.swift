@@ -176,6 +176,10 @@ public struct LimitsConfig: Sendable, Decodable {
     /// `Received:` headers a message may carry when it arrives (Postfix's `hopcount_limit`):
     /// at this many it is refused, `554 5.4.6`, as a mail loop.
     public var maxHops = 50
+    /// The command and data deadlines while more than 80% of `max_connections` are taken
+    /// (Postfix's stress mode): idle and slow clients give their slot up sooner.
+    public var stressCommandTimeout = ConfigDuration(.seconds(10))
+    public var stressDataTimeout = ConfigDuration(.seconds(120))
     /// Free space the spool's file system must keep (Postfix's `queue_minfree`): below it,
     /// MAIL gets `452 4.3.1`, and so does a declared SIZE that would not fit above it. By
     /// default 1.5 × `max_message_size`, so that a message under way always fits.
@@ -194,6 +198,8 @@ public struct LimitsConfig: Sendable, Decodable {
         case authFailureWindow = "auth_failure_window"
         case maxHops = "max_hops"
         case minFreeSpace = "min_free_space"
+        case stressCommandTimeout = "stress_command_timeout"
+        case stressDataTimeout = "stress_data_timeout"
     }
 
     public init() {}
@@ -213,6 +219,8 @@ public struct LimitsConfig: Sendable, Decodable {
         authFailureWindow = try c.decodeIfPresent(ConfigDuration.self, forKey: .authFailureWindow) ?? d.authFailureWindow
         maxHops = try c.decodePositive(.maxHops) ?? d.maxHops
         minFreeSpace = try c.decodeIfPresent(ByteSize.self, forKey: .minFreeSpace)
+        stressCommandTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .stressCommandTimeout) ?? d.stressCommandTimeout
+        stressDataTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .stressDataTimeout) ?? d.stressDataTimeout
     }
 }
 

@@ -1,4 +1,5 @@
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOPosix
@@ -7,11 +8,15 @@ import ServiceLifecycle
 import TernCore
 
 /// `GET /metrics` in the Prometheus text format, on the address `metrics.address` names.
-/// Everything else gets 404. One request per connection.
+/// Everything else gets 404. One request per connection, within `requestDeadline` of the
+/// connect; at most `maxConnections` at once (more are closed at once), so a client that
+/// opens connections and sends nothing cannot hold the endpoint or the process's descriptors.
 final class MetricsEndpoint: Service, Sendable {
     let address: ListenAddress
     let registry: PrometheusCollectorRegistry
     let logger: Logger
+    static let requestDeadline = TimeAmount.seconds(10)
+    static let maxConnections = 32
 
     init(address: ListenAddress, registry: PrometheusCollectorRegistry, logger: Logger) {
         self.address = address
@@ -21,10 +26,21 @@ final class MetricsEndpoint: Service, Sendable {
 
     func run() async throws {
         let registry = self.registry
+        let open = NIOLockedValueBox(0)
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                let admitted = open.withLockedValue { n -> Bool in
+                    guard n < Self.maxConnections else { return false }
+                    n += 1
+                    return true
+                }
+                guard admitted else { return channel.close() }
+                channel.closeFuture.whenComplete { _ in open.withLockedValue { $0 -= 1 } }
+                // A deadline for the whole exchange, not an idle timer.
+                let deadline = channel.eventLoop.scheduleTask(in: Self.requestDeadline) { channel.close(promise: nil) }
+                channel.closeFuture.whenComplete { _ in deadline.cancel() }
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
                     try channel.pipeline.syncOperations.addHandler(MetricsHTTPHandler(registry: registry))
                 }

@@ -159,3 +159,24 @@ def test_user_name_cannot_forge_a_log_line(tls_tern, certs):
     lines = raw.decode().splitlines()
     assert not any(l.startswith("2026-11-27T00:00:00.000Z") for l in lines)
     assert any("SASL authentication failed for user x\\x0A2026-11-27T00:00:00.000Z" in l and "\\x00cut\\x1B[2J" in l for l in lines)
+
+
+def test_stress_mode_shortens_the_command_deadline(make_tern):
+    """Above 80% of max_connections, a new idle client gets stress_command_timeout, and a
+    legitimate client still gets a slot."""
+    tern = make_tern(limits="{ max_connections: 10, max_connections_per_client: 10, command_timeout: 60s, stress_command_timeout: 1s }")
+    port = tern.port("mx")
+    calm = RawClient(port)
+    calm.sock.settimeout(3)
+    with pytest.raises(socket.timeout):
+        calm.sock.recv(100)  # no stress yet: a 60 s deadline
+    held = [RawClient(port) for _ in range(8)]  # 9 of 10 slots taken
+    c = RawClient(port)
+    started = time.monotonic()
+    code, text = c.reply()
+    assert code == 421 and text.startswith("4.4.2"), (code, text)
+    assert time.monotonic() - started < 4
+    for h in held:
+        h.close()
+    calm.close()
+    good_transaction(port)

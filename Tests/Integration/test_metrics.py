@@ -62,3 +62,31 @@ def test_lane_series_follow_a_suspension_and_a_forgotten_lane(make_tern, dns, mx
     while value(scrape(port), 'tern_lane_throttled{lane="sus.example"}') is not None:
         assert time.time() < deadline, "the series of a forgotten lane go away"
         time.sleep(0.5)
+
+
+def test_idle_and_excess_connections_are_closed(make_tern):
+    """Regression: the endpoint had no timeout and no cap; idle connections stayed forever."""
+    import socket
+    import time
+    port = free_port()
+    make_tern(extra=f'metrics: {{ address: "127.0.0.1:{port}" }}')
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=15) for _ in range(40)]
+
+    def closed(s, wait):
+        s.settimeout(wait)
+        try:
+            return s.recv(1) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    time.sleep(0.5)
+    shut = sum(closed(s, 0.05) for s in idle)
+    assert shut >= 8, f"only {shut} of 40 connections past the cap of 32 were closed"
+    started = time.time()
+    assert all(closed(s, 15) for s in idle), "an idle connection outlived the request deadline"
+    assert time.time() - started < 13
+    assert "tern_" in scrape(port)
+    for s in idle:
+        s.close()

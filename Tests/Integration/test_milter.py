@@ -123,7 +123,9 @@ def test_dead_or_hanging_milter_applies_the_default_action(make_tern, action, co
         assert "filter test-milter:" in tern.log() and f"; {action}" in tern.log()
     finally:
         hole.stop()
-    # Nothing listening at all: refused at connect, same default.
+    # Nothing listening at all: refused at connect, same default. (One daemon per spool: the
+    # first one stops before the second starts in the same directory.)
+    tern.stop()
     dead = make_tern(extra=filters(f"inet:127.0.0.1:{free_port()}", action))
     assert submit(dead, "x")[0] == code
 
