@@ -79,6 +79,12 @@ struct DKIMSigner: Sendable {
 
     /// The `DKIM-Signature:` field (with its CRLF) for `message` (CRLF line endings).
     func sign(_ message: [UInt8], key: DKIMKey, jobID: String) throws -> [UInt8] {
+        try sign(headers: message, body: [], key: key, jobID: jobID)
+    }
+
+    /// Signs the message given as its header section (with the empty line) and its body,
+    /// fed to libopendkim one after the other: no joined copy of the message.
+    func sign(headers: [UInt8], body: [UInt8], key: DKIMKey, jobID: String) throws -> [UInt8] {
         var status: DKIM_STAT = DKIM_STAT_OK
         var pem = key.pem + [0]
         let handle = pem.withUnsafeMutableBufferPointer { keyBuffer in
@@ -90,9 +96,11 @@ struct DKIMSigner: Sendable {
             throw DKIMError(status: status, description: "cannot start a signature for \(key.domain) (status \(status)); is the key valid?")
         }
         defer { dkim_free(handle) }
-        var bytes = message
-        status = bytes.withUnsafeMutableBufferPointer { dkim_chunk(handle, $0.baseAddress, $0.count) }
-        guard status == DKIM_STAT_OK else { throw error(handle, status, "dkim_chunk") }
+        for part in [headers, body] where !part.isEmpty {
+            // dkim_chunk reads the buffer and copies what it keeps; it never writes to it.
+            status = part.withUnsafeBufferPointer { dkim_chunk(handle, UnsafeMutablePointer(mutating: $0.baseAddress), $0.count) }
+            guard status == DKIM_STAT_OK else { throw error(handle, status, "dkim_chunk") }
+        }
         status = dkim_chunk(handle, nil, 0)
         guard status == DKIM_STAT_OK else { throw error(handle, status, "dkim_chunk(end)") }
         status = dkim_eom(handle, nil)

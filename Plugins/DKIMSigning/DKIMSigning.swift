@@ -54,7 +54,9 @@ public struct DKIMSigningFilter: MessageFilter {
             logger.info("\(message.queueID): not DKIM-signed: no key for \(domain)")
             return .continue
         }
-        let signature = try signer.sign(message.content, key: key, jobID: message.queueID)
+        let (headers, body, signer, id) = (message.headers.serialized, message.body, self.signer, message.queueID)
+        // Hashing a large body is CPU work: off the cooperative pool, and no joined copy.
+        let signature = try await FilterWork.run { try signer.sign(headers: headers, body: body, key: key, jobID: id) }
         message.headers.fields.insert(HeaderBlock.Field(name: "DKIM-Signature", raw: signature), at: 0)
         logger.info("\(message.queueID): DKIM-Signature added, d=\(key.domain), s=\(key.selector), a=\(key.algorithm.rawValue)")
         return .continue

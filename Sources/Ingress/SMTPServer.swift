@@ -38,7 +38,8 @@ public final class SMTPServer: Service, Sendable {
         self.environment = SessionEnvironment(
             spool: spool, users: users, tlsContext: tlsContext, threadPool: threadPool,
             authThrottle: AuthThrottle(limit: config.limits.maxAuthFailures, window: config.limits.authFailureWindow.duration),
-            logger: logger, onQueued: onQueued, filters: filters)
+            logger: logger, onQueued: onQueued, filters: filters,
+            memoryBudget: MessageMemoryBudget(limit: config.limits.filterMemory.bytes))
     }
 
     /// The address each listener is bound to, by name, once `run` has bound them.

@@ -26,6 +26,8 @@ struct SessionEnvironment: Sendable {
     /// Pre-queue filters; a message for a listener they apply to is held in memory until
     /// they have run.
     var filters = FilterChain([])
+    /// Memory for messages held for filters, shared by every session.
+    var memoryBudget = MessageMemoryBudget(limit: 512 << 20)
     /// Messages committed to the spool, and their bytes.
     var accepted = Counter(label: "tern_messages_accepted_total")
     var acceptedBytes = Counter(label: "tern_accepted_bytes_total")
@@ -191,6 +193,10 @@ struct SMTPSession {
         let tlsVersion: String?
         /// The whole message, when filters must see it before anything is written.
         var buffer: [UInt8]?
+        /// The buffer's share of the memory budget.
+        var reservation: MessageMemoryBudget.Reservation?
+        /// The budget had no room for this message: refused with 452 4.3.1 at the end.
+        var overBudget = false
         var size = 0
         /// The client's `Received:` headers (Tern's own is not fed to it).
         var hops = HopCounter()
@@ -205,7 +211,10 @@ struct SMTPSession {
         guard let transaction = machine.transaction else { throw UnexpectedFrame() }
         let writer = environment.spool.begin()
         var intake = Intake(writer: writer, tlsVersion: await currentTLSVersion())
-        if environment.filters.applies(to: listener.name) { intake.buffer = [] }
+        if environment.filters.applies(to: listener.name) {
+            intake.buffer = []
+            intake.reservation = environment.memoryBudget.reserve()
+        }
         let received = ReceivedHeader.make(
             helo: machine.helo, clientAddress: clientAddress, hostname: machine.policy.hostname,
             protocolName: machine.protocolName, queueID: writer.id.rawValue, tlsVersion: intake.tlsVersion,
@@ -222,9 +231,17 @@ struct SMTPSession {
             intake.hops.feed(bytes)
             if intake.size > machine.policy.maxMessageSize { intake.tooBig = true }
         }
-        guard !intake.tooBig, !intake.writeFailed else { return }
-        if intake.buffer != nil {
-            intake.buffer!.append(contentsOf: bytes)
+        guard !intake.tooBig, !intake.writeFailed, !intake.overBudget else { return }
+        if intake.buffer != nil, let reservation = intake.reservation {
+            guard environment.memoryBudget.grow(reservation, by: bytes.count) else {
+                // No room: stop holding this message (its bytes are still read to the end).
+                intake.overBudget = true
+                intake.buffer = nil
+                intake.reservation = nil
+                logger.warning("\(intake.writer.id): message memory budget of \(environment.memoryBudget.limit) bytes exhausted")
+                return
+            }
+            intake.buffer?.append(contentsOf: bytes)
             return
         }
         do {
@@ -237,7 +254,7 @@ struct SMTPSession {
     }
 
     /// Decides how a fully received message ends, and commits it if it is acceptable.
-    private func finishMessage(_ intake: Intake, violations: DataDecoder.Violations, normalized: Bool) async throws -> DataOutcome {
+    private func finishMessage(_ intake: consuming Intake, violations: DataDecoder.Violations, normalized: Bool) async throws -> DataOutcome {
         guard let transaction = machine.transaction else {
             await intake.writer.abort()
             throw UnexpectedFrame()
@@ -254,6 +271,8 @@ struct SMTPSession {
             outcome = .bareLineEnding
         } else if intake.writeFailed {
             outcome = intake.outOfSpace ? .outOfSpace : .spoolFailure
+        } else if intake.overBudget {
+            outcome = .outOfSpace
         } else {
             var envelope = Envelope(
                 sender: transaction.sender.description,
@@ -269,8 +288,12 @@ struct SMTPSession {
                 listener: listener.name,
                 arrivalMillis: Self.nowMillis())
             var held = false
-            if let buffer = intake.buffer {
-                switch await runFilters(buffer, envelope: &envelope, writer: writer) {
+            if var buffer = intake.buffer {
+                // The buffer moves into the filter message: the intake must not keep a second
+                // reference, or the body would be copied on its first change.
+                intake.buffer = nil
+                let result = await runFilters(&buffer, envelope: &envelope, writer: writer)
+                switch result {
                 case .proceed(let hold): held = hold
                 case .stop(let outcome):
                     await writer.abort()
@@ -305,11 +328,15 @@ struct SMTPSession {
 
     /// Runs the chain over a buffered message; writes what they leave (edited headers, body,
     /// envelope) to the spool writer, or says how the message ends instead.
-    private func runFilters(_ buffer: [UInt8], envelope: inout Envelope, writer: SpoolWriter) async -> FilterResult {
+    private func runFilters(_ buffer: inout [UInt8], envelope: inout Envelope, writer: SpoolWriter) async -> FilterResult {
         let (headers, bodyOffset) = HeaderBlock.parse(buffer)
+        // The body is the buffer itself, its header bytes moved out in place: one copy of the
+        // message in memory, not two.
+        buffer.removeSubrange(0..<bodyOffset)
         var message = FilterMessage(
             queueID: writer.id.rawValue, sender: envelope.sender, recipients: envelope.recipients, headers: headers,
-            body: Array(buffer[bodyOffset...]))
+            body: buffer)
+        buffer = []
         var session = FilterSession(
             client: envelope.client, listener: listener.name, listenerAddress: channel.localAddress?.ipAddress,
             authUser: machine.authUser, hostname: machine.policy.hostname)
@@ -339,7 +366,9 @@ struct SMTPSession {
         envelope.sender = message.sender
         envelope.recipients = message.recipients
         do {
-            try await writer.append(message.content)
+            // Headers and body separately: `content` would be a third copy.
+            try await writer.append(message.headers.serialized)
+            try await writer.append(message.body)
         } catch {
             logger.error("\(writer.id): spool write failed: \(error)")
             return .stop((error as? SpoolError)?.isOutOfSpace == true ? .outOfSpace : .spoolFailure)
@@ -377,7 +406,7 @@ struct SMTPSession {
             logger.info("lost connection after DATA from \(client): nothing queued")
             throw CancellationError()
         }
-        return try await finishMessage(intake, violations: violations, normalized: normalize)
+        return try await finishMessage(consume intake, violations: violations, normalized: normalize)
     }
 
     /// Reads one BDAT chunk into the message under way (or into nowhere, when `discard`).
@@ -424,11 +453,12 @@ struct SMTPSession {
             if let intake { await intake.writer.abort() }
             throw CancellationError()
         }
+        intake = nil  // `current` is the one reference to the message's buffer
         if last || current.tooBig {
             var tail: [UInt8] = []
             checker.finish(into: &tail)
             if !tail.isEmpty { await append(tail, to: &current) }
-            let outcome = try await finishMessage(current, violations: checker.violations, normalized: normalize)
+            let outcome = try await finishMessage(consume current, violations: checker.violations, normalized: normalize)
             try await perform(machine.dataEnded(outcome))
         } else {
             chunked = (current, checker)

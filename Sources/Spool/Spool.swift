@@ -218,16 +218,25 @@ public final class SpoolWriter: @unchecked Sendable {
 
     private var path: String { spool.queue + "/" + id.rawValue }
 
-    /// Adds message bytes; they reach the disk in chunks of `Spool.writeChunk`.
+    /// Adds message bytes; they reach the disk in chunks of `Spool.writeChunk`. A large
+    /// piece goes to the disk as it is, not copied into the pending buffer first.
     public func append(_ bytes: [UInt8]) async throws {
-        pending.append(contentsOf: bytes)
         size += bytes.count
+        if pending.isEmpty, bytes.count >= Spool.writeChunk {
+            try await write(bytes)
+            return
+        }
+        pending.append(contentsOf: bytes)
         if pending.count >= Spool.writeChunk { try await flush() }
     }
 
     private func flush() async throws {
         let data = pending
         pending.removeAll(keepingCapacity: true)
+        try await write(data)
+    }
+
+    private func write(_ data: [UInt8]) async throws {
         let path = self.path
         let current = fd
         let spool = self.spool

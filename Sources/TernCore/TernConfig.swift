@@ -178,6 +178,9 @@ public struct LimitsConfig: Sendable, Decodable {
     public var maxHops = 50
     /// The command and data deadlines while more than 80% of `max_connections` are taken
     /// (Postfix's stress mode): idle and slow clients give their slot up sooner.
+    /// Memory for messages held whole for filters, all sessions together; a message that
+    /// would take the total past it gets `452 4.3.1` after DATA instead of growing the process.
+    public var filterMemory = ByteSize(bytes: 512 << 20)
     public var stressCommandTimeout = ConfigDuration(.seconds(10))
     public var stressDataTimeout = ConfigDuration(.seconds(120))
     /// Free space the spool's file system must keep (Postfix's `queue_minfree`): below it,
@@ -198,6 +201,7 @@ public struct LimitsConfig: Sendable, Decodable {
         case authFailureWindow = "auth_failure_window"
         case maxHops = "max_hops"
         case minFreeSpace = "min_free_space"
+        case filterMemory = "filter_memory"
         case stressCommandTimeout = "stress_command_timeout"
         case stressDataTimeout = "stress_data_timeout"
     }
@@ -219,6 +223,7 @@ public struct LimitsConfig: Sendable, Decodable {
         authFailureWindow = try c.decodeIfPresent(ConfigDuration.self, forKey: .authFailureWindow) ?? d.authFailureWindow
         maxHops = try c.decodePositive(.maxHops) ?? d.maxHops
         minFreeSpace = try c.decodeIfPresent(ByteSize.self, forKey: .minFreeSpace)
+        filterMemory = try c.decodeIfPresent(ByteSize.self, forKey: .filterMemory) ?? d.filterMemory
         stressCommandTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .stressCommandTimeout) ?? d.stressCommandTimeout
         stressDataTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .stressDataTimeout) ?? d.stressDataTimeout
     }

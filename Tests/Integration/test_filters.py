@@ -77,3 +77,62 @@ def test_bdat_messages_go_through_the_filters_too(make_tern):
     code, text = c.reply()
     assert code == 250 and "queued as" in text
     assert queued_content(tern) == "Subject: chunked\r\n\r\nbody\r\n"
+
+
+def test_memory_budget_for_filtered_messages(make_tern):
+    """A message that would take the memory held for filters past limits.filter_memory gets
+    452 4.3.1 instead of growing the process; the budget comes back when messages end."""
+    from conftest import open_transaction
+    tern = make_tern(extra=FILTER.format(listeners=""), limits="{ filter_memory: 1MB }")
+    line = b"x" * 998 + b"\r\n"
+    for _ in range(2):
+        c = open_transaction(tern.port("mx"))
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: big\r\n\r\n" + line * 1500 + b".\r\n")  # 1.5 MB
+        code, text = c.reply()
+        assert code == 452 and text.startswith("4.3.1"), (code, text)
+        assert c.cmd("MAIL FROM:<a@client.test>")[0] == 250, "the session goes on"
+        c.close()
+    for _ in range(3):  # 600 KB each, one after another: each gives its share back
+        c = open_transaction(tern.port("mx"))
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: fits\r\n\r\n" + line * 600 + b".\r\n")
+        assert c.reply()[0] == 250
+        c.close()
+    assert len(tern.queue()) == 3
+
+
+def test_a_huge_folded_header_does_not_stall_other_clients(make_tern):
+    """Regression: one 9 MB folded Received: header took 12.6 s of regex time on the shared
+    pool, and other clients' NOOP waited as long. Rules see the first 16 KB of a header, and
+    the matching runs off that pool."""
+    import threading
+    import time
+    from conftest import RawClient, open_transaction
+    tern = make_tern(extra=FILTER.format(listeners=""))
+    header = b"Received: from a (b [192.0.2.1])\r\n" + b"\tby relay.example with ESMTP id 0123456789abcdef;\r\n" * 170_000
+    stop = threading.Event()
+    latencies = []
+
+    def noop():
+        c = RawClient(tern.port("mx"))
+        while not stop.is_set():
+            started = time.monotonic()
+            assert c.cmd("NOOP")[0] == 250
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.02)
+        c.close()
+
+    t = threading.Thread(target=noop)
+    t.start()
+    c = open_transaction(tern.port("mx"))
+    assert c.cmd("DATA")[0] == 354
+    started = time.monotonic()
+    c.send(header + b"Subject: huge header\r\n\r\nbody\r\n.\r\n")
+    code, text = c.reply()
+    took = time.monotonic() - started
+    stop.set()
+    t.join()
+    assert code == 250, text
+    assert took < 10, f"filtering took {took:.1f} s"
+    assert latencies and max(latencies) < 2, f"another client's NOOP waited {max(latencies):.2f} s"
