@@ -62,43 +62,62 @@ public struct MilterFilter: MessageFilter {
         var description: String
     }
 
+    /// A milter answers connect, HELO, MAIL and RCPT as they come.
+    public var usesCommandStages: Bool { true }
+
+    public func open(_ session: FilterSession) async throws -> any FilterConnection {
+        MilterConnection(filter: self)
+    }
+
+    /// The whole exchange at once, for a caller without a session: connect to the end of
+    /// the message on one connection, then QUIT.
     public func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async throws -> FilterVerdict {
-        let channel: NIOAsyncChannel<Milter.Packet, Milter.Packet>
+        let connection = MilterConnection(filter: self)
+        defer { Task { await connection.close() } }
+        for stage in [0, 1, 2] {
+            let verdict: FilterVerdict
+            switch stage {
+            case 0: verdict = try await connection.connect(session)
+            case 1: verdict = try await connection.helo(session, name: session.client.helo ?? "")
+            default: verdict = try await connection.mail(session, sender: message.sender, parameters: session.mailParameters)
+            }
+            if verdict != .continue { return verdict == .accept ? .continue : verdict }
+        }
+        var kept: [EnvelopeRecipient] = []
+        var lastRefusal: FilterVerdict?
+        for r in message.recipients {
+            switch try await connection.rcpt(session, recipient: r.address, parameters: []) {
+            case .reject(let reply): lastRefusal = .reject(reply)
+            case .tempfail(let reply): lastRefusal = .tempfail(reply)
+            case .accept, .discard: return .continue
+            default: kept.append(r)
+            }
+        }
+        if kept.isEmpty, let lastRefusal { return lastRefusal }
+        message.recipients = kept
+        return try await connection.endOfMessage(session, &message)
+    }
+
+    /// Opens the channel to the milter.
+    func connectChannel() async throws -> NIOAsyncChannel<Milter.Packet, Milter.Packet> {
         do {
             let bootstrap = ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connectTimeout(TimeAmount(connectTimeout))
             let timeout = self.timeout
             let initializer: @Sendable (any Channel) -> EventLoopFuture<NIOAsyncChannel<Milter.Packet, Milter.Packet>> = { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: TimeAmount(timeout)))
-                    try channel.pipeline.syncOperations.addHandler(MilterTimeoutHandler())
                     try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(MilterPacketDecoder()))
                     try channel.pipeline.syncOperations.addHandler(MessageToByteHandler(MilterPacketEncoder()))
+                    try channel.pipeline.syncOperations.addHandler(MilterDeadlineHandler(timeout: TimeAmount(timeout)))
                     return try NIOAsyncChannel<Milter.Packet, Milter.Packet>(wrappingChannelSynchronously: channel)
                 }
             }
             switch endpoint {
-            case .inet(let host, let port): channel = try await bootstrap.connect(host: host, port: port, channelInitializer: initializer)
-            case .unix(let path): channel = try await bootstrap.connect(unixDomainSocketPath: path, channelInitializer: initializer)
+            case .inet(let host, let port): return try await bootstrap.connect(host: host, port: port, channelInitializer: initializer)
+            case .unix(let path): return try await bootstrap.connect(unixDomainSocketPath: path, channelInitializer: initializer)
             }
         } catch {
             throw Failure(description: "cannot connect to \(endpoint): \(error)")
         }
-        var copy = message
-        let raw = channel.channel
-        let contentTimeout = self.contentTimeout
-        let verdict = try await channel.executeThenClose { inbound, outbound in
-            var conversation = Conversation(inbound: inbound.makeAsyncIterator(), outbound: outbound) {
-                // From the headers on, replies may take as long as a scan of the content.
-                try await raw.eventLoop.submit {
-                    let ops = raw.pipeline.syncOperations
-                    _ = ops.removeHandler(try ops.handler(type: IdleStateHandler.self))
-                    try ops.addHandler(IdleStateHandler(readTimeout: TimeAmount(contentTimeout)), position: .first)
-                }.get()
-            }
-            return try await conversation.run(session, &copy, logger: logger, milter: name)
-        }
-        message = copy
-        return verdict
     }
 
     /// One message's exchange with the milter.
@@ -158,12 +177,13 @@ public struct MilterFilter: MessageFilter {
             return try await reply()
         }
 
-        mutating func run(_ session: FilterSession, _ message: inout FilterMessage, logger: Logger, milter: String) async throws -> FilterVerdict {
+        mutating func negotiate() async throws {
             try await send(
                 Milter.Packet(command: TERN_SMFIC_OPTNEG, data: Milter.u32(Milter.version) + Milter.u32(Milter.actions) + Milter.u32(Milter.protocolFlags)))
             negotiated = try Milter.negotiated(try await read())
-            defer { Task { [outbound] in try? await outbound.write(Milter.Packet(command: TERN_SMFIC_QUIT, data: [])) } }
+        }
 
+        mutating func connectStage(_ session: FilterSession) async throws -> FilterVerdict {
             let client = session.client
             let clientName = session.clientName ?? "[\(client.address)]"
             try await macros(
@@ -173,56 +193,43 @@ public struct MilterFilter: MessageFilter {
                     ("_", "\(clientName) [\(client.address)]"), ("{client_addr}", client.address), ("{client_name}", clientName),
                     ("{client_port}", String(client.port)),
                 ])
-            if !negotiated.has(Int(SMFIP_NOCONNECT)) {
-                let family = client.address.contains(":") ? TERN_SMFIA_INET6 : TERN_SMFIA_INET
-                var data = Milter.Packet.strings(0, [clientName]).data
-                data.append(family)
-                data += [UInt8(client.port >> 8 & 0xFF), UInt8(client.port & 0xFF)]
-                data += Milter.Packet.strings(0, [client.address]).data
-                if let v = try verdict(await step(Milter.Packet(command: TERN_SMFIC_CONNECT, data: data), noReply: Int(SMFIP_NR_CONN))) {
-                    return v
-                }
-            }
-            try await macros(TERN_SMFIC_HELO, [("{tls_version}", client.tlsVersion)])
-            if !negotiated.has(Int(SMFIP_NOHELO)) {
-                let p = Milter.Packet.strings(TERN_SMFIC_HELO, [client.helo ?? clientName])
-                if let v = try verdict(await step(p, noReply: Int(SMFIP_NR_HELO))) { return v }
-            }
+            guard !negotiated.has(Int(SMFIP_NOCONNECT)) else { return .continue }
+            let family = client.address.contains(":") ? TERN_SMFIA_INET6 : TERN_SMFIA_INET
+            var data = Milter.Packet.strings(0, [clientName]).data
+            data.append(family)
+            data += [UInt8(client.port >> 8 & 0xFF), UInt8(client.port & 0xFF)]
+            data += Milter.Packet.strings(0, [client.address]).data
+            return try verdict(await step(Milter.Packet(command: TERN_SMFIC_CONNECT, data: data), noReply: Int(SMFIP_NR_CONN))) ?? .continue
+        }
+
+        mutating func heloStage(_ session: FilterSession, name: String) async throws -> FilterVerdict {
+            try await macros(TERN_SMFIC_HELO, [("{tls_version}", session.client.tlsVersion)])
+            guard !negotiated.has(Int(SMFIP_NOHELO)) else { return .continue }
+            let p = Milter.Packet.strings(TERN_SMFIC_HELO, [name])
+            return try verdict(await step(p, noReply: Int(SMFIP_NR_HELO))) ?? .continue
+        }
+
+        mutating func mailStage(_ session: FilterSession, sender: String, parameters: [String]) async throws -> FilterVerdict {
             try await macros(
                 TERN_SMFIC_MAIL,
                 [
-                    ("i", message.queueID), ("{auth_type}", session.authMechanism ?? (session.authUser == nil ? nil : "PLAIN")),
-                    ("{auth_authen}", session.authUser), ("{mail_addr}", message.sender),
+                    ("{auth_type}", session.authMechanism ?? (session.authUser == nil ? nil : "PLAIN")),
+                    ("{auth_authen}", session.authUser), ("{mail_addr}", sender),
                 ])
-            if !negotiated.has(Int(SMFIP_NOMAIL)) {
-                let p = Milter.Packet.strings(TERN_SMFIC_MAIL, ["<\(message.sender)>"] + session.mailParameters)
-                if let v = try verdict(await step(p, noReply: Int(SMFIP_NR_MAIL))) { return v }
-            }
-            var kept: [EnvelopeRecipient] = []
-            var lastRefusal: FilterVerdict?
-            for r in message.recipients {
-                try await macros(TERN_SMFIC_RCPT, [("{rcpt_addr}", r.address)])
-                if negotiated.has(Int(SMFIP_NORCPT)) {
-                    kept.append(r)
-                    continue
-                }
-                var parameters: [String] = []
-                if let notify = r.notify { parameters.append("NOTIFY=\(notify)") }
-                if let orcpt = r.orcpt { parameters.append("ORCPT=\(orcpt.addressType);\(XText.encode(orcpt.address))") }
-                let reply = try await step(Milter.Packet.strings(TERN_SMFIC_RCPT, ["<\(r.address)>"] + parameters), noReply: Int(SMFIP_NR_RCPT))
-                switch reply {
-                case .reject, .tempfail, .replyCode:
-                    // A refusal at RCPT refuses that recipient only.
-                    lastRefusal = try verdict(reply)
-                    logger.info("\(message.queueID): milter \(milter) refused recipient <\(r.address)>")
-                case .accept, .discard, .connectionFailure:
-                    return try verdict(reply) ?? .continue
-                default:
-                    kept.append(r)
-                }
-            }
-            if kept.isEmpty, let lastRefusal { return lastRefusal }
-            message.recipients = kept
+            guard !negotiated.has(Int(SMFIP_NOMAIL)) else { return .continue }
+            let p = Milter.Packet.strings(TERN_SMFIC_MAIL, ["<\(sender)>"] + parameters)
+            return try verdict(await step(p, noReply: Int(SMFIP_NR_MAIL))) ?? .continue
+        }
+
+        mutating func rcptStage(_ recipient: String, parameters: [String]) async throws -> FilterVerdict {
+            try await macros(TERN_SMFIC_RCPT, [("{rcpt_addr}", recipient)])
+            guard !negotiated.has(Int(SMFIP_NORCPT)) else { return .continue }
+            let reply = try await step(Milter.Packet.strings(TERN_SMFIC_RCPT, ["<\(recipient)>"] + parameters), noReply: Int(SMFIP_NR_RCPT))
+            return try verdict(reply) ?? .continue
+        }
+
+        /// DATA, the headers, the body and the end of the message; then the milter's changes.
+        mutating func content(_ message: inout FilterMessage, milter: String) async throws -> FilterVerdict {
             if negotiated.version >= 4, !negotiated.has(Int(SMFIP_NODATA)) {
                 if let v = try verdict(await step(Milter.Packet(command: TERN_SMFIC_DATA, data: []), noReply: Int(SMFIP_NR_DATA))) {
                     return v
@@ -291,20 +298,62 @@ public struct MilterFilter: MessageFilter {
     }
 }
 
-/// Turns a read timeout into an error on the channel.
-final class MilterTimeoutHandler: ChannelInboundHandler {
-    typealias InboundIn = NIOAny
+/// The deadline for the milter's next reply: it starts when Tern sends a packet or a reply
+/// packet arrives, and bytes that do not complete a packet do not move it, so a milter that
+/// dribbles cannot hold a session past `timeout`. Sits after the packet codec, so it sees
+/// whole packets both ways. `SetTimeout` changes the length (the content timeout, for scans).
+final class MilterDeadlineHandler: ChannelDuplexHandler {
+    typealias InboundIn = Milter.Packet
+    typealias InboundOut = Milter.Packet
+    typealias OutboundIn = Milter.Packet
+    typealias OutboundOut = Milter.Packet
+
     struct Timeout: Error, CustomStringConvertible {
         var description: String { "no reply from the milter in time" }
     }
+    struct SetTimeout: Sendable { var timeout: TimeAmount }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let e = event as? IdleStateHandler.IdleStateEvent, e == .read {
-            context.fireErrorCaught(Timeout())
-            context.close(promise: nil)
+    private var timeout: TimeAmount
+    private var timer: Scheduled<Void>?
+
+    init(timeout: TimeAmount) { self.timeout = timeout }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        arm(context)
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        arm(context)
+        context.write(data, promise: promise)
+    }
+
+    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
+        guard let set = event as? SetTimeout else {
+            context.triggerUserOutboundEvent(event, promise: promise)
             return
         }
-        context.fireUserInboundEventTriggered(event)
+        timeout = set.timeout
+        arm(context)
+        promise?.succeed()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timer?.cancel()
+    }
+
+    private func arm(_ context: ChannelHandlerContext) {
+        timer?.cancel()
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        timer = context.eventLoop.scheduleTask(in: timeout) {
+            bound.value.fireErrorCaught(Timeout())
+            bound.value.close(promise: nil)
+        }
     }
 }
 
@@ -318,8 +367,9 @@ struct MilterPacketDecoder: ByteToMessageDecoder {
         guard length >= 1, length <= Self.maxPacket else { throw Milter.ProtocolError(description: "milter packet of \(length) bytes") }
         guard buffer.readableBytes >= 4 + Int(length) else { return .needMoreData }
         buffer.moveReaderIndex(forwardBy: 4)
-        let command: UInt8 = buffer.readInteger()!
-        let data = buffer.readBytes(length: Int(length) - 1)!
+        guard let command: UInt8 = buffer.readInteger(), let data = buffer.readBytes(length: Int(length) - 1) else {
+            throw Milter.ProtocolError(description: "short milter packet")
+        }
         context.fireChannelRead(wrapInboundOut(Milter.Packet(command: command, data: data)))
         return .continue
     }
@@ -372,5 +422,126 @@ public enum MilterPlugin: FilterPlugin {
         let s = settings as! Settings
         return MilterFilter(
             name: name, endpoint: s.endpoint, connectTimeout: s.connectTimeout, timeout: s.timeout, contentTimeout: s.contentTimeout)
+    }
+}
+
+/// One SMTP session's connection to a milter, opened at the connect stage and kept until the
+/// session ends: each stage is sent as its command arrives, so the milter's answer is the
+/// reply to that command, and each message of the session goes on the same connection.
+/// Used by one session, one call after another.
+final class MilterConnection: FilterConnection, @unchecked Sendable {
+    private let filter: MilterFilter
+    private var channel: NIOAsyncChannel<Milter.Packet, Milter.Packet>?
+    private var conversation: MilterFilter.Conversation?
+    /// MAIL went out and the message has not ended: an abort must tell the milter.
+    private var messageOpen = false
+    private var closed = false
+
+    init(filter: MilterFilter) { self.filter = filter }
+
+    /// The conversation, negotiated, on first use.
+    private func ready() async throws -> MilterFilter.Conversation {
+        if let conversation { return conversation }
+        guard !closed else { throw MilterFilter.Failure(description: "the milter connection is closed") }
+        let channel = try await filter.connectChannel()
+        self.channel = channel
+        let raw = channel.channel
+        let contentTimeout = filter.contentTimeout
+        let (inbound, outbound) = (MilterUnscopedStreams.self as any MilterUnscopedStreamsProvider.Type).make(channel)
+        var conversation = MilterFilter.Conversation(inbound: inbound.makeAsyncIterator(), outbound: outbound) {
+            // From the headers on, replies may take as long as a scan of the content.
+            try await raw.triggerUserOutboundEvent(MilterDeadlineHandler.SetTimeout(timeout: TimeAmount(contentTimeout))).get()
+        }
+        do {
+            try await conversation.negotiate()
+        } catch {
+            await shut()
+            throw error
+        }
+        self.conversation = conversation
+        return conversation
+    }
+
+    /// Runs one stage; a failure closes the connection (the milter is out for the session).
+    private func run(_ body: (inout MilterFilter.Conversation) async throws -> FilterVerdict) async throws -> FilterVerdict {
+        var conversation = try await ready()
+        do {
+            let verdict = try await body(&conversation)
+            self.conversation = conversation
+            return verdict
+        } catch {
+            await shut()
+            throw error
+        }
+    }
+
+    func connect(_ session: FilterSession) async throws -> FilterVerdict {
+        try await run { try await $0.connectStage(session) }
+    }
+
+    func helo(_ session: FilterSession, name: String) async throws -> FilterVerdict {
+        try await run { try await $0.heloStage(session, name: name) }
+    }
+
+    func mail(_ session: FilterSession, sender: String, parameters: [String]) async throws -> FilterVerdict {
+        messageOpen = true
+        return try await run { try await $0.mailStage(session, sender: sender, parameters: parameters) }
+    }
+
+    func rcpt(_ session: FilterSession, recipient: String, parameters: [String]) async throws -> FilterVerdict {
+        let verdict = try await run { try await $0.rcptStage(recipient, parameters: parameters) }
+        if case .reject = verdict { filter.logger.info("milter \(filter.name) refused recipient <\(recipient)>") }
+        if case .tempfail = verdict { filter.logger.info("milter \(filter.name) refused recipient <\(recipient)> for now") }
+        return verdict
+    }
+
+    func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async throws -> FilterVerdict {
+        var copy = message
+        let name = filter.name
+        let verdict = try await run { try await $0.content(&copy, milter: name) }
+        messageOpen = false
+        message = copy
+        return verdict
+    }
+
+    func abort() async {
+        guard messageOpen, let conversation else { return }
+        messageOpen = false
+        do {
+            try await conversation.send(Milter.Packet(command: TERN_SMFIC_ABORT, data: []))
+        } catch {
+            await shut()
+        }
+    }
+
+    func close() async {
+        if let conversation { try? await conversation.send(Milter.Packet(command: TERN_SMFIC_QUIT, data: [])) }
+        await shut()
+    }
+
+    private func shut() async {
+        closed = true
+        conversation?.outbound.finish()
+        conversation = nil
+        if let channel { try? await channel.channel.close().get() }
+        channel = nil
+    }
+}
+
+/// The unscoped stream accessors are deprecated in favour of `executeThenClose`; a milter
+/// connection outlives one call (it follows the whole SMTP session), which the scoped form
+/// cannot express. Reaching them through a protocol witness keeps that one use from warning.
+private protocol MilterUnscopedStreamsProvider {
+    static func make(
+        _ channel: NIOAsyncChannel<Milter.Packet, Milter.Packet>
+    ) -> (NIOAsyncChannelInboundStream<Milter.Packet>, NIOAsyncChannelOutboundWriter<Milter.Packet>)
+}
+
+private enum MilterUnscopedStreams: MilterUnscopedStreamsProvider {
+    @available(*, deprecated)
+    static func make(
+        _ channel: NIOAsyncChannel<Milter.Packet, Milter.Packet>
+    ) -> (NIOAsyncChannelInboundStream<Milter.Packet>, NIOAsyncChannelOutboundWriter<Milter.Packet>) {
+        (channel.inbound, channel.outbound)
     }
 }

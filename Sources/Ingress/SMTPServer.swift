@@ -153,6 +153,9 @@ public final class SMTPServer: Service, Sendable {
             authAvailable: environment.users != nil, maxMessageSize: config.limits.maxMessageSize.bytes,
             maxRecipients: config.limits.maxRecipients, maxErrors: config.limits.maxErrors, maxHops: config.limits.maxHops,
             minFreeSpace: config.limits.effectiveMinFreeSpace, freeSpace: { [spool = environment.spool] in spool.freeBytes() },
+            commandFilters: environment.filters.entries.contains {
+                ($0.listeners?.contains(listener.name) ?? true) && $0.filter.usesCommandStages
+            },
             allowedSenders: config.access.allowedSenders, bareLineEndings: config.access.bareLineEndings)
         do {
             try await connection.executeThenClose { inbound, outbound in

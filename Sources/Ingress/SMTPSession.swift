@@ -57,19 +57,75 @@ struct SMTPSession {
     /// read any further.
     struct UnexpectedFrame: Error {}
 
+    /// The filters following this session (milters see each command), when any apply.
+    var filterRun: FilterChainSession? = nil
+
     mutating func run() async throws {
+        filterRun = environment.filters.session(listener: listener.name)
         do {
             try await serve()
         } catch is UnexpectedFrame {
             logger.warning("protocol error from \(client): data where a command was expected, or a command inside data")
             await dropChunkedMessage()
             try? await perform(machine.unexpectedFrame())
+            await endFilters()
             return
         } catch {
             await dropChunkedMessage()
+            await endFilters()
             throw error
         }
         await dropChunkedMessage()
+        await endFilters()
+    }
+
+    private func endFilters() async {
+        await filterRun?.abortIfOpen()
+        await filterRun?.close()
+    }
+
+    /// What the filters know of the session now.
+    private func filterSession() async -> FilterSession {
+        var session = FilterSession(
+            client: ClientInfo(
+                address: clientAddress, port: clientPort, helo: machine.helo, protocol: machine.protocolName,
+                tlsVersion: await currentTLSVersion()),
+            listener: listener.name, listenerAddress: channel.localAddress?.ipAddress, authUser: machine.authUser,
+            hostname: machine.policy.hostname)
+        if let t = machine.transaction { session.mailParameters = t.parameters.filterForm }
+        return session
+    }
+
+    /// The filters' answer to a command the machine would accept: nil, or the refusal.
+    private mutating func checkWithFilters(_ stage: SessionStateMachine.FilterStage) async -> SMTPReply? {
+        guard let run = filterRun else { return nil }
+        let session = await filterSession()
+        let outcome: FilterChain.Outcome
+        let what: String
+        switch stage {
+        case .helo(let name):
+            outcome = await run.helo(session, name: name)
+            what = "HELO"
+        case .mail(let sender, let parameters):
+            var s = session
+            s.mailParameters = parameters
+            outcome = await run.mail(s, sender: sender, parameters: parameters)
+            what = "MAIL"
+        case .rcpt(let recipient, let parameters):
+            outcome = await run.rcpt(session, recipient: recipient, parameters: parameters)
+            what = "RCPT"
+        }
+        for failure in outcome.failures { logger.warning("\(client): filter \(failure)") }
+        switch outcome.verdict {
+        case .reject(let reply), .tempfail(let reply):
+            var detail = ""
+            if let t = machine.transaction { detail = "; from=<\(t.sender)>" }
+            if case .rcpt(let r, _) = stage { detail += "; to=<\(r)>" }
+            logger.info("reject: \(what) from \(client): \(reply) (filter \(outcome.filter ?? "-"))\(detail)")
+            return reply
+        default:
+            return nil
+        }
     }
 
     private mutating func dropChunkedMessage() async {
@@ -79,6 +135,22 @@ struct SMTPSession {
     }
 
     private mutating func serve() async throws {
+        if let run = filterRun, run.usesCommandStages {
+            // The connect stage answers before the greeting: a refusal is the greeting (554, or
+            // 421 for a temporary one; RFC 5321 §3.1) and the session ends.
+            let outcome = await run.connect(await filterSession())
+            for failure in outcome.failures { logger.warning("\(client): filter \(failure)") }
+            switch outcome.verdict {
+            case .reject(let reply), .tempfail(let reply):
+                let code = reply.code >= 500 ? 554 : 421
+                let refusal = SMTPReply(code, reply.enhanced ?? EnhancedStatusCode(code / 100, 7, 1), reply.lines)
+                logger.info("reject: CONNECT from \(client): \(refusal) (filter \(outcome.filter ?? "-"))")
+                try await perform(machine.refusedAtConnect(refusal))
+                return
+            default:
+                break
+            }
+        }
         try await send(machine.greeting())
         while !machine.isClosed, let frame = try await frames.next() {
             let action: SessionStateMachine.Action?
@@ -100,6 +172,8 @@ struct SMTPSession {
                 throw UnexpectedFrame()
             }
             if let action { try await perform(action) }
+            // A transaction that ended without its message: filters that saw MAIL forget it.
+            if machine.transaction == nil { await filterRun?.abortIfOpen() }
             // A paused line whose answer was deferred (shutdown while idle never is) still
             // gets its control: the framing must never wait for one that does not come.
             if framingPaused, !machine.isClosed { control(.readCommands) }
@@ -145,6 +219,9 @@ struct SMTPSession {
             try await send(reply)
             let outcome = try await receiveMessage(normalize: normalize)
             try await perform(machine.dataEnded(outcome))
+        case .checkCommand(let stage):
+            let refusal = await checkWithFilters(stage)
+            try await perform(machine.filterChecked(refusal: refusal))
         case .verifyCredentials(let user, let password):
             try await verify(user: user, password: password)
         case .receiveChunk(let size, let last, let first, let normalize):
@@ -340,10 +417,9 @@ struct SMTPSession {
         var session = FilterSession(
             client: envelope.client, listener: listener.name, listenerAddress: channel.localAddress?.ipAddress,
             authUser: machine.authUser, hostname: machine.policy.hostname)
-        if let body = envelope.body { session.mailParameters.append("BODY=\(body)") }
-        if envelope.smtpUTF8 { session.mailParameters.append("SMTPUTF8") }
-        if let ret = envelope.ret { session.mailParameters.append("RET=\(ret.rawValue)") }
-        let outcome = await environment.filters.endOfMessage(session, &message)
+        if let t = machine.transaction { session.mailParameters = t.parameters.filterForm }
+        let outcome = await filterRun?.endOfMessage(session, &message)
+            ?? FilterChain.Outcome(verdict: .continue, filter: nil, failures: [])
         for failure in outcome.failures { logger.warning("\(writer.id): filter \(failure)") }
         let filter = outcome.filter ?? "-"
         var hold = false

@@ -18,6 +18,9 @@ struct SessionPolicy: Sendable {
     var minFreeSpace = 0
     /// The spool's free bytes now; injected, as a clock is, so tests can pass any figure.
     var freeSpace: @Sendable () -> Int = { .max }
+    /// Filters (milters) answer HELO, MAIL and RCPT: each accepted one is checked with them
+    /// before it takes effect.
+    var commandFilters = false
     var allowedSenders: [String: [String]]
     var bareLineEndings: BareLineEndingPolicy
 }
@@ -61,6 +64,22 @@ struct SessionStateMachine {
         /// Read a refused BDAT chunk of `size` bytes off the wire and throw it away, then
         /// send the reply (RFC 3030 §2: the chunk follows whatever the answer).
         case discardChunk(SMTPReply, size: Int)
+        /// The command is acceptable here; ask the filters, then report with `filterChecked`.
+        case checkCommand(FilterStage)
+    }
+
+    /// A command the filters see before it takes effect.
+    enum FilterStage: Equatable, Sendable {
+        case helo(String)
+        case mail(sender: String, parameters: [String])
+        case rcpt(String, parameters: [String])
+    }
+
+    /// What an accepted command does once the filters agree.
+    private enum Pending: Equatable {
+        case helo(name: String, esmtp: Bool, reply: SMTPReply)
+        case mail(Transaction, reply: SMTPReply)
+        case rcpt(EnvelopeRecipient, reply: SMTPReply)
     }
 
     /// How the framing reads on after an action, when the line that led to it paused the
@@ -112,7 +131,7 @@ struct SessionStateMachine {
     /// What the framing must read after `action`.
     static func framing(after action: Action) -> NextFraming {
         switch action {
-        case .reply, .verifyCredentials: return .commands
+        case .reply, .verifyCredentials, .checkCommand: return .commands
         case .close, .replyThenClose: return .closed
         case .startTLS: return .tls
         case .beginData(_, let normalize): return .data(normalize: normalize)
@@ -131,6 +150,7 @@ struct SessionStateMachine {
     private(set) var transaction: Transaction?
     private var errors = 0
     private var closeWhenIdle = false
+    private var pending: Pending?
 
     init(policy: SessionPolicy, trusted: Bool, tlsActive: Bool) {
         self.policy = policy
@@ -220,9 +240,49 @@ struct SessionStateMachine {
         return .close(.protocolError)
     }
 
+    /// A filter refused the connection before the greeting: the refusal is the greeting.
+    mutating func refusedAtConnect(_ reply: SMTPReply) -> Action {
+        phase = .closed
+        return .close(reply)
+    }
+
     /// The framing delivered message bytes, or the end of a message, where no DATA or BDAT
     /// transfer is under way.
     mutating func unexpectedFrame() -> Action { outOfSequence() }
+
+    /// The filters' answer to a `checkCommand`: nil lets the command take effect with its own
+    /// reply; a reply refuses it and leaves the session as it was.
+    mutating func filterChecked(refusal: SMTPReply?) -> Action {
+        guard let pending else { return outOfSequence() }
+        self.pending = nil
+        if let refusal { return .reply(refusal) }
+        return commit(pending)
+    }
+
+    private mutating func commit(_ pending: Pending) -> Action {
+        switch pending {
+        case .helo(let name, let esmtp, let reply):
+            helo = name
+            transaction = nil
+            phase = .ready
+            self.esmtp = esmtp
+            return .reply(reply)
+        case .mail(let t, let reply):
+            transaction = t
+            phase = .mail
+            return .reply(reply)
+        case .rcpt(let r, let reply):
+            transaction?.recipients.append(r)
+            return .reply(reply)
+        }
+    }
+
+    /// Commits at once, or asks the filters first when they answer commands.
+    private mutating func checkOrCommit(_ pending: Pending, _ stage: FilterStage) -> Action {
+        guard policy.commandFilters else { return commit(pending) }
+        self.pending = pending
+        return .checkCommand(stage)
+    }
 
     mutating func authChecked(user: String, success: Bool) -> Action {
         guard phase == .verifying else { return outOfSequence() }
@@ -275,15 +335,10 @@ struct SessionStateMachine {
         switch command {
         case .ehlo(let name), .helo(let name):
             guard phase == .start || phase == .ready || phase == .mail || phase == .chunking else { return fail(.badSequence) }
-            helo = name
-            transaction = nil
-            phase = .ready
             if case .helo = command {
-                esmtp = false
-                return .reply(SMTPReply(250, nil, policy.hostname))
+                return checkOrCommit(.helo(name: name, esmtp: false, reply: SMTPReply(250, nil, policy.hostname)), .helo(name))
             }
-            esmtp = true
-            return .reply(SMTPReply(250, nil, ehloLines()))
+            return checkOrCommit(.helo(name: name, esmtp: true, reply: SMTPReply(250, nil, ehloLines())), .helo(name))
 
         case .startTLS:
             guard policy.tlsAvailable, policy.kind != .smtps else {
@@ -463,9 +518,9 @@ struct SessionStateMachine {
         {
             return .reply(SMTPReply(553, .deliveryNotAuthorized, "<\(mailbox)>: Sender address rejected: not owned by user \(user)"))
         }
-        transaction = Transaction(sender: sender, parameters: parameters)
-        phase = .mail
-        return .reply(SMTPReply(250, .senderOK, "Ok"))
+        return checkOrCommit(
+            .mail(Transaction(sender: sender, parameters: parameters), reply: SMTPReply(250, .senderOK, "Ok")),
+            .mail(sender: sender.description, parameters: parameters.filterForm))
     }
 
     static func senderAllowed(_ sender: Mailbox, _ allowed: [String]) -> Bool {
@@ -478,7 +533,7 @@ struct SessionStateMachine {
     }
 
     private mutating func rcpt(path: ForwardPath, parameters: RcptParameters) -> Action {
-        guard phase == .mail, var transaction else {
+        guard phase == .mail, let transaction else {
             return fail(SMTPReply(503, .invalidCommand, "Error: need MAIL command"))
         }
         guard let mailbox = path.mailbox else {
@@ -495,9 +550,11 @@ struct SessionStateMachine {
             // Counted as an error: an outsider must not probe recipients without limit.
             return fail(SMTPReply(554, .deliveryNotAuthorized, "<\(mailbox)>: Relay access denied"))
         }
-        transaction.recipients.append(EnvelopeRecipient(address: mailbox.description, notify: parameters.notify, orcpt: parameters.orcpt))
-        self.transaction = transaction
-        return .reply(SMTPReply(250, .destinationOK, "Ok"))
+        let recipient = EnvelopeRecipient(address: mailbox.description, notify: parameters.notify, orcpt: parameters.orcpt)
+        var filterParameters: [String] = []
+        if let notify = parameters.notify { filterParameters.append("NOTIFY=\(notify)") }
+        if let orcpt = parameters.orcpt { filterParameters.append("ORCPT=\(orcpt.addressType);\(XText.encode(orcpt.address))") }
+        return checkOrCommit(.rcpt(recipient, reply: SMTPReply(250, .destinationOK, "Ok")), .rcpt(recipient.address, parameters: filterParameters))
     }
 
     private mutating func discardChunk(_ reply: SMTPReply, size: Int) -> Action {
@@ -515,5 +572,18 @@ struct SessionStateMachine {
             return .close(.tooManyErrors)
         }
         return .reply(reply)
+    }
+}
+
+extension MailParameters {
+    /// The parameters as a filter sees them on MAIL (`SIZE=…`, `BODY=…`), as the client gave them.
+    var filterForm: [String] {
+        var out: [String] = []
+        if let size { out.append("SIZE=\(size)") }
+        if let body { out.append("BODY=\(body.rawValue)") }
+        if smtpUTF8 { out.append("SMTPUTF8") }
+        if let ret { out.append("RET=\(ret.rawValue)") }
+        if let envid { out.append("ENVID=\(XText.encode(envid))") }
+        return out
     }
 }

@@ -41,13 +41,15 @@ final class SessionHarness: ChannelInboundHandler {
     private var pausedUnanswered = false
     private let split: Int
     private let channel = EmbeddedChannel()
+    /// Filters refuse every other command they are asked about.
+    private var checks = 0
 
     init(setup: UInt8, split: Int) {
         let kinds: [ListenerKind] = [.smtp, .submission, .smtps]
         let policy = SessionPolicy(
             kind: kinds[Int(setup & 3) % 3], hostname: "fuzz.test", tlsAvailable: setup & 4 != 0,
-            authAvailable: setup & 8 != 0, maxMessageSize: 4096, maxRecipients: 5, maxErrors: Int(setup >> 5) + 3,
-            allowedSenders: [:], bareLineEndings: setup & 16 != 0 ? .normalize : .reject)
+            authAvailable: setup & 8 != 0, maxMessageSize: 4096, maxRecipients: 5, maxErrors: Int(setup >> 6) + 3,
+            commandFilters: setup & 32 != 0, allowedSenders: [:], bareLineEndings: setup & 16 != 0 ? .normalize : .reject)
         machine = SessionStateMachine(policy: policy, trusted: setup & 1 == 0, tlsActive: setup & 2 != 0)
         self.split = split
     }
@@ -134,6 +136,11 @@ final class SessionHarness: ChannelInboundHandler {
         case .verifyCredentials(let user, let password):
             resume(next)
             carryOut(machine.authChecked(user: user, success: password == "secret"))
+            return
+        case .checkCommand:
+            resume(next)
+            checks += 1
+            carryOut(machine.filterChecked(refusal: checks % 2 == 0 ? SMTPReply(550, .deliveryNotAuthorized, "no") : nil))
             return
         case .receiveChunk(_, let last, _, _):
             transfer = .chunk(last: last, refusal: nil)

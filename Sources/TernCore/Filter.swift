@@ -75,8 +75,18 @@ public enum FilterFailureAction: String, Sendable, Decodable, CaseIterable {
 /// A pre-queue filter. Every stage has a default that lets the message through, so a filter
 /// implements only the stages it cares about. Filters may be called concurrently for
 /// different sessions.
+///
+/// The stages run as the SMTP commands arrive (Postfix's `smtpd_milters`): a refusal at
+/// connect, HELO, MAIL or RCPT is the reply to that command, and the client decides what to
+/// do with it; the end-of-message stage answers DATA. A filter that keeps state across one
+/// session's stages (a milter's connection) returns its own `FilterConnection` from `open`.
 public protocol MessageFilter: Sendable {
     var name: String { get }
+    /// True when the filter looks at connect, HELO, MAIL or RCPT at all; false lets the
+    /// session skip those stages for it.
+    var usesCommandStages: Bool { get }
+    /// One session's pass through this filter.
+    func open(_ session: FilterSession) async throws -> any FilterConnection
     func connect(_ session: FilterSession) async throws -> FilterVerdict
     func helo(_ session: FilterSession, name: String) async throws -> FilterVerdict
     func mail(_ session: FilterSession, sender: String, parameters: [String]) async throws -> FilterVerdict
@@ -85,7 +95,42 @@ public protocol MessageFilter: Sendable {
     func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async throws -> FilterVerdict
 }
 
+/// One SMTP session's pass through one filter: the stages in the order the commands come,
+/// then (per message) the end of the message, `abort` when a transaction ends without one
+/// (RSET, a new MAIL after a refusal), and `close` when the session ends. Used by one session
+/// at a time, one call after another.
+public protocol FilterConnection: Sendable {
+    func connect(_ session: FilterSession) async throws -> FilterVerdict
+    func helo(_ session: FilterSession, name: String) async throws -> FilterVerdict
+    func mail(_ session: FilterSession, sender: String, parameters: [String]) async throws -> FilterVerdict
+    func rcpt(_ session: FilterSession, recipient: String, parameters: [String]) async throws -> FilterVerdict
+    func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async throws -> FilterVerdict
+    func abort() async
+    func close() async
+}
+
+/// A filter without per-session state: each stage calls the filter's own method.
+public struct StatelessFilterConnection: FilterConnection {
+    let filter: any MessageFilter
+    public init(_ filter: any MessageFilter) { self.filter = filter }
+    public func connect(_ session: FilterSession) async throws -> FilterVerdict { try await filter.connect(session) }
+    public func helo(_ session: FilterSession, name: String) async throws -> FilterVerdict { try await filter.helo(session, name: name) }
+    public func mail(_ session: FilterSession, sender: String, parameters: [String]) async throws -> FilterVerdict {
+        try await filter.mail(session, sender: sender, parameters: parameters)
+    }
+    public func rcpt(_ session: FilterSession, recipient: String, parameters: [String]) async throws -> FilterVerdict {
+        try await filter.rcpt(session, recipient: recipient, parameters: parameters)
+    }
+    public func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async throws -> FilterVerdict {
+        try await filter.endOfMessage(session, &message)
+    }
+    public func abort() async {}
+    public func close() async {}
+}
+
 extension MessageFilter {
+    public var usesCommandStages: Bool { false }
+    public func open(_ session: FilterSession) async throws -> any FilterConnection { StatelessFilterConnection(self) }
     public func connect(_ session: FilterSession) async throws -> FilterVerdict { .continue }
     public func helo(_ session: FilterSession, name: String) async throws -> FilterVerdict { .continue }
     public func mail(_ session: FilterSession, sender: String, parameters: [String]) async throws -> FilterVerdict { .continue }
@@ -122,6 +167,12 @@ public struct FilterChain: Sendable {
         public var filter: String?
         /// Filters that failed, with their error, and the action applied for them.
         public var failures: [String]
+
+        public init(verdict: FilterVerdict, filter: String?, failures: [String]) {
+            self.verdict = verdict
+            self.filter = filter
+            self.failures = failures
+        }
     }
 
     /// Runs the end-of-message stage through every filter for this listener.
@@ -148,6 +199,173 @@ public struct FilterChain: Sendable {
             if verdict != .continue { return Outcome(verdict: verdict, filter: entry.filter.name, failures: failures) }
         }
         return Outcome(verdict: .continue, filter: nil, failures: failures)
+    }
+}
+
+// MARK: - One session's pass through the chain
+
+extension FilterChain {
+    /// The filters for `listener`, ready to follow one SMTP session; nil when none applies.
+    public func session(listener: String) -> FilterChainSession? {
+        let mine = entries.filter { $0.listeners?.contains(listener) ?? true }
+        return mine.isEmpty ? nil : FilterChainSession(mine)
+    }
+}
+
+/// The chain following one SMTP session: each filter's connection is opened at its first
+/// stage and kept to the end of the session, so a milter sees connect, HELO, MAIL and each
+/// RCPT as they happen and answers them, and the message on the same connection.
+///
+/// A filter that fails (cannot be reached, does not answer in time) is handled by its
+/// `on_failure`: `accept` leaves it out for the rest of the session; `tempfail` and `reject`
+/// refuse the command at hand, and, when it failed at connect or HELO, each MAIL after.
+/// Used by one session, one call after another.
+public final class FilterChainSession: @unchecked Sendable {
+    private struct Slot {
+        var entry: FilterChain.Entry
+        var connection: (any FilterConnection)?
+        /// Said `accept` at connect or HELO, or failed with `on_failure: accept`.
+        var doneForSession = false
+        /// Said `accept` at MAIL or RCPT: done until the message ends.
+        var doneForMessage = false
+        /// Failed before MAIL: each MAIL gets this refusal.
+        var standingRefusal: FilterVerdict?
+    }
+
+    private var slots: [Slot]
+    /// MAIL went to the filters and neither the end of the message nor an abort followed.
+    private var messageOpen = false
+    /// A filter said `discard` at MAIL or RCPT: the message is answered 250 and dropped.
+    private var discardMessage: String?
+
+    /// Some filter looks at connect, HELO, MAIL or RCPT.
+    public let usesCommandStages: Bool
+
+    init(_ entries: [FilterChain.Entry]) {
+        slots = entries.map { Slot(entry: $0) }
+        usesCommandStages = entries.contains { $0.filter.usesCommandStages }
+    }
+
+    public typealias Outcome = FilterChain.Outcome
+
+    public func connect(_ session: FilterSession) async -> Outcome {
+        await stage(session, sessionLevel: true) { try await $0.connect(session) }
+    }
+
+    public func helo(_ session: FilterSession, name: String) async -> Outcome {
+        await stage(session, sessionLevel: true) { try await $0.helo(session, name: name) }
+    }
+
+    public func mail(_ session: FilterSession, sender: String, parameters: [String]) async -> Outcome {
+        for slot in slots {
+            if let refusal = slot.standingRefusal {
+                return Outcome(verdict: refusal, filter: slot.entry.filter.name, failures: [])
+            }
+        }
+        messageOpen = true
+        discardMessage = nil
+        return await stage(session, sessionLevel: false) { try await $0.mail(session, sender: sender, parameters: parameters) }
+    }
+
+    public func rcpt(_ session: FilterSession, recipient: String, parameters: [String]) async -> Outcome {
+        await stage(session, sessionLevel: false) { try await $0.rcpt(session, recipient: recipient, parameters: parameters) }
+    }
+
+    /// The message, through every filter still in; each may change it in place.
+    public func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async -> Outcome {
+        defer { endMessage() }
+        if let filter = discardMessage { return Outcome(verdict: .discard, filter: filter, failures: []) }
+        var failures: [String] = []
+        for i in slots.indices where !slots[i].doneForSession && !slots[i].doneForMessage {
+            let verdict: FilterVerdict
+            do {
+                let connection = try await connection(i, session)
+                verdict = try await connection.endOfMessage(session, &message)
+            } catch {
+                switch failed(i, error, atCommandStage: false, failures: &failures) {
+                case .none: continue
+                case .some(let refusal): return Outcome(verdict: refusal, filter: slots[i].entry.filter.name, failures: failures)
+                }
+            }
+            if verdict != .continue { return Outcome(verdict: verdict, filter: slots[i].entry.filter.name, failures: failures) }
+        }
+        return Outcome(verdict: .continue, filter: nil, failures: failures)
+    }
+
+    /// The transaction ended without the end of the message (RSET, a new EHLO, a refused
+    /// DATA, a client gone): filters that saw MAIL forget the message.
+    public func abortIfOpen() async {
+        guard messageOpen else { return }
+        for slot in slots { await slot.connection?.abort() }
+        endMessage()
+    }
+
+    public func close() async {
+        for i in slots.indices {
+            await slots[i].connection?.close()
+            slots[i].connection = nil
+        }
+    }
+
+    private func endMessage() {
+        messageOpen = false
+        discardMessage = nil
+        for i in slots.indices { slots[i].doneForMessage = false }
+    }
+
+    private func connection(_ i: Int, _ session: FilterSession) async throws -> any FilterConnection {
+        if let c = slots[i].connection { return c }
+        let c = try await slots[i].entry.filter.open(session)
+        slots[i].connection = c
+        return c
+    }
+
+    /// Runs one command stage through the filters that use such stages.
+    private func stage(
+        _ session: FilterSession, sessionLevel: Bool, _ call: (any FilterConnection) async throws -> FilterVerdict
+    ) async -> Outcome {
+        var failures: [String] = []
+        for i in slots.indices where slots[i].entry.filter.usesCommandStages && !slots[i].doneForSession && !slots[i].doneForMessage {
+            let verdict: FilterVerdict
+            do {
+                verdict = try await call(try await connection(i, session))
+            } catch {
+                switch failed(i, error, atCommandStage: sessionLevel, failures: &failures) {
+                case .none: continue
+                case .some(let refusal): return Outcome(verdict: refusal, filter: slots[i].entry.filter.name, failures: failures)
+                }
+            }
+            switch verdict {
+            case .continue, .quarantine:
+                continue
+            case .accept:
+                if sessionLevel { slots[i].doneForSession = true } else { slots[i].doneForMessage = true }
+            case .discard:
+                discardMessage = slots[i].entry.filter.name
+            case .reject, .tempfail:
+                return Outcome(verdict: verdict, filter: slots[i].entry.filter.name, failures: failures)
+            }
+        }
+        return Outcome(verdict: .continue, filter: nil, failures: failures)
+    }
+
+    /// Applies `on_failure`; nil: go on without this filter.
+    private func failed(_ i: Int, _ error: any Error, atCommandStage beforeMail: Bool, failures: inout [String]) -> FilterVerdict? {
+        let entry = slots[i].entry
+        failures.append("\(entry.filter.name): \(error); \(entry.onFailure.rawValue)")
+        let refusal: FilterVerdict
+        switch entry.onFailure {
+        case .accept:
+            slots[i].doneForSession = true
+            return nil
+        case .tempfail: refusal = .tempfail(SMTPReply(451, EnhancedStatusCode(4, 7, 1), "Service unavailable, try again later"))
+        case .reject: refusal = .reject(SMTPReply(550, EnhancedStatusCode(5, 7, 1), "Message refused by policy"))
+        }
+        // A filter that cannot follow the session is not asked again; before MAIL its
+        // refusal stands for every transaction of the session.
+        slots[i].doneForSession = true
+        if beforeMail { slots[i].standingRefusal = refusal }
+        return beforeMail ? nil : refusal
     }
 }
 

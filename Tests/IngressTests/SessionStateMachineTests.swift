@@ -16,7 +16,7 @@ final class SessionStateMachineTests: XCTestCase {
         switch action {
         case .reply(let r), .close(let r), .startTLS(let r), .beginData(let r, _), .replyThenClose(let r, _): return r.code
         case .discardChunk(let r, _): return r.code
-        case .verifyCredentials, .receiveChunk: return 0
+        case .verifyCredentials, .receiveChunk, .checkCommand: return 0
         }
     }
 

@@ -1,5 +1,6 @@
 """The milter bridge against a real libmilter milter (pymilter) and against a dead one."""
 import ast
+import re
 import os
 import smtplib
 import socket as sock
@@ -52,6 +53,54 @@ def submit(tern, subject, sender="app@client.example", rcpts=("u@example.org",))
     code, text = s.data(f"Subject: {subject}\r\nX-Change: old\r\nX-Delete: bye\r\n\r\noriginal body\r\n".encode())
     s.quit()
     return code, text.decode()
+
+
+def first_answer(tern):
+    """The first refusal of a transaction (a milter that fails at connect refuses at MAIL),
+    or the reply to DATA."""
+    s = smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=15)
+    s.ehlo("client.example")
+    for code, _ in (s.mail("app@client.example"), s.rcpt("u@example.org")):
+        if code >= 400:
+            s.quit()
+            return code
+    code, _ = s.data(b"Subject: x\r\n\r\nbody\r\n")
+    s.quit()
+    return code
+
+
+def test_refusals_at_helo_mail_and_rcpt_are_the_replies_to_those_commands(make_tern, milter):
+    """Regression: a milter's refusal at RCPT dropped that recipient after the client had
+    been told 250 for it. Now each command stage is sent live and its verdict is the reply."""
+    port, macros = milter
+    tern = make_tern(extra=filters(f"inet:127.0.0.1:{port}"))
+    s = smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=15)
+    code, text = s.ehlo("evil.example")
+    assert code == 550 and b"Not you" in text, (code, text)
+    assert s.ehlo("client.example")[0] == 250
+    code, text = s.mail("spammer@client.example")
+    assert code == 550 and b"Sender refused" in text, (code, text)
+    assert s.mail("app@client.example")[0] == 250
+    assert s.rcpt("u@example.org")[0] == 250
+    code, text = s.rcpt("refused@example.org")
+    assert code == 550 and text.startswith(b"5.1.1 No such user here"), (code, text)
+    code, text = s.rcpt("later@example.org")
+    assert code == 451 and text.startswith(b"4.2.1"), (code, text)
+    assert s.rcpt("v@example.org")[0] == 250
+    code, _ = s.data(b"Subject: live\r\n\r\nbody\r\n")
+    assert code == 250
+    # A second message on the same session, the same milter connection.
+    assert s.mail("app@client.example")[0] == 250
+    assert s.rcpt("w@example.org")[0] == 250
+    assert s.data(b"Subject: second\r\n\r\nbody\r\n")[0] == 250
+    s.quit()
+    queued = sorted((r["address"] for m in tern.queue() for r in m["recipients"]))
+    assert queued == ["u@example.org", "v@example.org", "w@example.org"]
+    log = tern.log()
+    assert re.search(r"reject: RCPT from \S+: 550 5\.1\.1 No such user here.*to=<refused@example\.org>", log), log[-2000:]
+    seen = [ast.literal_eval(l) for l in macros.read_text().splitlines()]
+    assert len(seen) == 2
+    assert seen[0]["rcpts"] == ["<u@example.org>", "<refused@example.org>", "<later@example.org>", "<v@example.org>"]
 
 
 def test_reject_tempfail_custom_and_discard_reach_the_client(make_tern, milter):
@@ -114,7 +163,7 @@ def test_dead_or_hanging_milter_applies_the_default_action(make_tern, action, co
     try:
         tern = make_tern(extra=filters(f"inet:127.0.0.1:{hole_port}", action))
         start = time.time()
-        assert submit(tern, "x")[0] == code
+        assert first_answer(tern) == code
         assert time.time() - start < 10, "the timeout applies"
         # The server stays responsive meanwhile and afterwards.
         c = smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=5)
@@ -127,7 +176,7 @@ def test_dead_or_hanging_milter_applies_the_default_action(make_tern, action, co
     # first one stops before the second starts in the same directory.)
     tern.stop()
     dead = make_tern(extra=filters(f"inet:127.0.0.1:{free_port()}", action))
-    assert submit(dead, "x")[0] == code
+    assert first_answer(dead) == code
 
 
 @pytest.fixture
@@ -181,3 +230,46 @@ def test_opendkim_signs_mail_from_an_authenticated_user(make_tern, opendkim, cer
     content = tern.message_bytes(m["id"])
     assert b"DKIM-Signature:" in content and b"d=example.com" in content and b"s=odk" in content
     assert dkim.verify(content, dnsfunc=lambda name, timeout=5: records.get(name))
+
+
+def test_a_dribbling_milter_is_cut_off_at_its_deadline(make_tern):
+    """The milter's reply timeout is a deadline: a byte every 0.3 s does not extend it."""
+    import threading
+    port = free_port()
+    server = sock.socket()
+    server.setsockopt(sock.SOL_SOCKET, sock.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(5)
+    stop = threading.Event()
+
+    def dribble():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            try:
+                conn.recv(4096)
+                conn.sendall(b"\x00\x00\x00\x64")  # a 100-byte packet, one byte every 0.3 s
+                for _ in range(99):
+                    if stop.is_set():
+                        break
+                    conn.sendall(b"O")
+                    time.sleep(0.3)
+            except OSError:
+                pass
+            conn.close()
+
+    t = threading.Thread(target=dribble, daemon=True)
+    t.start()
+    try:
+        tern = make_tern(extra=filters(f"inet:127.0.0.1:{port}", "accept"))
+        start = time.time()
+        assert first_answer(tern) == 250
+        assert time.time() - start < 9, "the dribbling milter held the session past its 3 s deadline"
+        assert "no reply from the milter in time" in tern.log()
+    finally:
+        stop.set()
+        t.join()
+        server.close()

@@ -4,6 +4,8 @@
   custom      554 5.7.0 custom text            discard    accept, then drop
   quarantine  hold the message                 edit       change headers, body, sender, recipients
   anything else: continue, untouched. Every macro it sees is appended to MACROS_FILE.
+At the command stages: HELO evil.example, MAIL from spammer@…, RCPT to refused@… get 550;
+RCPT to later@… gets 451.
 
 usage: milter_peer.py SOCKET MACROS_FILE     (prints "ready" when listening)
 """
@@ -35,16 +37,29 @@ class TestMilter(Milter.Base):
     def hello(self, name):
         self.note()
         self.seen["helo"] = name
+        if name == "evil.example":
+            self.setreply("550", "5.7.1", "Not you, said the milter at HELO")
+            return Milter.REJECT
         return Milter.CONTINUE
 
     def envfrom(self, sender, *args):
         self.note()
         self.seen["mail"] = sender
+        self.seen["rcpts"] = []
+        if sender.startswith("<spammer@"):
+            self.setreply("550", "5.7.1", "Sender refused by the milter")
+            return Milter.REJECT
         return Milter.CONTINUE
 
     def envrcpt(self, rcpt, *args):
         self.note()
         self.seen.setdefault("rcpts", []).append(rcpt)
+        if rcpt.startswith("<refused@"):
+            self.setreply("550", "5.1.1", "No such user here, said the milter")
+            return Milter.REJECT
+        if rcpt.startswith("<later@"):
+            self.setreply("451", "4.2.1", "Mailbox busy, said the milter")
+            return Milter.TEMPFAIL
         return Milter.CONTINUE
 
     def header(self, name, value):
