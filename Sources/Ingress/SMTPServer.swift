@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Logging
 import Metrics
 import NIOConcurrencyHelpers
@@ -45,16 +50,45 @@ public final class SMTPServer: Service, Sendable {
     /// The address each listener is bound to, by name, once `run` has bound them.
     public var bound: [String: SocketAddress] { boundAddresses.withLockedValue { $0 } }
 
-    public func run() async throws {
-        var bound: [(ListenerConfig, NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>)] = []
+    private typealias BoundListener = (ListenerConfig, NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>)
+    private let preBound = NIOLockedValueBox<[BoundListener]?>(nil)
+
+    /// Binds every listener now; `run` then serves them. `sockets` are listening sockets
+    /// bound earlier by name (by root, before a privilege drop), adopted as they are. An
+    /// address that cannot be bound is named in the error.
+    public func bindListeners(sockets: [String: CInt] = [:]) async throws {
+        var bound: [BoundListener] = []
         for listener in config.listeners {
-            let server = try await bind(listener)
-            let address = server.channel.localAddress!
-            boundAddresses.withLockedValue { $0[listener.name] = address }
-            environment.logger.info("listening on \(Self.describe(address)) (\(listener.kind.rawValue), name=\(listener.name))")
+            let server: NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>
+            do {
+                server = try await bind(listener, socket: sockets[listener.name])
+            } catch {
+                for (_, s) in bound { try? await s.channel.close() }
+                throw ListenError(address: "\(listener.address)", name: listener.name, cause: error)
+            }
+            let address = server.channel.localAddress
+            if let address { boundAddresses.withLockedValue { $0[listener.name] = address } }
+            environment.logger.info(
+                "listening on \(address.map(Self.describe) ?? "\(listener.address)") (\(listener.kind.rawValue), name=\(listener.name))")
             bound.append((listener, server))
         }
-        let servers = bound
+        preBound.withLockedValue { $0 = bound }
+    }
+
+    public struct ListenError: Error, CustomStringConvertible {
+        public var address: String
+        public var name: String
+        public var cause: any Error
+        public var description: String {
+            var reason = "\(cause)"
+            if let io = cause as? IOError { reason = String(cString: strerror(io.errnoCode)).lowercased() }
+            return "cannot listen on \(address) (listeners: \(name)): \(reason)"
+        }
+    }
+
+    public func run() async throws {
+        if preBound.withLockedValue({ $0 == nil }) { try await bindListeners() }
+        let servers = preBound.withLockedValue { $0 ?? [] }
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
                 for (listener, server) in servers {
@@ -73,7 +107,7 @@ public final class SMTPServer: Service, Sendable {
         environment.logger.info("all sessions closed")
     }
 
-    private func bind(_ listener: ListenerConfig) async throws -> NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never> {
+    private func bind(_ listener: ListenerConfig, socket: CInt?) async throws -> NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never> {
         let implicitTLS = listener.kind == .smtps ? environment.tlsContext : nil
         let limiter = self.limiter
         let timeouts = FramingTimeouts(
@@ -81,20 +115,39 @@ public final class SMTPServer: Service, Sendable {
             stressCommand: TimeAmount(config.limits.stressCommandTimeout.duration),
             stressData: TimeAmount(config.limits.stressDataTimeout.duration),
             underStress: { limiter.underPressure })
-        return try await ServerBootstrap(group: group)
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<NIOAsyncChannel<SMTPFrame, ByteBuffer>> = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                let sync = channel.pipeline.syncOperations
+                if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
+                try sync.addHandler(SMTPFramingHandler(timeouts: timeouts))
+                return try NIOAsyncChannel<SMTPFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
+            }
+        }
+        let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .serverChannelOption(.backlog, value: 512)
             // TCP_NODELAY is a TCP-level option: at the socket level its number is SO_DEBUG,
             // which needs CAP_NET_ADMIN and leaves Nagle's algorithm on.
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-            .bind(host: listener.address.host, port: listener.address.port) { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let sync = channel.pipeline.syncOperations
-                    if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
-                    try sync.addHandler(SMTPFramingHandler(timeouts: timeouts))
-                    return try NIOAsyncChannel<SMTPFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
-                }
-            }
+        if let socket { return try await bootstrap.bind(socket, childChannelInitializer: initializer) }
+        return try await bootstrap.bind(host: listener.address.host, port: listener.address.port, childChannelInitializer: initializer)
+    }
+
+    /// A listening socket for `listener`, bound now with plain system calls: for the part of
+    /// `tern serve` that runs as root before the async runtime starts.
+    public static func listeningSocket(_ listener: ListenerConfig) throws -> CInt {
+        let address = try SocketAddress.makeAddressResolvingHost(listener.address.host, port: listener.address.port)
+        let fd = Glibc.socket(Int32(address.protocol.rawValue), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+        var one: CInt = 1
+        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<CInt>.size))
+        let bound = address.withSockAddr { Glibc.bind(fd, $0, socklen_t($1)) }
+        guard bound == 0, listen(fd, 512) == 0 else {
+            let code = errno
+            close(fd)
+            throw ListenError(address: "\(listener.address)", name: listener.name, cause: IOError(errnoCode: code, reason: "bind"))
+        }
+        return fd
     }
 
     private func accept(
@@ -155,7 +208,7 @@ public final class SMTPServer: Service, Sendable {
             minFreeSpace: config.limits.effectiveMinFreeSpace, freeSpace: { [spool = environment.spool] in spool.freeBytes() },
             commandFilters: environment.filters.entries.contains {
                 ($0.listeners?.contains(listener.name) ?? true) && $0.filter.usesCommandStages
-            },
+            }, rejectSenders: config.access.rejectSenders,
             allowedSenders: config.access.allowedSenders, bareLineEndings: config.access.bareLineEndings)
         do {
             try await connection.executeThenClose { inbound, outbound in

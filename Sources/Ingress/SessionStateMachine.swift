@@ -21,6 +21,8 @@ struct SessionPolicy: Sendable {
     /// Filters (milters) answer HELO, MAIL and RCPT: each accepted one is checked with them
     /// before it takes effect.
     var commandFilters = false
+    /// Senders refused at MAIL (addresses and `@domains`).
+    var rejectSenders: [String] = []
     var allowedSenders: [String: [String]]
     var bareLineEndings: BareLineEndingPolicy
 }
@@ -512,6 +514,9 @@ struct SessionStateMachine {
         if let size = parameters.size, size > free - policy.minFreeSpace { return .reply(.insufficientStorage) }
         if let mailbox = sender.mailbox, mailbox.requiresSMTPUTF8, !parameters.smtpUTF8 {
             return .reply(SMTPReply(553, .utf8NotPermitted, "Non-ASCII sender address needs SMTPUTF8"))
+        }
+        if let mailbox = sender.mailbox, !policy.rejectSenders.isEmpty, Self.senderAllowed(mailbox, policy.rejectSenders) {
+            return .reply(SMTPReply(553, .deliveryNotAuthorized, "<\(mailbox)>: Sender address rejected: Access denied"))
         }
         if let user = authUser, let mailbox = sender.mailbox, let allowed = policy.allowedSenders[user],
             !Self.senderAllowed(mailbox, allowed)

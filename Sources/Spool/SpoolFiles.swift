@@ -131,10 +131,12 @@ enum SpoolFiles {
     }
 
     /// Creates `path` and any missing parents, syncing each parent that gains an entry.
-    static func makeDirectory(_ path: String) throws {
+    /// The directory itself is private (0700); parents it had to create are 0755, so that a
+    /// user the spool is given to after a privilege drop can still reach it.
+    static func makeDirectory(_ path: String, mode: mode_t = 0o700) throws {
         let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-        if !parent.isEmpty, access(parent, F_OK) != 0 { try makeDirectory(parent) }
-        if mkdir(path, 0o700) == 0 {
+        if !parent.isEmpty, access(parent, F_OK) != 0 { try makeDirectory(parent, mode: 0o755) }
+        if mkdir(path, mode) == 0 {
             // The new entry must survive a crash too.
             let parent = path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
             try syncDirectory(parent.isEmpty ? (path.hasPrefix("/") ? "/" : ".") : parent)

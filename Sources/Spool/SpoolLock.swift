@@ -29,6 +29,9 @@ public final class SpoolLock: @unchecked Sendable {
 
     public static func path(root: String) -> String { root + "/lock" }
 
+    /// Creates the spool directory (and missing parents) without taking the lock.
+    public static func createRoot(_ root: String) throws { try SpoolFiles.makeDirectory(root) }
+
     /// Takes the lock without waiting, creating the spool directory and the lock file when
     /// missing, and writes this process's PID into it.
     public static func acquire(root: String) throws -> SpoolLock {

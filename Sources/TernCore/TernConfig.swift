@@ -27,9 +27,13 @@ public struct TernConfig: Sendable, Decodable {
     /// `providers_file` (a YAML list of the same entries) comes after these.
     public var providers: [ProviderConfig]
     public var providersFile: String?
+    /// The user (and group) `tern serve` runs as once its listeners are bound and its keys
+    /// read, when started as root; the spool belongs to it. Unset: it stays who it is.
+    public var user: String?
+    public var group: String?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics, filters, providers
+        case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics, filters, providers, user, group
         case providersFile = "providers_file"
     }
 
@@ -49,6 +53,11 @@ public struct TernConfig: Sendable, Decodable {
         filters = try c.decodeIfPresent([FilterConfig].self, forKey: .filters) ?? []
         providers = try c.decodeIfPresent([ProviderConfig].self, forKey: .providers) ?? []
         providersFile = try c.decodeIfPresent(String.self, forKey: .providersFile)
+        user = try c.decodeIfPresent(String.self, forKey: .user)
+        group = try c.decodeIfPresent(String.self, forKey: .group)
+        if group != nil, user == nil {
+            throw DecodingError.dataCorruptedError(forKey: .group, in: c, debugDescription: "group needs user")
+        }
     }
 
     static func systemHostname() -> String {
@@ -128,12 +137,20 @@ public struct AccessConfig: Sendable, Decodable {
     /// MAIL FROM. A user not listed may use any sender.
     public var allowedSenders: [String: [String]]
     public var bareLineEndings: BareLineEndingPolicy
+    /// Envelope senders refused at MAIL, `553 5.7.1`: addresses (`spam@example.com`) or
+    /// domains (`@example.com`), as qmail's badmailfrom and Postfix's check_sender_access.
+    public var rejectSenders: [String]
+    /// A `mynetworks` entry of /0 makes every host on the internet a trusted client (an open
+    /// relay): refused unless this says that is meant.
+    public var allowOpenRelay: Bool
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case mynetworks
         case usersFile = "users_file"
         case allowedSenders = "allowed_senders"
         case bareLineEndings = "bare_line_endings"
+        case rejectSenders = "reject_senders"
+        case allowOpenRelay = "i_know_this_is_an_open_relay"
     }
 
     public init() {
@@ -141,6 +158,8 @@ public struct AccessConfig: Sendable, Decodable {
         usersFile = nil
         allowedSenders = [:]
         bareLineEndings = .normalizeTrusted
+        rejectSenders = []
+        allowOpenRelay = false
     }
 
     public init(from decoder: any Decoder) throws {
@@ -150,6 +169,14 @@ public struct AccessConfig: Sendable, Decodable {
         mynetworks = try c.decodeIfPresent([CIDR].self, forKey: .mynetworks) ?? d.mynetworks
         usersFile = try c.decodeIfPresent(String.self, forKey: .usersFile)
         allowedSenders = try c.decodeIfPresent([String: [String]].self, forKey: .allowedSenders) ?? [:]
+        rejectSenders = try c.decodeIfPresent([String].self, forKey: .rejectSenders) ?? []
+        allowOpenRelay = try c.decodeIfPresent(Bool.self, forKey: .allowOpenRelay) ?? false
+        if !allowOpenRelay, let open = mynetworks.firstIndex(where: { $0.prefixLength == 0 }) {
+            throw DecodingError.dataCorrupted(.init(
+                codingPath: c.codingPath + [CodingKeys.mynetworks, IndexKey(open)],
+                debugDescription: "'\(mynetworks[open])' trusts every address on the internet: that is an open relay "
+                    + "(set access.i_know_this_is_an_open_relay: true if it is meant)"))
+        }
         do {
             bareLineEndings = try c.decodeIfPresent(BareLineEndingPolicy.self, forKey: .bareLineEndings) ?? d.bareLineEndings
         } catch DecodingError.dataCorrupted {
@@ -298,4 +325,16 @@ extension KeyedDecodingContainer {
         guard n > 0 else { throw DecodingError.dataCorruptedError(forKey: key, in: self, debugDescription: "must be greater than 0") }
         return n
     }
+}
+
+/// A position in a list, for error paths such as `access.mynetworks[1]`.
+private struct IndexKey: CodingKey {
+    var stringValue: String
+    var intValue: Int?
+    init(_ index: Int) {
+        stringValue = "Index \(index)"
+        intValue = index
+    }
+    init?(stringValue: String) { return nil }
+    init?(intValue: Int) { self.init(intValue) }
 }

@@ -22,18 +22,27 @@ import Glibc
 import Darwin
 #endif
 
-@main
 struct Tern: AsyncParsableCommand {
+    static let version = "0.9.0"
     static let configuration = CommandConfiguration(
         commandName: "tern",
         abstract: "Tern, an outbound SMTP relay.",
-        subcommands: [Serve.self, Check.self, Reload.self, Queue.self, Lanes.self, Route.self, DKIM.self]
+        version: "tern \(version)",
+        subcommands: [Serve.self, Status.self, Check.self, Reload.self, Queue.self, Lanes.self, Route.self, DKIM.self]
     )
 }
 
 struct ConfigOption: ParsableArguments {
-    @Option(name: .long, help: "The configuration file.")
-    var config: String = "config/tern.yaml"
+    @Option(name: .long, help: "The configuration file (default: $TERN_CONFIG, else /etc/tern/tern.yaml if it exists, else config/tern.yaml).")
+    var config: String = ConfigOption.defaultPath()
+
+    /// Where an installed Tern and one run from its source tree find their config without
+    /// flags: every command (serve, queue, lanes, reload) looks in the same place.
+    static func defaultPath() -> String {
+        if let path = getenv("TERN_CONFIG").map({ String(cString: $0) }), !path.isEmpty { return path }
+        if access("/etc/tern/tern.yaml", F_OK) == 0 { return "/etc/tern/tern.yaml" }
+        return "config/tern.yaml"
+    }
 
     /// Loads and validates the configuration; on error prints it and exits with EX_CONFIG.
     func load() throws -> TernConfig {
@@ -134,8 +143,24 @@ struct Serve: AsyncParsableCommand {
     @OptionGroup var options: ConfigOption
 
     func run() async throws {
-        let config = try options.load()
-        let resources = try LoadedResources(config, file: options.config)
+        // With `user:` set and started as root, the root part ran before the async runtime
+        // (see `Prestart`): this process is that user now, its listeners bound, keys read.
+        let prestart = Prestart.state.flatMap { $0.configPath == options.config ? $0 : nil }
+        let config = try prestart?.config ?? options.load()
+        let resources = try prestart?.resources ?? LoadedResources(config, file: options.config)
+        if prestart == nil {
+            let planned: PrivilegeDrop?
+            do {
+                planned = try PrivilegeDrop.plan(user: config.user, group: config.group)
+            } catch {
+                printError("tern: \(options.config): \(error)")
+                throw ExitCode(78)
+            }
+            if planned != nil {
+                printError("tern: user: the privilege drop did not run; refusing to run as root")
+                throw ExitCode(71)
+            }
+        }
         let level = Logger.Level(rawValue: config.log.level) ?? .info
         LoggingSystem.bootstrap { TernLogHandler(label: $0, level: level) }
         let logger = Logger(label: "tern")
@@ -195,7 +220,7 @@ struct Serve: AsyncParsableCommand {
         }
         let filters: FilterChain
         do {
-            filters = try filterPlugins.chain(config.filters)
+            filters = try prestart?.filters ?? filterPlugins.chain(config.filters)
         } catch {
             printError("tern: \(options.config): filters: \(error)")
             throw ExitCode(78)
@@ -214,6 +239,17 @@ struct Serve: AsyncParsableCommand {
             group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
             filters: filters,
             onQueued: { id, envelope, size, held in Task { await scheduler.queued(id, envelope: envelope, size: size, held: held) } })
+        // Listeners are bound here, as the user that started Tern (root may bind port 25);
+        // then, with `user:` set, the spool goes to that user and root goes for good.
+        do {
+            try await server.bindListeners(sockets: prestart?.sockets ?? [:])
+        } catch {
+            printError("tern: \(error)")
+            throw ExitCode(71)
+        }
+        if let privileges = prestart?.privileges {
+            logger.info("running as \(privileges.user) (uid \(privileges.uid), gid \(privileges.gid))")
+        }
         // Services stop in reverse order: the listeners first, the queue manager after them.
         let group = ServiceGroup(
             configuration: .init(

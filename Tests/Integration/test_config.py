@@ -96,3 +96,12 @@ def test_secrets_that_others_can_read_are_refused(tmp_path, certs, users_file, w
     assert f"{name}: " in out.stderr and "mode 640" in out.stderr, out.stderr
     os.chmod(users if which == "users" else key, 0o600)
     assert check(tmp_path, text).returncode == 0
+
+
+def test_an_open_relay_mynetworks_is_refused_unless_meant(tmp_path):
+    out = check(tmp_path, BASE + 'access:\n  mynetworks: ["127.0.0.0/8", "0.0.0.0/0"]\n')
+    assert out.returncode == 78
+    assert "access.mynetworks[1]: '0.0.0.0/0' trusts every address on the internet: that is an open relay" in out.stderr, out.stderr
+    assert check(tmp_path, BASE + 'access:\n  mynetworks: ["::/0"]\n').returncode == 78
+    meant = check(tmp_path, BASE + 'access:\n  mynetworks: ["0.0.0.0/0"]\n  i_know_this_is_an_open_relay: true\n')
+    assert meant.returncode == 0, meant.stderr

@@ -117,3 +117,14 @@ def test_dsn_parameters_are_queued(make_tern):
     assert env["ret"] == "HDRS" and env["envid"] == "QQ+1" and env["body"] == "8BITMIME"
     assert env["recipients"][0]["orcpt"] == {"addressType": "rfc822", "address": "u@example.org"}
     assert env["recipients"][0]["notify"] == 4 | 8  # FAILURE | DELAY
+
+
+def test_reject_senders(make_tern):
+    tern = make_tern(access_extra='  reject_senders: ["spam@bad.example", "@worse.example"]')
+    c = RawClient(tern.port("mx"))
+    assert c.cmd("EHLO client.test")[0] == 250
+    for sender in ("spam@bad.example", "anyone@worse.example", "ANYONE@WORSE.example"):
+        code, text = c.cmd(f"MAIL FROM:<{sender}>")
+        assert code == 553 and text.startswith("5.7.1") and "Sender address rejected" in text, (code, text)
+    assert c.cmd("MAIL FROM:<fine@bad.example>")[0] == 250
+    assert "reject: MAIL from" in tern.log()

@@ -1,0 +1,164 @@
+"""Tern as a system service: started as root with `user:` set it binds a port below 1024,
+gives its spool to that user and drops to it for good; `tern status` tells whether it runs;
+the systemd unit in config/ passes `systemd-analyze verify` and its ExecStart line runs."""
+import os
+import pwd
+import re
+import shutil
+import smtplib
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BINARY, Tern
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_privileged_port():
+    for port in range(1000, 900, -1):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            s.close()
+    pytest.skip("no free port below 1024")
+
+
+@pytest.fixture
+def home():
+    d = Path(tempfile.mkdtemp(prefix="tern-service-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def status_of(proc_status, key):
+    return re.search(rf"^{key}:\s*(.*)$", proc_status, re.M).group(1).split()
+
+
+def test_drops_to_the_configured_user_after_binding_a_privileged_port(home):
+    if os.geteuid() != 0:
+        pytest.skip("the drop is from root")
+    nobody = pwd.getpwnam("nobody")
+    port = free_privileged_port()
+    # A spool root left behind, with a file in it: it must become the user's.
+    (home / "var/spool/queue").mkdir(parents=True)
+    (home / "var/spool/notes-left-by-root").write_text("x")
+    config = "\n".join([
+        "hostname: relay.test",
+        "spool: var/spool",
+        "user: nobody",
+        "listeners:",
+        f'  - {{ name: mx, kind: smtp, address: "127.0.0.1:{port}" }}',
+        "access:",
+        '  mynetworks: ["127.0.0.0/8"]',
+        "delivery: { paused: true }",
+    ]) + "\n"
+    tern = Tern(home, config).start()
+    try:
+        from peers import wait_log
+        wait_log(tern, r"running as nobody")
+        # Every thread, not only the main one, has dropped.
+        for task in Path(f"/proc/{tern.proc.pid}/task").iterdir():
+            uids = status_of((task / "status").read_text(), "Uid")
+            assert uids == [str(nobody.pw_uid)] * 4, (task, uids)
+        status = Path(f"/proc/{tern.proc.pid}/status").read_text()
+        assert status_of(status, "Uid") == [str(nobody.pw_uid)] * 4, status
+        assert status_of(status, "Gid") == [str(nobody.pw_gid)] * 4, status
+        assert status_of(status, "Groups") in ([], [str(nobody.pw_gid)]), status
+        assert status_of(status, "CapEff") == ["0000000000000000"], status
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+            s.sendmail("cron@app.example", ["ops@example.org"], b"Subject: after the drop\r\n\r\nhi\r\n")
+        [queued] = tern.queue()
+        assert (home / "var/spool/queue" / queued["id"]).stat().st_uid == nobody.pw_uid
+        assert (home / "var/spool/notes-left-by-root").stat().st_uid == nobody.pw_uid
+        out = tern.run("status")
+        assert f"running, pid {tern.proc.pid}" in out.stdout and "1 message" in out.stdout, out.stdout
+    finally:
+        tern.stop()
+    out = tern.run("status", check=False)
+    assert out.returncode == 3 and "not running" in out.stdout, out.stdout
+
+
+def test_an_unknown_user_is_a_config_error(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root drops")
+    path = tmp_path / "tern.yaml"
+    path.write_text('user: no-such-user-here\nlisteners:\n  - { name: mx, kind: smtp, address: "127.0.0.1:0" }\n')
+    out = subprocess.run([BINARY, "serve", "--config", str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=20)
+    assert out.returncode == 78 and "no such user 'no-such-user-here'" in out.stderr, out.stderr
+
+
+def test_a_port_in_use_is_named(tmp_path):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    try:
+        path = tmp_path / "tern.yaml"
+        path.write_text(f'listeners:\n  - {{ name: mx, kind: smtp, address: "127.0.0.1:{port}" }}\ndelivery: {{ paused: true }}\n')
+        out = subprocess.run([BINARY, "serve", "--config", str(path)], capture_output=True, text=True, cwd=tmp_path, timeout=20)
+        assert out.returncode == 71
+        assert f"cannot listen on 127.0.0.1:{port} (listeners: mx): address already in use" in out.stderr, out.stderr
+    finally:
+        s.close()
+
+
+def test_config_path_from_the_environment_and_version(tmp_path):
+    path = tmp_path / "elsewhere.yaml"
+    path.write_text('listeners:\n  - { name: mx, kind: smtp, address: "127.0.0.1:2525" }\n')
+    out = subprocess.run([BINARY, "check"], capture_output=True, text=True, cwd=tmp_path, timeout=20,
+                         env={**os.environ, "TERN_CONFIG": str(path)})
+    assert out.returncode == 0, out.stderr
+    assert "127.0.0.1:2525" in out.stdout
+    version = subprocess.run([BINARY, "--version"], capture_output=True, text=True, timeout=20)
+    assert re.fullmatch(r"tern \d+\.\d+\.\d+\n", version.stdout), version.stdout
+
+
+def unit_with_binary(tmp_path):
+    text = (ROOT / "config/tern.service").read_text().replace("/usr/local/bin/tern", BINARY)
+    unit = tmp_path / "tern.service"
+    unit.write_text(text)
+    return unit, text
+
+
+def test_the_unit_verifies(tmp_path):
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    unit, _ = unit_with_binary(tmp_path)
+    out = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_units_exec_lines_run(tmp_path):
+    """ExecStartPre, ExecStart and ExecReload as the unit writes them, with its environment."""
+    _, text = unit_with_binary(tmp_path)
+    env = dict(re.findall(r"^Environment=(\w+)=(.*)$", text, re.M))
+    config = tmp_path / "tern.yaml"
+    config.write_text('hostname: relay.test\nspool: var/spool\nlisteners:\n  - { name: mx, kind: smtp, address: "127.0.0.1:0" }\n'
+                      "delivery: { paused: true }\n")
+    env["TERN_CONFIG"] = str(config)  # the unit's /etc/tern/tern.yaml, here
+    full_env = {**os.environ, **env}
+    line = lambda key: re.search(rf"^{key}=(.*)$", text, re.M).group(1).split()
+    assert subprocess.run(line("ExecStartPre"), env=full_env, cwd=tmp_path, capture_output=True, timeout=20).returncode == 0
+    log = open(tmp_path / "log", "wb")
+    proc = subprocess.Popen(line("ExecStart"), env=full_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 15
+        while "listening on" not in (tmp_path / "log").read_text() and time.time() < deadline:
+            time.sleep(0.05)
+        assert "listening on" in (tmp_path / "log").read_text()
+        reload = subprocess.run(line("ExecReload"), env=full_env, cwd=tmp_path, capture_output=True, text=True, timeout=20)
+        assert reload.returncode == 0, reload.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert proc.returncode == 0
