@@ -481,8 +481,25 @@ struct LaneWorker: Sendable {
         let tls = TLSPolicy(rawValue: job.route.tls.rawValue) ?? .may
         switch job.route.nextHop {
         case .smarthost(let host, let port):
-            hosts = [MXHost(name: host, preference: 0, addresses: [host])]
             serverPort = port
+            // A smarthost's name goes through the same DNS server as MX lookups (the
+            // configured one), and the log shows the address used: relay=host[IP]:port.
+            if host.isIPAddress || environment.resolver == nil {
+                hosts = [MXHost(name: host, preference: 0, addresses: [host])]
+            } else if let resolver = environment.resolver {
+                switch await resolver.addresses(of: host) {
+                case .success(let addresses):
+                    hosts = [MXHost(name: host, preference: 0, addresses: addresses)]
+                case .failure(.notFound(let why)), .failure(.temporary(let why)):
+                    // A smarthost that does not resolve is our configuration's trouble, never
+                    // the recipient's: defer, do not bounce.
+                    finish(job.recipients, .deferred(status: EnhancedStatusCode(4, 4, 3), diagnostic: "X-Tern; smarthost \(host): DNS lookup failed: \(why)"))
+                    await report(JobOutcome(job: job, results: results, times: times))
+                    return held
+                }
+            } else {
+                hosts = []
+            }
         case .mx(let domain):
             serverPort = environment.mxPort
             guard let resolver = environment.resolver else { preconditionFailure("MX route without a resolver") }
@@ -544,7 +561,9 @@ struct LaneWorker: Sendable {
                             remaining = []
                             break hostLoop
                         }
-                        lastOutcome = error.outcome
+                        // A server's own answer (a reply, a TLS failure) says more than a later
+                        // address that refused the connection: keep it as the reason.
+                        if case .connection = error.outcome, Self.informative(lastOutcome) {} else { lastOutcome = error.outcome }
                         if DeliveryPolicy.throttlesLane(stage: error.stage, outcome: error.outcome) {
                             await lane.connectionFailed(error.outcome)
                         }
@@ -588,6 +607,16 @@ struct LaneWorker: Sendable {
         }
         await report(JobOutcome(job: job, results: results, times: times))
         return held
+    }
+}
+
+extension LaneWorker {
+    /// An outcome that came from a server that answered, not from one that could not be reached.
+    static func informative(_ outcome: AttemptOutcome) -> Bool {
+        switch outcome {
+        case .reply, .tls, .protocolError, .loop: return true
+        case .connection, .timeout: return false
+        }
     }
 }
 

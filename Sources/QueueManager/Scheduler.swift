@@ -659,6 +659,14 @@ public actor Scheduler {
         public var deferredOnly: Bool
         public var all: Bool
 
+        /// `a@b.example` matches that sender; `@b.example` every sender in that domain.
+        static func senderMatches(_ selector: String, _ sender: String) -> Bool {
+            let s = selector.lowercased()
+            let actual = sender.lowercased()
+            if s.hasPrefix("@") { return actual.hasSuffix(s) && actual.count > s.count }
+            return s == actual
+        }
+
         public init(ids: [String]? = nil, domain: String? = nil, sender: String? = nil, deferredOnly: Bool = false, all: Bool = false) {
             self.ids = ids
             self.domain = domain
@@ -671,7 +679,7 @@ public actor Scheduler {
         public func recipients(_ id: QueueID, _ envelope: Envelope, _ states: [RecipientState], _ meta: DeliveryMeta) -> [Int] {
             let pending = states.indices.filter { states[$0] == .pending }
             if let ids, !ids.contains(id.rawValue) { return [] }
-            if let sender, sender.lowercased() != envelope.sender.lowercased() { return [] }
+            if let sender, !Self.senderMatches(sender, envelope.sender) { return [] }
             if deferredOnly { return pending.filter { meta.recipients[$0] != nil } }
             if let domain {
                 return pending.filter { Router.domain(of: envelope.recipients[$0].address) == domain.lowercased() }

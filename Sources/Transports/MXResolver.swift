@@ -58,20 +58,32 @@ public final class MXResolver: @unchecked Sendable {
         pool = threadPool
         // A forwarder on this machine (a local cache, or a test's server) must be usable.
         ub_ctx_set_option(ctx, "do-not-query-localhost:", "no")
+
         let status: CInt
         if let server {
             status = ub_ctx_set_fwd(ctx, "\(server.host)@\(server.port)")
         } else {
             status = ub_ctx_resolvconf(ctx, resolvConf)
+            // As the system's resolver does: names in /etc/hosts (a smarthost kept there).
+            if status == 0 { _ = ub_ctx_hosts(ctx, "/etc/hosts") }
         }
         guard status == 0 else {
             let reason = String(cString: ub_strerror(status))
             ub_ctx_delete(ctx)
             throw SetupError(description: server.map { "resolver \($0.host)@\($0.port): \(reason)" } ?? "\(resolvConf): \(reason)")
         }
+        // libunbound answers some reserved names itself (NXDOMAIN for .test, .home.arpa, …,
+        // RFC 6761 and 8375). A relay asks its configured server about every name: a private
+        // network's internal domains live exactly there. (Removing a zone finalizes the
+        // context, which adds the default zones first: so this comes last.)
+        for zone in Self.reservedZones { _ = ub_ctx_zone_remove(ctx, zone) }
     }
 
     deinit { ub_ctx_delete(context) }
+
+    static let reservedZones = [
+        "test.", "invalid.", "home.arpa.", "onion.", "local.", "resolver.arpa.", "service.arpa.",
+    ]
 
     struct Answer {
         enum Status { case ok, nxdomain, failure(String) }
@@ -115,7 +127,7 @@ public final class MXResolver: @unchecked Sendable {
     }
 
     /// The addresses of a host, IPv4 first; nil with a reason when the lookup failed.
-    func addresses(of host: String) async -> Result<[String], MXLookupFailure> {
+    public func addresses(of host: String) async -> Result<[String], MXLookupFailure> {
         var out: [String] = []
         var nx = 0
         for type in [Self.typeA, Self.typeAAAA] {
@@ -130,7 +142,7 @@ public final class MXResolver: @unchecked Sendable {
         return .success(out)
     }
 
-    enum MXLookupFailure: Error { case temporary(String), notFound(String) }
+    public enum MXLookupFailure: Error { case temporary(String), notFound(String) }
 
     /// The names of a domain's MX hosts and the answer's TTL in seconds (for grouping
     /// domains by provider); nil when there are none or the lookup failed.

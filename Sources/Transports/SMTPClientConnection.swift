@@ -371,7 +371,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
 }
 
 extension String {
-    var isIPAddress: Bool { contains(":") || allSatisfy { $0.isNumber || $0 == "." } }
+    public var isIPAddress: Bool { contains(":") || allSatisfy { $0.isNumber || $0 == "." } }
 }
 
 /// The unscoped stream accessors are deprecated in favour of `executeThenClose`; reaching

@@ -398,7 +398,7 @@ struct Queue: AsyncParsableCommand {
     struct Selector: ParsableArguments {
         @Argument(help: "Queue ids.") var ids: [String] = []
         @Option(help: "Recipients in this domain.") var domain: String?
-        @Option(help: "Messages from this sender.") var sender: String?
+        @Option(help: "Messages from this sender, or from every sender of @domain.") var sender: String?
 
         func selection(deferred: Bool = false, all: Bool = false) throws -> Scheduler.Selection {
             guard !ids.isEmpty || domain != nil || sender != nil || deferred || all else {

@@ -96,3 +96,26 @@ def test_dsn_parameters_are_passed_on(make_tern, dns, mx_port, sinks):
     tern = make_tern(delivery=delivery(dns, mx_port))
     send(tern, "app@client.example", ["u@dsn.example"], options=["NOTIFY=SUCCESS,FAILURE"])
     assert host.wait(1)[0].rcpt_tos == ["u@dsn.example"]
+
+
+@pytest.mark.parametrize("domain", ["corp.test", "mail.home.arpa"])
+def test_reserved_names_are_asked_of_the_configured_server(make_tern, dns, mx_port, sinks, domain):
+    """libunbound answered NXDOMAIN itself for .test and .home.arpa, so a private network's
+    internal domains could not be reached even when the configured server had them."""
+    dns.add(domain, ("MX", 10, f"mx.{domain}"))
+    dns.add(f"mx.{domain}", ("A", "127.0.0.11"))
+    host = sinks("127.0.0.11")
+    tern = make_tern(delivery=delivery(dns, mx_port))
+    send(tern, "app@client.example", [f"u@{domain}"])
+    assert host.wait(1)[0].rcpt_tos == [f"u@{domain}"]
+
+
+def test_smarthost_name_goes_through_the_configured_resolver(make_tern, dns, mx_port, sinks):
+    dns.add("relay.corp.test", ("A", "127.0.0.12"))
+    host = sinks("127.0.0.12")
+    routes = ("routes:\n  - name: upstream\n    domains: [\"*\"]\n    transport: smarthost\n"
+              f"    smarthost: {{ host: relay.corp.test, port: {mx_port}, tls: none }}\n")
+    tern = make_tern(delivery=delivery(dns, mx_port), extra=routes)
+    send(tern, "app@client.example", ["someone@anywhere.example"])
+    assert host.wait(1)[0].rcpt_tos == ["someone@anywhere.example"]
+    wait_log(tern, r"to=<someone@anywhere\.example>, relay=relay\.corp\.test\[127\.0\.0\.12\]:\d+, .*status=sent")

@@ -124,3 +124,14 @@ def test_one_daemon_per_spool(make_tern):
     tern.kill9()
     out = tern_cmd(tern, "queue", "release", "--all")
     assert tern.queue()[0]["held"] is False
+
+
+def test_sender_domain_selector(deferred_world):
+    """--sender @domain selects every sender of that domain, in any case."""
+    tern, _ = deferred_world
+    tern_cmd(tern, "queue", "hold", "--sender", "@other.example")
+    assert [m["held"] for m in tern.queue()] == [False, False, False]
+    tern_cmd(tern, "queue", "hold", "--sender", "@CLIENT.example")
+    assert [m["held"] for m in tern.queue()] == [True, True, True]
+    tern_cmd(tern, "queue", "delete", "--sender", "@client.example")
+    assert tern.queue() == []
