@@ -176,7 +176,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
                 case .close(let quit, _):
                     let outcome = connection.machine.closingOutcome ?? connection.lastFailure ?? .protocolError("connection closed")
                     await connection.close(quit: quit)
-                    throw ConnectionFailure(stage: connection.stage, outcome: outcome)
+                    throw ConnectionFailure(stage: connection.machine.closingStage ?? connection.stage, outcome: outcome)
                 case .messageDone, .sendContent:
                     preconditionFailure("a message step while connecting")
                 }
@@ -352,9 +352,21 @@ public final class SMTPClientConnection: @unchecked Sendable {
         if let failure = error as? ConnectionFailure { return failure.outcome }
         if error is ReplyFramer.Timeout { return .timeout("no reply after \(stage.rawValue)") }
         if error is ReplyFramer.LineTooLong { return .protocolError("reply line longer than \(SMTPLimits.maxReplyLine) bytes") }
-        if error is NIOSSLError || error is BoringSSLError || error is NIOSSLExtraError { return .tls("\(error)") }
-        if stage == .startTLS { return .tls("handshake failed: \(error)") }
+        if error is NIOSSLError || error is BoringSSLError || error is NIOSSLExtraError { return .tls(Self.operatorText(error)) }
+        if stage == .startTLS { return .tls("handshake failed: \(Self.operatorText(error))") }
         return .connection("\(error)")
+    }
+
+    /// An error's text for an operator: without the source paths BoringSSL appends
+    /// (`… at /…/.build/checkouts/swift-nio-ssl/…/handshake.cc:320`).
+    static func operatorText(_ error: any Error) -> String {
+        var text = Substring("\(error)")
+        var out = ""
+        while let range = text.range(of: " at /") {
+            out += text[..<range.lowerBound]
+            text = text[range.upperBound...].drop(while: { $0 != "]" && $0 != ")" && $0 != "," && $0 != " " })
+        }
+        return out + text
     }
 
     static func stage(of command: SMTPCommand) -> DeliveryStage {

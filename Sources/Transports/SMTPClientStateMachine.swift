@@ -153,6 +153,8 @@ public struct SMTPClientStateMachine: Sendable {
 
     /// Why the connection is closing, when a reply or a violation closed it.
     public private(set) var closingOutcome: AttemptOutcome?
+    /// The stage that reason belongs to, when it is not the last command's.
+    public private(set) var closingStage: DeliveryStage?
 
     /// A reply from the server.
     public mutating func reply(_ reply: SMTPReply) -> Action {
@@ -349,9 +351,7 @@ public struct SMTPClientStateMachine: Sendable {
             return extensions.startTLS ? beginTLS() : afterTLSDecision(skipTLS: true)
         case .encrypt, .verify:
             guard extensions.startTLS else {
-                state = .closed
-                return .close(quit: true, verdicts: remainingVerdicts(
-                    stage: .startTLS, outcome: .tls("TLS is required, but was not offered by the server")))
+                return closeSetup(.startTLS, .tls("TLS is required (\(tlsPolicy)), but the server does not offer STARTTLS"))
             }
             return beginTLS()
         }
@@ -368,9 +368,7 @@ public struct SMTPClientStateMachine: Sendable {
             return .wait
         }
         guard tlsActive || credentials.allowPlaintext else {
-            state = .closed
-            return .close(quit: true, verdicts: remainingVerdicts(
-                stage: .auth, outcome: .tls("AUTH needs TLS, which this connection does not have")))
+            return closeSetup(.auth, .tls("AUTH needs TLS, which this connection does not have"))
         }
         if extensions.authMechanisms.contains("PLAIN") {
             state = .auth(step: 0)
@@ -381,9 +379,17 @@ public struct SMTPClientStateMachine: Sendable {
             state = .auth(step: 1)
             return .send([.auth(mechanism: "LOGIN", initialResponse: nil)])
         }
+        return closeSetup(.auth, .protocolError("the server offers no AUTH mechanism Tern can use (PLAIN, LOGIN)"))
+    }
+
+    /// Ends the connection during its setup for a reason of Tern's own (not a reply), and
+    /// keeps the reason and the stage for the log: "TLS is required, but …", not "closed".
+    private mutating func closeSetup(_ stage: DeliveryStage, _ outcome: AttemptOutcome) -> Action {
+        let verdicts = remainingVerdicts(stage: stage, outcome: outcome)
         state = .closed
-        return .close(quit: true, verdicts: remainingVerdicts(
-            stage: .auth, outcome: .protocolError("the server offers no AUTH mechanism Tern can use (PLAIN, LOGIN)")))
+        closingOutcome = outcome
+        closingStage = stage
+        return .close(quit: true, verdicts: verdicts)
     }
 
     /// step 0: PLAIN sent; 1: LOGIN sent, expecting the user prompt; 2: user sent.

@@ -99,7 +99,7 @@ struct LoadedResources {
             do {
                 tls = try TLSSetup.serverContext(files)
             } catch {
-                printError("tern: \(file): tls: cannot load \(files.certificate) / \(files.key): \(error)")
+                printError("tern: \(file): tls: cannot load \(files.certificate) / \(files.key): \(Self.tlsReason(error))")
                 throw ExitCode(78)
             }
         }
@@ -107,6 +107,16 @@ struct LoadedResources {
 }
 
 extension LoadedResources {
+    /// NIOSSL's error names in an operator's words.
+    static func tlsReason(_ error: any Error) -> String {
+        let text = "\(error)"
+        if text.contains("failedToLoadPrivateKey") {
+            return "the private key does not match the certificate, or is not a PEM private key"
+        }
+        if text.contains("failedToLoadCertificate") { return "the certificate is not a PEM certificate" }
+        return text
+    }
+
     /// The file's permission bits in octal when group or others may read or write it.
     static func groupOrOtherMode(_ path: String) -> String? {
         var st = stat()

@@ -105,3 +105,13 @@ def test_an_open_relay_mynetworks_is_refused_unless_meant(tmp_path):
     assert check(tmp_path, BASE + 'access:\n  mynetworks: ["::/0"]\n').returncode == 78
     meant = check(tmp_path, BASE + 'access:\n  mynetworks: ["0.0.0.0/0"]\n  i_know_this_is_an_open_relay: true\n')
     assert meant.returncode == 0, meant.stderr
+
+
+def test_a_key_that_does_not_match_the_certificate_is_named(tmp_path, certs):
+    import os
+    other = tmp_path / "other.key"
+    subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True, capture_output=True)
+    os.chmod(other, 0o600)
+    out = check(tmp_path, BASE + f"tls: {{ certificate: {certs / 'server.crt'}, key: {other} }}\n")
+    assert out.returncode == 78
+    assert "the private key does not match the certificate" in out.stderr, out.stderr

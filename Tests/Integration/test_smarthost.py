@@ -1,5 +1,6 @@
 """Delivery through a smarthost that requires STARTTLS and AUTH (aiosmtpd with a test CA)."""
 import os
+import re
 import subprocess
 
 import pytest
@@ -174,3 +175,18 @@ def test_smarthost_lane_keeps_its_rate_across_routes(make_tern):
         wait_empty(tern)
     finally:
         sink.stop()
+
+
+def test_required_tls_not_offered_keeps_its_reason(make_tern, certs, password_file):
+    """Regression: the log read 'failed at hello: protocol error: connection closed'."""
+    plain = Sink(host="127.0.0.1")  # no STARTTLS at all
+    try:
+        tern = make_tern(delivery="{ retry_first: 1h }",
+                         extra=smarthost_route(plain.port, certs, password_file, tls="encrypt", host="127.0.0.1"))
+        send(tern, "app@client.example", ["someone@gmail.example"])
+        line = wait_log(tern, r"to=<someone@gmail\.example>, .*status=deferred \((.*)\)")
+        assert "TLS is required (encrypt), but the server does not offer STARTTLS" in line.group(1), line.group(0)
+        assert re.search(r"failed at startTLS: TLS failed: TLS is required", tern.log())
+        assert plain.received == []
+    finally:
+        plain.stop()

@@ -251,3 +251,17 @@ final class MXResolverPureTests: XCTestCase {
     }
 
 }
+
+final class OperatorTextTests: XCTestCase {
+    struct Fake: Error, CustomStringConvertible {
+        var description: String
+    }
+
+    func testSourcePathsAreDropped() {
+        let e = Fake(description: "handshakeFailed(sslError: [Error: 268435581 error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED at /work/main/.build/checkouts/swift-nio-ssl/Sources/CNIOBoringSSL/ssl/handshake.cc:320])")
+        XCTAssertEqual(
+            SMTPClientConnection.operatorText(e),
+            "handshakeFailed(sslError: [Error: 268435581 error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED])")
+        XCTAssertEqual(SMTPClientConnection.operatorText(Fake(description: "plain")), "plain")
+    }
+}
