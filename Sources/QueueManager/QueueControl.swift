@@ -9,6 +9,7 @@ import FoundationEssentials
 import Foundation
 #endif
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import ServiceLifecycle
@@ -39,11 +40,14 @@ public struct ControlReply: Sendable, Codable {
     public var error: String?
     /// For `lanes`.
     public var lanes: [LaneStatus]?
+    /// For `reload`: changed keys that only a restart applies.
+    public var needsRestart: [String]?
 
-    public init(count: Int, error: String? = nil, lanes: [LaneStatus]? = nil) {
+    public init(count: Int, error: String? = nil, lanes: [LaneStatus]? = nil, needsRestart: [String]? = nil) {
         self.count = count
         self.error = error
         self.lanes = lanes
+        self.needsRestart = needsRestart
     }
 }
 
@@ -57,9 +61,10 @@ public final class QueueManagerService: Service, Sendable {
     let reloadConfig: @Sendable () -> Result<(TernConfig, [String: ClientCredentials]), ConfigError>
 
     public init(
-        scheduler: Scheduler, spoolRoot: String, logger: Logger,
+        scheduler: Scheduler, spoolRoot: String, logger: Logger, running: TernConfig? = nil,
         reloadConfig: @escaping @Sendable () -> Result<(TernConfig, [String: ClientCredentials]), ConfigError> = { .failure(ConfigError(file: "", line: nil, keyPath: "", message: "reload is not available")) }
     ) {
+        self.running = NIOLockedValueBox(running)
         self.scheduler = scheduler
         self.socketPath = spoolRoot + "/control"
         self.logger = logger
@@ -72,6 +77,11 @@ public final class QueueManagerService: Service, Sendable {
         switch reloadConfig() {
         case .success(let (config, credentials)):
             await scheduler.reload(config, credentials: credentials)
+            let changed = Self.restartOnly(running.withLockedValue { $0 }, config)
+            if !changed.isEmpty {
+                logger.warning("reload: changed \(changed.joined(separator: ", ")) take effect only at a restart; the running values stay")
+            }
+            pendingRestart.withLockedValue { $0 = changed }
             return nil
         case .failure(let error):
             logger.error("reload refused, the running configuration stays: \(error)")
@@ -80,6 +90,30 @@ public final class QueueManagerService: Service, Sendable {
     }
 
     public static func socketPath(spool: String) -> String { spool + "/control" }
+
+    /// The config the process started with: what reload cannot change is compared to it.
+    let running: NIOLockedValueBox<TernConfig?>
+    private let pendingRestart = NIOLockedValueBox<[String]>([])
+
+    /// The keys whose new values only a restart applies (listeners, access rules, filters,
+    /// the spool, TLS files, limits, the user, the resolver, metrics).
+    static func restartOnly(_ old: TernConfig?, _ new: TernConfig) -> [String] {
+        guard let old else { return [] }
+        var changed: [String] = []
+        func check(_ key: String, _ a: Any, _ b: Any) { if String(describing: a) != String(describing: b) { changed.append(key) } }
+        check("hostname", old.hostname, new.hostname)
+        check("spool", old.spool, new.spool)
+        check("listeners", old.listeners.map { "\($0.name) \($0.kind) \($0.address)" }, new.listeners.map { "\($0.name) \($0.kind) \($0.address)" })
+        check("tls", old.tls as Any, new.tls as Any)
+        check("access", old.access, new.access)
+        check("limits", old.limits, new.limits)
+        check("filters", old.filters.map { "\($0.name) \($0.type) \($0.listeners ?? []) \($0.settings)" },
+              new.filters.map { "\($0.name) \($0.type) \($0.listeners ?? []) \($0.settings)" })
+        check("metrics", old.metrics.map { "\($0.address)" } as Any, new.metrics.map { "\($0.address)" } as Any)
+        check("user", [old.user, old.group], [new.user, new.group])
+        check("delivery.resolver", old.delivery.resolver.map { "\($0)" } as Any, new.delivery.resolver.map { "\($0)" } as Any)
+        return changed
+    }
 
     public func run() async throws {
         unlink(socketPath)
@@ -152,7 +186,7 @@ public final class QueueManagerService: Service, Sendable {
             return ControlReply(count: lanes.count, lanes: lanes)
         case .reload:
             if let error = await reload() { return ControlReply(count: 0, error: "reload refused: \(error)") }
-            return ControlReply(count: 1)
+            return ControlReply(count: 1, needsRestart: pendingRestart.withLockedValue { $0 })
         case .suspend, .resume:
             guard let lane = request.lane else { return ControlReply(count: 0, error: "no lane named") }
             let until = request.operation == .suspend ? request.untilMillis ?? Scheduler.wallClockMillis() + 3_600_000 : nil

@@ -237,7 +237,7 @@ struct Serve: AsyncParsableCommand {
         }
         let path = options.config
         let queueManager = QueueManagerService(
-            scheduler: scheduler, spoolRoot: config.spool, logger: logger,
+            scheduler: scheduler, spoolRoot: config.spool, logger: logger, running: config,
             reloadConfig: {
                 Result { () throws(ConfigError) -> (TernConfig, [String: ClientCredentials]) in
                     let config = try ConfigLoader.load(path: path, plugins: filterPlugins)
@@ -716,7 +716,10 @@ struct Reload: AsyncParsableCommand {
 
     func run() async throws {
         let config = try options.load()
-        _ = try daemonRequest(config, ControlRequest(operation: .reload, selection: .init()))
+        let reply = try daemonRequest(config, ControlRequest(operation: .reload, selection: .init()))
         print("reloaded")
+        if let keys = reply.needsRestart, !keys.isEmpty {
+            print("changed, and applied only at a restart (the running values stay): \(keys.joined(separator: ", "))")
+        }
     }
 }

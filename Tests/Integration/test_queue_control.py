@@ -135,3 +135,19 @@ def test_sender_domain_selector(deferred_world):
     assert [m["held"] for m in tern.queue()] == [True, True, True]
     tern_cmd(tern, "queue", "delete", "--sender", "@client.example")
     assert tern.queue() == []
+
+
+def test_reload_names_the_keys_that_need_a_restart(make_tern):
+    """Regression: a changed listener port was ignored without a word on reload."""
+    tern = make_tern()
+    text = tern.config_path.read_text()
+    tern.config_path.write_text(text.replace('address: "127.0.0.1:0"', 'address: "127.0.0.1:2599"')
+                                .replace("hostname: relay.test", "hostname: relay2.test"))
+    out = tern_cmd(tern, "reload")
+    assert "reloaded" in out.stdout
+    assert "applied only at a restart" in out.stdout and "listeners" in out.stdout and "hostname" in out.stdout, out.stdout
+    assert "access" not in out.stdout
+    assert "take effect only at a restart" in tern.log()
+    tern.config_path.write_text(text)
+    out = tern_cmd(tern, "reload")
+    assert "restart" not in out.stdout, out.stdout
