@@ -394,7 +394,10 @@ struct SMTPSession {
             }
         }
         await writer.abort()
-        logger.info("reject: message from \(client): \(outcome); from=<\(transaction.sender)>")
+        // As Postfix logs it, with the reply the client got (pflogsumm counts these).
+        let to = transaction.recipients.first?.address ?? ""
+        logger.info(
+            "\(writer.id): reject: END-OF-MESSAGE from \(postfixClient): \(SessionStateMachine.reply(for: outcome)); from=<\(transaction.sender)> to=<\(to)> proto=\(machine.protocolName) helo=<\(machine.helo ?? "")>")
         return outcome
     }
 
@@ -579,17 +582,28 @@ struct SMTPSession {
         channel.triggerUserOutboundEvent(control, promise: nil)
     }
 
+    /// The client as Postfix names it in its logs (no reverse lookup: `unknown[IP]`).
+    private var postfixClient: String { "unknown[\(clientAddress)]" }
+
+    /// A refused command, as Postfix logs it:
+    /// `NOQUEUE: reject: RCPT from unknown[IP]: 554 5.7.1 …; from=<…> to=<…> proto=ESMTP helo=<…>`.
     private func logReject(_ line: [UInt8], _ reply: SMTPReply) {
         // A SASL response arrives here empty: it carries credentials and is never logged.
         let verbBytes = line.prefix(while: { $0 != 0x20 })
         let verb = String(decoding: verbBytes, as: UTF8.self).uppercased()
         let safeVerb = line.isEmpty ? "AUTH" : (1...10).contains(verb.count) && verb.allSatisfy({ $0.isLetter }) ? verb : "-"
-        var detail = ""
-        if let t = machine.transaction { detail = "; from=<\(t.sender)>" }
-        if safeVerb == "RCPT" || safeVerb == "MAIL" {
-            let text = String(decoding: line, as: UTF8.self)
-            detail += "; \(text.prefix(300))"
+        var from = machine.transaction.map { "\($0.sender)" }
+        var to: String?
+        switch try? SMTPCommandParser.parse(line) {
+        case .mail(let sender, _): from = "\(sender)"
+        case .rcpt(let path, _): to = path.mailbox.map { "\($0)" } ?? "postmaster"
+        default: break
         }
-        logger.info("reject: \(safeVerb) from \(client): \(reply)\(detail)")
+        var detail = ""
+        if let from { detail += " from=<\(from)>" }
+        if let to { detail += " to=<\(to)>" }
+        detail += " proto=\(machine.protocolName)"
+        if let helo = machine.helo { detail += " helo=<\(helo)>" }
+        logger.info("NOQUEUE: reject: \(safeVerb) from \(postfixClient): \(reply);\(detail)")
     }
 }

@@ -307,24 +307,27 @@ struct SessionStateMachine {
         guard phase == .data else { return outOfSequence() }
         transaction = nil
         phase = .ready
-        let reply: SMTPReply
-        switch outcome {
-        case .queued(let id): reply = SMTPReply(250, .ok, "Ok: queued as \(id)")
-        case .tooBig: reply = SMTPReply(552, .messageTooBig, "Error: message file too big")
-        case .containsNUL: reply = SMTPReply(550, .badContent, "Error: message contains NUL characters")
-        case .bareLineEnding:
-            reply = SMTPReply(550, .badLineEnding, "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
-        case .tooManyHops: reply = SMTPReply(554, EnhancedStatusCode(5, 4, 6), "Error: too many hops")
-        case .spoolFailure: reply = SMTPReply(451, .transientSystem, "Error: queue file write error")
-        case .outOfSpace: reply = .insufficientStorage
-        case .filtered(let filterReply): reply = filterReply
-        case .discarded(let id): reply = SMTPReply(250, .ok, "Ok: queued as \(id)")
-        }
+        let reply = Self.reply(for: outcome)
         if closeWhenIdle {
             phase = .closed
             return .replyThenClose(reply, final: Self.shuttingDown(policy.hostname))
         }
         return .reply(reply)
+    }
+
+    /// The reply that ends a message, for each way it can end.
+    static func reply(for outcome: DataOutcome) -> SMTPReply {
+        switch outcome {
+        case .queued(let id): return SMTPReply(250, .ok, "Ok: queued as \(id)")
+        case .tooBig: return SMTPReply(552, .messageTooBig, "Error: message file too big")
+        case .containsNUL: return SMTPReply(550, .badContent, "Error: message contains NUL characters")
+        case .bareLineEnding: return SMTPReply(550, .badLineEnding, "Error: bare <CR> or <LF> received; lines must end with <CR><LF>")
+        case .tooManyHops: return SMTPReply(554, EnhancedStatusCode(5, 4, 6), "Error: too many hops")
+        case .spoolFailure: return SMTPReply(451, .transientSystem, "Error: queue file write error")
+        case .outOfSpace: return .insufficientStorage
+        case .filtered(let filterReply): return filterReply
+        case .discarded(let id): return SMTPReply(250, .ok, "Ok: queued as \(id)")
+        }
     }
 
     static func shuttingDown(_ hostname: String) -> SMTPReply {

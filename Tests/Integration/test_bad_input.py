@@ -1,4 +1,5 @@
 """Each kind of bad input gets the right reply, and the next good transaction works."""
+import re
 import time
 
 import pytest
@@ -36,6 +37,10 @@ def test_actual_size_over_limit_queues_nothing(tern):
     code, text = c.reply()
     assert code == 552 and text.startswith("5.3.4")
     assert tern.queue() == [] and tern.spool_files() == []
+    # Logged as Postfix does, with the reply the client got, never an internal name.
+    assert re.search(r"\w+: reject: END-OF-MESSAGE from unknown\[127\.0\.0\.1\]: 552 5\.3\.4 Error: message file too big; "
+                     r"from=<a@client\.test> to=<u@example\.org> proto=ESMTP helo=<client\.test>", tern.log()), tern.log()[-1500:]
+    assert "tooBig" not in tern.log()
     # Same connection goes on.
     assert c.cmd("MAIL FROM:<a@client.test>")[0] == 250
     good_transaction(tern.port("mx"))
