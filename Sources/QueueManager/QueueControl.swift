@@ -74,6 +74,7 @@ public final class QueueManagerService: Service, Sendable {
     /// SIGHUP and `tern reload`: a valid new config replaces the shaping rules; an invalid
     /// one is refused and the running one stays.
     func reload() async -> String? {
+        LogSink.shared.reopen()
         switch reloadConfig() {
         case .success(let (config, credentials)):
             await scheduler.reload(config, credentials: credentials)
@@ -130,6 +131,13 @@ public final class QueueManagerService: Service, Sendable {
         try await cancelWhenGracefulShutdown {
             try await withThrowingDiscardingTaskGroup { group in
                 group.addTask { await scheduler.run() }
+                group.addTask {
+                    // logrotate's postrotate: the log file is opened again.
+                    for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
+                        LogSink.shared.reopen()
+                        self.logger.notice("SIGUSR1: log reopened")
+                    }
+                }
                 group.addTask {
                     for await _ in await UnixSignalsSequence(trapping: .sighup) {
                         self.logger.notice("SIGHUP: reloading the configuration")

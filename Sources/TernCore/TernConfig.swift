@@ -272,8 +272,14 @@ public struct MetricsConfig: Sendable, Decodable {
 public struct LogConfig: Sendable, Decodable {
     /// trace, debug, info, notice, warning, error, critical.
     public var level: String = "info"
+    /// Where lines go: standard error, the local syslog (facility `mail`, so rsyslog puts
+    /// them in /var/log/mail.log), or a file that SIGUSR1 or `tern reload` reopens.
+    public var output: LogSink.Output = .stderr
 
-    enum CodingKeys: String, CodingKey, CaseIterable { case level }
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case level, output, file
+        case syslogSocket = "syslog_socket"
+    }
     static let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
 
     public init() {}
@@ -285,6 +291,21 @@ public struct LogConfig: Sendable, Decodable {
         guard Self.levels.contains(level) else {
             throw DecodingError.dataCorruptedError(
                 forKey: .level, in: c, debugDescription: "must be one of \(Self.levels.joined(separator: ", "))")
+        }
+        let kind = try c.decodeIfPresent(String.self, forKey: .output) ?? "stderr"
+        let file = try c.decodeIfPresent(String.self, forKey: .file)
+        switch kind {
+        case "stderr":
+            output = .stderr
+        case "syslog":
+            output = .syslog(socket: try c.decodeIfPresent(String.self, forKey: .syslogSocket) ?? "/dev/log")
+        case "file":
+            guard let file else {
+                throw DecodingError.dataCorruptedError(forKey: .output, in: c, debugDescription: "output: file needs log.file: PATH")
+            }
+            output = .file(file)
+        default:
+            throw DecodingError.dataCorruptedError(forKey: .output, in: c, debugDescription: "must be one of stderr, syslog, file")
         }
     }
 }

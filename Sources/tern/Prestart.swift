@@ -69,6 +69,12 @@ enum Prestart {
                 }
             }
             do {
+                try LogSink.shared.open(config.log.output)  // a log file root may own
+            } catch {
+                printError("tern: \(path): \(error)")
+                exit(73)
+            }
+            do {
                 try SpoolLock.createRoot(config.spool)
                 try privileges.own(config.spool)
                 try privileges.drop()

@@ -146,7 +146,8 @@ struct Serve: AsyncParsableCommand {
             Stops gracefully on SIGTERM or SIGINT: listeners close first, open transactions \
             finish, idle sessions get 421, deliveries under way get up to 10 seconds to finish. \
             SIGHUP re-reads the delivery settings (as `tern reload` does). \
-            Logs go to standard error, one line per event.
+            Logs go to standard error, the local syslog (facility mail) or a file, as log.output says, \
+            one line per event; SIGUSR1 reopens a log file.
             """
     )
 
@@ -172,6 +173,14 @@ struct Serve: AsyncParsableCommand {
             }
         }
         let level = Logger.Level(rawValue: config.log.level) ?? .info
+        if prestart == nil {  // else opened before the privilege drop
+            do {
+                try LogSink.shared.open(config.log.output)
+            } catch {
+                printError("tern: \(options.config): \(error)")
+                throw ExitCode(73)
+            }
+        }
         LoggingSystem.bootstrap { TernLogHandler(label: $0, level: level) }
         let logger = Logger(label: "tern")
         var metricsEndpoint: MetricsEndpoint?

@@ -1,0 +1,91 @@
+"""Where the log goes: a file that SIGUSR1 reopens (logrotate), or the local syslog socket
+with facility mail."""
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import time
+
+from conftest import BINARY, Tern
+
+
+def config(extra_log, port="0"):
+    return "\n".join([
+        "hostname: relay.test",
+        "spool: var/spool",
+        "listeners:",
+        f'  - {{ name: mx, kind: smtp, address: "127.0.0.1:{port}" }}',
+        "access:",
+        '  mynetworks: ["127.0.0.0/8"]',
+        "delivery: { paused: true }",
+        f"log: {{ level: info, {extra_log} }}",
+    ]) + "\n"
+
+
+def send(port, subject):
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.sendmail("app@client.example", ["u@example.org"], f"Subject: {subject}\r\n\r\nx\r\n".encode())
+
+
+def test_file_output_is_reopened_on_sigusr1(tmp_path):
+    tern = Tern(tmp_path, config("output: file, file: mail.log"))
+    tern.log_path = tmp_path / "mail.log"  # the harness reads the file Tern writes
+    tern.start()
+    try:
+        send(tern.port("mx"), "before rotation")
+        os.rename(tmp_path / "mail.log", tmp_path / "mail.log.1")
+        tern.proc.send_signal(signal.SIGUSR1)
+        deadline = time.time() + 10
+        while not (tmp_path / "mail.log").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        send(tern.port("mx"), "after rotation")
+        time.sleep(0.3)
+        old = (tmp_path / "mail.log.1").read_text()
+        new = (tmp_path / "mail.log").read_text()
+        assert old.count("from=<app@client.example>") == 1
+        assert new.count("from=<app@client.example>") == 1, new
+        assert "SIGUSR1: log reopened" in new
+        assert re.search(r"^\d{4}-\d\d-\d\dT\S+Z tern\[\d+\]: info: \w+: from=<app@client\.example>", new, re.M)
+    finally:
+        tern.stop()
+
+
+def test_syslog_output_has_facility_mail(tmp_path):
+    path = str(tmp_path / "log.sock")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(path)
+    sink.settimeout(10)
+    (tmp_path / "tern.yaml").write_text(config(f'output: syslog, syslog_socket: "{path}"'))
+    proc = subprocess.Popen([BINARY, "serve", "--config", str(tmp_path / "tern.yaml")], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lines = []
+        port = None
+        deadline = time.time() + 15
+        while port is None and time.time() < deadline:
+            line = sink.recv(65536).decode()
+            lines.append(line)
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+        assert port, lines
+        # RFC 3164 as syslog(3) sends it: <PRI>Mmm dd hh:mm:ss tag[pid]: text; mail.info is 22.
+        assert re.fullmatch(rf"<22>[A-Z][a-z]{{2}} [ \d]\d \d\d:\d\d:\d\d tern\[{proc.pid}\]: listening on .*", lines[-1]), lines[-1]
+        send(port, "via syslog")
+        received = ""
+        while "from=<app@client.example>" not in received:
+            received = sink.recv(65536).decode()
+        assert re.fullmatch(rf"<22>.{{15}} tern\[{proc.pid}\]: \w+: from=<app@client\.example>, .*", received), received
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        sink.close()
+
+
+def test_bad_output_names_the_key(tmp_path):
+    path = tmp_path / "tern.yaml"
+    path.write_text(config("output: journal"))
+    out = subprocess.run([BINARY, "check", "--config", str(path)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 78 and "log.output: must be one of stderr, syslog, file" in out.stderr, out.stderr
