@@ -484,21 +484,19 @@ struct LaneWorker: Sendable {
             serverPort = port
             // A smarthost's name goes through the same DNS server as MX lookups (the
             // configured one), and the log shows the address used: relay=host[IP]:port.
-            if host.isIPAddress || environment.resolver == nil {
+            guard let resolver = environment.resolver, !host.isIPAddress else {
                 hosts = [MXHost(name: host, preference: 0, addresses: [host])]
-            } else if let resolver = environment.resolver {
-                switch await resolver.addresses(of: host) {
-                case .success(let addresses):
-                    hosts = [MXHost(name: host, preference: 0, addresses: addresses)]
-                case .failure(.notFound(let why)), .failure(.temporary(let why)):
-                    // A smarthost that does not resolve is our configuration's trouble, never
-                    // the recipient's: defer, do not bounce.
-                    finish(job.recipients, .deferred(status: EnhancedStatusCode(4, 4, 3), diagnostic: "X-Tern; smarthost \(host): DNS lookup failed: \(why)"))
-                    await report(JobOutcome(job: job, results: results, times: times))
-                    return held
-                }
-            } else {
-                hosts = []
+                break
+            }
+            switch await resolver.addresses(of: host) {
+            case .success(let addresses):
+                hosts = [MXHost(name: host, preference: 0, addresses: addresses)]
+            case .failure(.notFound(let why)), .failure(.temporary(let why)):
+                // A smarthost that does not resolve is our configuration's trouble, never
+                // the recipient's: defer, do not bounce.
+                finish(job.recipients, .deferred(status: EnhancedStatusCode(4, 4, 3), diagnostic: "X-Tern; smarthost \(host): DNS lookup failed: \(why)"))
+                await report(JobOutcome(job: job, results: results, times: times))
+                return held
             }
         case .mx(let domain):
             serverPort = environment.mxPort

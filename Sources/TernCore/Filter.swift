@@ -174,32 +174,6 @@ public struct FilterChain: Sendable {
             self.failures = failures
         }
     }
-
-    /// Runs the end-of-message stage through every filter for this listener.
-    public func endOfMessage(_ session: FilterSession, _ message: inout FilterMessage) async -> Outcome {
-        var failures: [String] = []
-        for entry in entries where entry.listeners?.contains(session.listener) ?? true {
-            let verdict: FilterVerdict
-            do {
-                verdict = try await entry.filter.endOfMessage(session, &message)
-            } catch {
-                failures.append("\(entry.filter.name): \(error); \(entry.onFailure.rawValue)")
-                switch entry.onFailure {
-                case .accept: continue
-                case .tempfail:
-                    return Outcome(
-                        verdict: .tempfail(SMTPReply(451, EnhancedStatusCode(4, 7, 1), "Service unavailable, try again later")),
-                        filter: entry.filter.name, failures: failures)
-                case .reject:
-                    return Outcome(
-                        verdict: .reject(SMTPReply(550, EnhancedStatusCode(5, 7, 1), "Message refused by policy")),
-                        filter: entry.filter.name, failures: failures)
-                }
-            }
-            if verdict != .continue { return Outcome(verdict: verdict, filter: entry.filter.name, failures: failures) }
-        }
-        return Outcome(verdict: .continue, filter: nil, failures: failures)
-    }
 }
 
 // MARK: - One session's pass through the chain

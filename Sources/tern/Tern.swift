@@ -717,8 +717,8 @@ struct Reload: AsyncParsableCommand {
         abstract: "Make the running daemon re-read its delivery settings: routes, smarthost passwords, providers, lane limits, reply rules, retries (as SIGHUP does).",
         discussion: """
             Queued mail and open connections stay; new connections take the new settings. An invalid configuration \
-            is refused, and the running one stays. Listeners, access rules, filters, the spool and delivery.resolver \
-            take a restart.
+            is refused, and the running one stays. Listeners, access rules, filters, limits, TLS files, the spool, \
+            user and delivery.resolver take a restart: reload names each such key that changed. A log file is reopened.
             """)
 
     @OptionGroup var options: ConfigOption
