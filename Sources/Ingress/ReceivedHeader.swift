@@ -18,8 +18,12 @@ import Darwin
 enum ReceivedHeader {
     static func make(
         helo: String?, clientAddress: String, hostname: String, protocolName: String, queueID: String,
-        tlsVersion: String?, recipients: [String], date: time_t = time(nil)
+        tlsVersion: String?, recipients: [String], localUID: uid_t? = nil, date: time_t = time(nil)
     ) -> String {
+        if let localUID {
+            // Local submission has no client host: Postfix's pickup form.
+            return "Received: by \(hostname) (Tern, from userid \(localUID))\r\n\tid \(queueID); \(MailDate.rfc5322(date))\r\n"
+        }
         let literal = clientAddress.contains(":") ? "[IPv6:\(clientAddress)]" : "[\(clientAddress)]"
         var header = "Received: from \(helo ?? "unknown") (\(literal))\r\n"
         if let tlsVersion { header += "\t(using \(tlsVersion))\r\n" }

@@ -56,8 +56,13 @@ public final class SMTPServer: Service, Sendable {
     /// Binds every listener now; `run` then serves them. `sockets` are listening sockets
     /// bound earlier by name (by root, before a privilege drop), adopted as they are. An
     /// address that cannot be bound is named in the error.
-    public func bindListeners(sockets: [String: CInt] = [:]) async throws {
+    public func bindListeners(sockets: [String: CInt] = [:], localSocket: CInt? = nil) async throws {
         var bound: [BoundListener] = []
+        if let localSocket {
+            let local = ListenerConfig(
+                name: ListenerConfig.localName, kind: .smtp, address: ListenAddress(host: "127.0.0.1", port: 0))
+            bound.append((local, try await bind(local, socket: localSocket, unix: true)))
+        }
         for listener in config.listeners {
             let server: NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>
             do {
@@ -107,7 +112,9 @@ public final class SMTPServer: Service, Sendable {
         environment.logger.info("all sessions closed")
     }
 
-    private func bind(_ listener: ListenerConfig, socket: CInt?) async throws -> NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never> {
+    private func bind(
+        _ listener: ListenerConfig, socket: CInt?, unix: Bool = false
+    ) async throws -> NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never> {
         let implicitTLS = listener.kind == .smtps ? environment.tlsContext : nil
         let limiter = self.limiter
         let timeouts = FramingTimeouts(
@@ -122,6 +129,9 @@ public final class SMTPServer: Service, Sendable {
                 try sync.addHandler(SMTPFramingHandler(timeouts: timeouts))
                 return try NIOAsyncChannel<SMTPFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
             }
+        }
+        if unix, let socket {
+            return try await ServerBootstrap(group: group).bind(socket, childChannelInitializer: initializer)
         }
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -163,11 +173,15 @@ public final class SMTPServer: Service, Sendable {
     }
 
     private func handle(_ connection: NIOAsyncChannel<SMTPFrame, ByteBuffer>, listener: ListenerConfig) async {
-        let logger = environment.logger
+        var logger = environment.logger
+        logger[metadataKey: LogSink.serviceKey] = "smtpd"
+        let local = listener.name == ListenerConfig.localName && listener.address.port == 0
         let remote = connection.channel.remoteAddress
-        let address = remote?.ipAddress ?? "unknown"
+        // Local submission has no client address; its user id is what identifies it.
+        let localUID = local ? await Self.peerUID(connection.channel) : nil
+        let address = local ? "127.0.0.1" : remote?.ipAddress ?? "unknown"
         let port = remote?.port ?? 0
-        let client = "[\(address)]:\(port)"
+        let client = localUID.map { "local (uid \($0))" } ?? "[\(address)]:\(port)"
         let id = ObjectIdentifier(connection.channel)
         let refused: SMTPReply?
         let shuttingDown = openSessions.withLockedValue { sessions -> Bool in
@@ -178,7 +192,7 @@ public final class SMTPServer: Service, Sendable {
         if shuttingDown {
             refused = SessionStateMachine.shuttingDown(config.hostname)
         } else {
-            switch limiter.admit(address) {
+            switch limiter.admit(local ? "local" : address) {
             case .admitted: refused = nil
             case .tooManyTotal: refused = SMTPReply(421, .tooManyBadCommands, "\(config.hostname) Error: too many connections")
             case .tooManyFromClient:
@@ -186,7 +200,7 @@ public final class SMTPServer: Service, Sendable {
             }
         }
         var reply = refused
-        if reply == nil, environment.authThrottle.isBlocked(address) {
+        if reply == nil, !local, environment.authThrottle.isBlocked(address) {
             reply = SMTPReply(421, .temporaryAuthFailure, "\(config.hostname) Error: too many failed authentications")
             limiter.release(address)
         }
@@ -197,12 +211,12 @@ public final class SMTPServer: Service, Sendable {
             }
             return
         }
-        defer { limiter.release(address) }
+        defer { limiter.release(local ? "local" : address) }
         connections.increment()
         logger.info("connect from \(client) to \(listener.name)")
-        let trusted = IPAddress(parsing: address).map { ip in config.access.mynetworks.contains { $0.contains(ip) } } ?? false
+        let trusted = local || IPAddress(parsing: address).map { ip in config.access.mynetworks.contains { $0.contains(ip) } } ?? false
         let policy = SessionPolicy(
-            kind: listener.kind, hostname: config.hostname, tlsAvailable: environment.tlsContext != nil,
+            kind: listener.kind, hostname: config.hostname, tlsAvailable: environment.tlsContext != nil && !local,
             authAvailable: environment.users != nil, maxMessageSize: config.limits.maxMessageSize.bytes,
             maxRecipients: config.limits.maxRecipients, maxErrors: config.limits.maxErrors, maxHops: config.limits.maxHops,
             minFreeSpace: config.limits.effectiveMinFreeSpace, freeSpace: { [spool = environment.spool] in spool.freeBytes() },
@@ -215,7 +229,8 @@ public final class SMTPServer: Service, Sendable {
                 var session = SMTPSession(
                     channel: connection.channel, outbound: outbound, frames: inbound.makeAsyncIterator(),
                     machine: SessionStateMachine(policy: policy, trusted: trusted, tlsActive: listener.kind == .smtps),
-                    environment: environment, listener: listener, clientAddress: address, clientPort: port, logger: logger)
+                    environment: environment, listener: listener, clientAddress: address, clientPort: port, logger: logger,
+                    localUID: localUID, completeHeaders: local || (trusted && config.access.addMissingHeaders))
                 try await session.run()
             }
         } catch is CancellationError {
@@ -228,6 +243,22 @@ public final class SMTPServer: Service, Sendable {
             logger.info("lost connection from \(client): \(error)")
         }
         logger.info("disconnect from \(client)")
+    }
+
+    /// The user id of the process at the other end of a Unix socket (SO_PEERCRED).
+    static func peerUID(_ channel: any Channel) async -> uid_t? {
+        guard let provider = channel as? any SocketOptionProvider else { return nil }
+        let credentials: PeerCredentials? = try? await provider.unsafeGetSocketOption(
+            level: SocketOptionLevel(SOL_SOCKET), name: SocketOptionName(SO_PEERCRED)
+        ).get()
+        return credentials?.uid
+    }
+
+    /// Linux's `struct ucred`, which Glibc's module does not export (it needs _GNU_SOURCE).
+    struct PeerCredentials: Sendable {
+        var pid: pid_t = 0
+        var uid: uid_t = 0
+        var gid: gid_t = 0
     }
 
     static func describe(_ address: SocketAddress) -> String {

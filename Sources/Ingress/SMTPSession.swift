@@ -45,8 +45,12 @@ struct SMTPSession {
     let clientAddress: String
     let clientPort: Int
     let logger: Logger
+    /// For local submission over the Unix socket: the submitting process's user id.
+    var localUID: uid_t? = nil
+    /// Adds `From:`, `Date:` and `Message-ID:` when the message has none (`MissingHeaders`).
+    var completeHeaders = false
 
-    private var client: String { "[\(clientAddress)]:\(clientPort)" }
+    private var client: String { localUID.map { "local (uid \($0))" } ?? "[\(clientAddress)]:\(clientPort)" }
 
     /// The framing stopped after a line and waits for this session to say how to read on.
     /// Exactly one `SMTPFramingControl` answers each such line: the machine's action decides
@@ -288,14 +292,14 @@ struct SMTPSession {
         guard let transaction = machine.transaction else { throw UnexpectedFrame() }
         let writer = environment.spool.begin()
         var intake = Intake(writer: writer, tlsVersion: await currentTLSVersion())
-        if environment.filters.applies(to: listener.name) {
+        if environment.filters.applies(to: listener.name) || completeHeaders {
             intake.buffer = []
             intake.reservation = environment.memoryBudget.reserve()
         }
         let received = ReceivedHeader.make(
             helo: machine.helo, clientAddress: clientAddress, hostname: machine.policy.hostname,
             protocolName: machine.protocolName, queueID: writer.id.rawValue, tlsVersion: intake.tlsVersion,
-            recipients: transaction.recipients.map(\.address))
+            recipients: transaction.recipients.map(\.address), localUID: localUID)
         await append(Array(received.utf8), to: &intake, counted: false)
         return intake
     }
@@ -380,9 +384,16 @@ struct SMTPSession {
             do {
                 if held { try await environment.spool.writeMeta(writer.id, { var m = DeliveryMeta(); m.held = true; return m }()) }
                 try await writer.commit(envelope)
+                // As Postfix logs a message's arrival: smtpd's (or pickup's) line, then qmgr's.
+                if let localUID {
+                    logger.info("\(writer.id): uid=\(localUID) from=<\(transaction.sender)>", metadata: [LogSink.serviceKey: "pickup"])
+                } else {
+                    logger.info(
+                        "\(writer.id): client=\(postfixClient)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")")
+                }
                 logger.info(
-                    "\(writer.id): from=<\(transaction.sender)>, size=\(writer.size), nrcpt=\(transaction.recipients.count), client=\(client)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")\(intake.tlsVersion.map { ", tls=\($0)" } ?? "")"
-                )
+                    "\(writer.id): from=<\(transaction.sender)>, size=\(writer.size), nrcpt=\(transaction.recipients.count), client=\(client)\(machine.authUser.map { ", sasl_username=\($0)" } ?? "")\(intake.tlsVersion.map { ", tls=\($0)" } ?? "")",
+                    metadata: [LogSink.serviceKey: "qmgr"])
                 environment.accepted.increment()
                 environment.acceptedBytes.increment(by: writer.size)
                 environment.onQueued(writer.id, envelope, writer.size, held)
@@ -409,7 +420,12 @@ struct SMTPSession {
     /// Runs the chain over a buffered message; writes what they leave (edited headers, body,
     /// envelope) to the spool writer, or says how the message ends instead.
     private func runFilters(_ buffer: inout [UInt8], envelope: inout Envelope, writer: SpoolWriter) async -> FilterResult {
-        let (headers, bodyOffset) = HeaderBlock.parse(buffer)
+        var (headers, bodyOffset) = HeaderBlock.parse(buffer)
+        if completeHeaders {
+            let added = MissingHeaders.add(
+                to: &headers, sender: envelope.sender, queueID: writer.id.rawValue, hostname: machine.policy.hostname)
+            if !added.isEmpty { logger.info("\(writer.id): added \(added.joined(separator: ", ")) (missing)") }
+        }
         // The body is the buffer itself, its header bytes moved out in place: one copy of the
         // message in memory, not two.
         buffer.removeSubrange(0..<bodyOffset)
@@ -583,7 +599,7 @@ struct SMTPSession {
     }
 
     /// The client as Postfix names it in its logs (no reverse lookup: `unknown[IP]`).
-    private var postfixClient: String { "unknown[\(clientAddress)]" }
+    private var postfixClient: String { localUID == nil ? "unknown[\(clientAddress)]" : "local" }
 
     /// A refused command, as Postfix logs it:
     /// `NOQUEUE: reject: RCPT from unknown[IP]: 554 5.7.1 …; from=<…> to=<…> proto=ESMTP helo=<…>`.

@@ -565,7 +565,9 @@ struct LaneWorker: Sendable {
                         if DeliveryPolicy.throttlesLane(stage: error.stage, outcome: error.outcome) {
                             await lane.connectionFailed(error.outcome)
                         }
-                        environment.logger.info("\(job.id): connect to \(host.name)[\(address)]:\(serverPort) failed at \(error.stage.rawValue): \(error.outcome)")
+                        environment.logger.info(
+                            "\(job.id): connect to \(host.name)[\(address)]:\(serverPort) failed at \(error.stage.rawValue): \(error.outcome)",
+                            metadata: [LogSink.serviceKey: "smtp"])
                         times.setup += environment.now() - setupStart
                         continue
                     }

@@ -618,7 +618,8 @@ public actor Scheduler {
             let kind =
                 recipients.contains(where: { $0.action == .failed })
                 ? "non-delivery" : recipients.contains(where: { $0.action == .delayed }) ? "delay" : "success"
-            logger.info("\(id): sender \(kind) notification: \(writer.id)")
+            logger.info("\(id): sender \(kind) notification: \(writer.id)", metadata: [LogSink.serviceKey: "bounce"])
+            logger.info("\(writer.id): from=<>, size=\(writer.size), nrcpt=1 (queue active)", metadata: [LogSink.serviceKey: "qmgr"])
             await queued(writer.id, envelope: envelope, size: writer.size)
         } catch {
             // The recipients stay as they are in the spool; a restart tries again.
@@ -642,7 +643,7 @@ public actor Scheduler {
             "\(id): to=<\(recipient)>, relay=\(result.relay), delay=\(seconds(now - arrival)), "
             + "delays=\(seconds(times.queued))/\(seconds(times.waited))/\(seconds(times.setup))/\(seconds(times.transmission)), "
             + "dsn=\(dsn), status=\(status) (\(text))"
-        logger.info("\(line)")
+        logger.info("\(line)", metadata: [LogSink.serviceKey: "smtp"])
     }
 
     static func millis(_ d: Duration) -> Int64 {

@@ -129,7 +129,7 @@ extension Spool {
                 for (id, hasMeta) in batch {
                     recycle(queue + "/" + id.rawValue, name: id.rawValue)
                     if hasMeta { unlink(metaDirectory + "/" + id.rawValue) }
-                    logger.info("\(id): removed")
+                    logger.info("\(id): removed", metadata: [LogSink.serviceKey: "qmgr"])
                 }
             }
         }
@@ -143,7 +143,7 @@ extension Spool {
             recycle(path, name: id.rawValue)
             unlink(meta)
         }
-        logger.info("\(id): removed")
+        logger.info("\(id): removed", metadata: [LogSink.serviceKey: "qmgr"])
     }
 
     /// Replaces the message's delivery notes.

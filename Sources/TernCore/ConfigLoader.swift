@@ -109,6 +109,9 @@ public enum ConfigLoader {
         var addresses = Set<ListenAddress>()
         for (i, listener) in config.listeners.enumerated() {
             if !names.insert(listener.name).inserted { throw fail(["listeners", "\(i)", "name"], "'\(listener.name)' is used twice") }
+            if listener.name == ListenerConfig.localName {
+                throw fail(["listeners", "\(i)", "name"], "'\(listener.name)' is the name of local submission (the spool's Unix socket); choose another")
+            }
             if listener.address.port != 0, !addresses.insert(listener.address).inserted {
                 throw fail(["listeners", "\(i)", "address"], "\(listener.address) is used twice")
             }
@@ -141,7 +144,7 @@ public enum ConfigLoader {
             throw fail(["limits", "max_connections_per_client"], "is larger than limits.max_connections")
         }
         var filterNames = Set<String>()
-        let listenerNames = Set(config.listeners.map(\.name))
+        let listenerNames = Set(config.listeners.map(\.name) + [ListenerConfig.localName])
         for (i, filter) in config.filters.enumerated() {
             if !filterNames.insert(filter.name).inserted { throw fail(["filters", "\(i)", "name"], "'\(filter.name)' is used twice") }
             for (j, l) in (filter.listeners ?? []).enumerated() where !listenerNames.contains(l) {

@@ -30,11 +30,14 @@ public struct TernLogHandler: LogHandler {
         // feed, a NUL or an escape sequence in a user name, a command or a server's reply is
         // written as `\xNN`, so no value can forge a line, cut one, or colour a terminal.
         var message = LogEscape.escape(event.message.description)
-        let merged = metadata.merging(event.metadata ?? [:]) { $1 }
+        var merged = metadata.merging(event.metadata ?? [:]) { $1 }
+        // The part of Tern that speaks, as Postfix names its daemons (smtpd, pickup, qmgr,
+        // smtp, bounce): the program name in `tern/smtpd[pid]`, not a key=value.
+        let service = merged.removeValue(forKey: LogSink.serviceKey).map { LogEscape.escape($0.description) }
         if !merged.isEmpty {
             message += " " + merged.sorted { $0.key < $1.key }.map { "\($0.key)=\(LogEscape.escape($0.value.description))" }.joined(separator: " ")
         }
-        LogSink.shared.write(level: event.level, message: message)
+        LogSink.shared.write(level: event.level, service: service, message: message)
     }
 
     /// `Nov 27 19:50:01`, local time, as syslog(3) writes it.
@@ -76,11 +79,33 @@ public final class LogSink: @unchecked Sendable {
         case file(String)
     }
 
+    /// How a line starts. `tern`: `2026-11-27T19:50:01.123Z tern[pid]: info: …`, UTC to the
+    /// millisecond. `postfix`: `Nov 27 19:50:01 relay.example tern/smtpd[pid]: …`, local time,
+    /// the host name and the service, `warning:`/`error:` before such lines and nothing
+    /// before the others: what `grep "$(date '+%b %e %H')"` and pflogsumm read.
+    public enum Style: String, Equatable, Sendable, CaseIterable {
+        case tern
+        case postfix
+    }
+
+    /// The metadata key naming the service a line is from (`smtpd`, `smtp`, `qmgr`, …).
+    public static let serviceKey = "service"
+
     public static let shared = LogSink()
 
     private let lock = NIOLock()
     private var output = Output.stderr
     private var fd: CInt = 2
+    private var style = Style.tern
+    private var hostname = "localhost"
+
+    /// Sets the line style; `hostname` is the name `postfix` lines carry.
+    public func configure(style: Style, hostname: String) {
+        lock.withLock {
+            self.style = style
+            self.hostname = hostname
+        }
+    }
 
     public struct OpenError: Error, CustomStringConvertible {
         public var description: String
@@ -137,14 +162,24 @@ public final class LogSink: @unchecked Sendable {
         }
     }
 
-    func write(level: Logger.Level, message: String) {
+    func write(level: Logger.Level, service: String?, message: String) {
         lock.withLock {
             let line: String
-            switch output {
-            case .syslog:
+            let program = service.map { "tern/\($0)" } ?? "tern"
+            let prefix: String
+            switch level {
+            case .warning: prefix = "warning: "
+            case .error: prefix = "error: "
+            case .critical: prefix = "fatal: "
+            default: prefix = ""
+            }
+            switch (output, style) {
+            case (.syslog, _):
                 // RFC 3164 as syslog(3) sends it; the daemon adds the host name.
-                line = "<\(Self.mailFacility * 8 + Self.severity(level))>\(TernLogHandler.syslogTimestamp()) tern[\(getpid())]: \(message)"
-            case .stderr, .file:
+                line = "<\(Self.mailFacility * 8 + Self.severity(level))>\(TernLogHandler.syslogTimestamp()) \(program)[\(getpid())]: \(prefix)\(message)"
+            case (_, .postfix):
+                line = "\(TernLogHandler.syslogTimestamp()) \(hostname) \(program)[\(getpid())]: \(prefix)\(message)\n"
+            case (_, .tern):
                 line = "\(TernLogHandler.timestamp()) tern[\(getpid())]: \(level): \(message)\n"
             }
             let bytes = Array(line.utf8)

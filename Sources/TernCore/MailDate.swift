@@ -30,4 +30,14 @@ public enum MailDate {
         strftime(&buffer, buffer.count, "%Y-%m-%d %H:%M:%SZ", &parts)
         return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
+
+    /// `20261122140309`: a moment in UTC as a Message-ID's left part writes it (Postfix's form).
+    public static func compact(_ t: time_t) -> String {
+        var seconds = t
+        var parts = tm()
+        gmtime_r(&seconds, &parts)
+        var buffer = [CChar](repeating: 0, count: 32)
+        strftime(&buffer, buffer.count, "%Y%m%d%H%M%S", &parts)
+        return String(decoding: buffer.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
 }

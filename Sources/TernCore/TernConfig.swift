@@ -31,9 +31,12 @@ public struct TernConfig: Sendable, Decodable {
     /// read, when started as root; the spool belongs to it. Unset: it stays who it is.
     public var user: String?
     public var group: String?
+    /// Local submission: `tern sendmail`, the maildrop and the local socket.
+    public var sendmail: SendmailConfig
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics, filters, providers, user, group
+        case sendmail
         case providersFile = "providers_file"
     }
 
@@ -55,6 +58,8 @@ public struct TernConfig: Sendable, Decodable {
         providersFile = try c.decodeIfPresent(String.self, forKey: .providersFile)
         user = try c.decodeIfPresent(String.self, forKey: .user)
         group = try c.decodeIfPresent(String.self, forKey: .group)
+        sendmail = try c.decodeIfPresent(SendmailConfig.self, forKey: .sendmail) ?? SendmailConfig()
+        if sendmail.origin == nil { sendmail.origin = hostname }
         if group != nil, user == nil {
             throw DecodingError.dataCorruptedError(forKey: .group, in: c, debugDescription: "group needs user")
         }
@@ -86,6 +91,16 @@ public struct ListenerConfig: Sendable, Decodable {
     public var address: ListenAddress
 
     enum CodingKeys: String, CodingKey, CaseIterable { case name, kind, address }
+
+    public init(name: String, kind: ListenerKind, address: ListenAddress) {
+        self.name = name
+        self.kind = kind
+        self.address = address
+    }
+
+    /// Local submission over the spool's Unix socket (`tern sendmail`): filters name it
+    /// `sendmail` in their `listeners:`.
+    public static let localName = "sendmail"
 
     public init(from decoder: any Decoder) throws {
         try decoder.rejectUnknownKeys(CodingKeys.self)
@@ -143,6 +158,9 @@ public struct AccessConfig: Sendable, Decodable {
     /// A `mynetworks` entry of /0 makes every host on the internet a trusted client (an open
     /// relay): refused unless this says that is meant.
     public var allowOpenRelay: Bool
+    /// Adds `Date:`, `Message-ID:` and `From:` when a message from a `mynetworks` client has
+    /// none, as Postfix does for `local_header_rewrite_clients`. Local submission always gets them.
+    public var addMissingHeaders: Bool
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case mynetworks
@@ -151,6 +169,7 @@ public struct AccessConfig: Sendable, Decodable {
         case bareLineEndings = "bare_line_endings"
         case rejectSenders = "reject_senders"
         case allowOpenRelay = "i_know_this_is_an_open_relay"
+        case addMissingHeaders = "add_missing_headers"
     }
 
     public init() {
@@ -160,6 +179,7 @@ public struct AccessConfig: Sendable, Decodable {
         bareLineEndings = .normalizeTrusted
         rejectSenders = []
         allowOpenRelay = false
+        addMissingHeaders = false
     }
 
     public init(from decoder: any Decoder) throws {
@@ -171,6 +191,7 @@ public struct AccessConfig: Sendable, Decodable {
         allowedSenders = try c.decodeIfPresent([String: [String]].self, forKey: .allowedSenders) ?? [:]
         rejectSenders = try c.decodeIfPresent([String].self, forKey: .rejectSenders) ?? []
         allowOpenRelay = try c.decodeIfPresent(Bool.self, forKey: .allowOpenRelay) ?? false
+        addMissingHeaders = try c.decodeIfPresent(Bool.self, forKey: .addMissingHeaders) ?? false
         if !allowOpenRelay, let open = mynetworks.firstIndex(where: { $0.prefixLength == 0 }) {
             throw DecodingError.dataCorrupted(.init(
                 codingPath: c.codingPath + [CodingKeys.mynetworks, IndexKey(open)],
@@ -269,15 +290,46 @@ public struct MetricsConfig: Sendable, Decodable {
     }
 }
 
+/// Local submission (`tern sendmail`): who may submit, and the domain of local senders.
+///
+/// The daemon listens on `<spool>/public/sendmail`, a Unix socket; when it is down, `tern
+/// sendmail` writes to `<spool>/maildrop`, which the daemon picks up. Both are open to root,
+/// the daemon's user and the members of `group`, never to everyone (as Postfix's `postdrop`
+/// group guards its maildrop).
+public struct SendmailConfig: Sendable, Decodable {
+    /// The group whose members may submit. Unset: only root and the daemon's user.
+    public var group: String?
+    /// The domain of a local user's address (`user@origin`) when no `-f` names the sender,
+    /// as Postfix's `myorigin`. Default: `hostname`.
+    public var origin: String?
+
+    enum CodingKeys: String, CodingKey, CaseIterable { case group, origin }
+
+    public init() {}
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        group = try c.decodeIfPresent(String.self, forKey: .group)
+        origin = try c.decodeIfPresent(String.self, forKey: .origin)
+        if let origin, origin.isEmpty || origin.contains(where: { $0 == "@" || $0 == " " || $0 == "<" || $0 == ">" }) {
+            throw DecodingError.dataCorruptedError(forKey: .origin, in: c, debugDescription: "must be a domain name")
+        }
+    }
+}
+
 public struct LogConfig: Sendable, Decodable {
     /// trace, debug, info, notice, warning, error, critical.
     public var level: String = "info"
     /// Where lines go: standard error, the local syslog (facility `mail`, so rsyslog puts
     /// them in /var/log/mail.log), or a file that SIGUSR1 or `tern reload` reopens.
     public var output: LogSink.Output = .stderr
+    /// `tern` (ISO timestamps, the level) or `postfix` (syslog timestamps, host name,
+    /// `tern/smtpd[pid]`), for grep habits and pflogsumm. Syslog output is always the latter.
+    public var style: LogSink.Style = .tern
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case level, output, file
+        case level, output, file, style
         case syslogSocket = "syslog_socket"
     }
     static let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
@@ -292,6 +344,11 @@ public struct LogConfig: Sendable, Decodable {
             throw DecodingError.dataCorruptedError(
                 forKey: .level, in: c, debugDescription: "must be one of \(Self.levels.joined(separator: ", "))")
         }
+        let styleName = try c.decodeIfPresent(String.self, forKey: .style) ?? "tern"
+        guard let style = LogSink.Style(rawValue: styleName) else {
+            throw DecodingError.dataCorruptedError(forKey: .style, in: c, debugDescription: "must be one of tern, postfix")
+        }
+        self.style = style
         let kind = try c.decodeIfPresent(String.self, forKey: .output) ?? "stderr"
         let file = try c.decodeIfPresent(String.self, forKey: .file)
         switch kind {

@@ -26,6 +26,7 @@ enum Prestart {
         var resources: LoadedResources
         var filters: FilterChain
         var sockets: [String: CInt]
+        var localSocket: CInt
         var privileges: PrivilegeDrop
     }
 
@@ -69,21 +70,25 @@ enum Prestart {
                 }
             }
             do {
-                try LogSink.shared.open(config.log.output)  // a log file root may own
+                try LogSink.shared.open(config.log.output)
+                LogSink.shared.configure(style: config.log.style, hostname: config.hostname)  // a log file root may own
             } catch {
                 printError("tern: \(path): \(error)")
                 exit(73)
             }
+            let localSocket: CInt
             do {
                 try SpoolLock.createRoot(config.spool)
                 try privileges.own(config.spool)
+                localSocket = try LocalSubmissionSetup.open(config, owner: (privileges.uid, privileges.gid))
                 try privileges.drop()
             } catch {
                 printError("tern: \(error)")
                 exit(71)
             }
             state = State(
-                configPath: path, config: config, resources: resources, filters: filters, sockets: sockets, privileges: privileges)
+                configPath: path, config: config, resources: resources, filters: filters, sockets: sockets, localSocket: localSocket,
+                privileges: privileges)
         } catch let code as ExitCode {
             exit(code.rawValue)
         } catch {
@@ -96,8 +101,18 @@ enum Prestart {
 @main
 enum Main {
     static func main() {
-        Prestart.run(CommandLine.arguments)
+        let arguments = CommandLine.arguments
+        let name = arguments.first.map { String($0.split(separator: "/").last ?? "") } ?? "tern"
+        Prestart.run(arguments)
         Task {
+            // Called as sendmail, mailq or newaliases (symlinks), or as `tern sendmail`: the
+            // sendmail command line, whose syntax the argument parser does not speak.
+            if ["sendmail", "mailq", "newaliases"].contains(name) {
+                exit(await SendmailCommand.run(Array(arguments.dropFirst()), as: name))
+            }
+            if arguments.count >= 2, arguments[1] == "sendmail" {
+                exit(await SendmailCommand.run(Array(arguments.dropFirst(2)), as: "sendmail"))
+            }
             await Tern.main()
             exit(0)
         }

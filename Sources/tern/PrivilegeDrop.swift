@@ -40,7 +40,8 @@ struct PrivilegeDrop {
         defer { closedir(dir) }
         while let entry = readdir(dir) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
-            guard name != ".", name != ".." else { continue }
+            // Maildrop files stay their submitters' (their owner is who sent them).
+            guard name != ".", name != "..", name != "maildrop" else { continue }
             let child = path + "/" + name
             var st = stat()
             guard lstat(child, &st) == 0 else { continue }

@@ -28,7 +28,7 @@ struct Tern: AsyncParsableCommand {
         commandName: "tern",
         abstract: "Tern, an outbound SMTP relay.",
         version: "tern \(version)",
-        subcommands: [Serve.self, Status.self, Check.self, Reload.self, Queue.self, Lanes.self, Route.self, DKIM.self]
+        subcommands: [Serve.self, Status.self, Check.self, Reload.self, Queue.self, Lanes.self, Route.self, DKIM.self, Sendmail.self]
     )
 }
 
@@ -176,6 +176,7 @@ struct Serve: AsyncParsableCommand {
         if prestart == nil {  // else opened before the privilege drop
             do {
                 try LogSink.shared.open(config.log.output)
+                LogSink.shared.configure(style: config.log.style, hostname: config.hostname)
             } catch {
                 printError("tern: \(options.config): \(error)")
                 throw ExitCode(73)
@@ -261,7 +262,8 @@ struct Serve: AsyncParsableCommand {
         // Listeners are bound here, as the user that started Tern (root may bind port 25);
         // then, with `user:` set, the spool goes to that user and root goes for good.
         do {
-            try await server.bindListeners(sockets: prestart?.sockets ?? [:])
+            let localSocket = try prestart?.localSocket ?? LocalSubmissionSetup.open(config, owner: nil)
+            try await server.bindListeners(sockets: prestart?.sockets ?? [:], localSocket: localSocket)
         } catch {
             printError("tern: \(error)")
             throw ExitCode(71)
@@ -269,11 +271,13 @@ struct Serve: AsyncParsableCommand {
         if let privileges = prestart?.privileges {
             logger.info("running as \(privileges.user) (uid \(privileges.uid), gid \(privileges.gid))")
         }
-        // Services stop in reverse order: the listeners first, the queue manager after them.
+        let pickup = MaildropPickup(
+            spool: config.spool, maxSize: config.limits.maxMessageSize.bytes, threadPool: threadPool, logger: logger)
+        // Services stop in reverse order: the pickup and listeners first, the queue manager after them.
         let group = ServiceGroup(
             configuration: .init(
                 services: [metricsEndpoint.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }].compactMap { $0 }
-                    + [.init(service: queueManager), .init(service: server)],
+                    + [.init(service: queueManager), .init(service: server), .init(service: pickup)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: Logger(label: "tern.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })
             ))

@@ -8,7 +8,12 @@ import socket
 import subprocess
 import time
 
+import shutil
+
+import pytest
+
 from conftest import BINARY, Tern
+from peers import HOSTS, delivery, wait_log
 
 
 def config(extra_log, port="0"):
@@ -77,7 +82,8 @@ def test_syslog_output_has_facility_mail(tmp_path):
         received = ""
         while "from=<app@client.example>" not in received:
             received = sink.recv(65536).decode()
-        assert re.fullmatch(rf"<22>.{{15}} tern\[{proc.pid}\]: \w+: from=<app@client\.example>, .*", received), received
+        # The service is in the tag, as Postfix's: pflogsumm --syslog-name=tern reads it.
+        assert re.fullmatch(rf"<22>.{{15}} tern/qmgr\[{proc.pid}\]: \w+: from=<app@client\.example>, .*", received), received
     finally:
         proc.terminate()
         proc.wait(timeout=20)
@@ -89,3 +95,75 @@ def test_bad_output_names_the_key(tmp_path):
     path.write_text(config("output: journal"))
     out = subprocess.run([BINARY, "check", "--config", str(path)], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 78 and "log.output: must be one of stderr, syslog, file" in out.stderr, out.stderr
+
+
+def pflogsumm(log):
+    out = subprocess.run(["pflogsumm", "--syslog-name=tern", str(log)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def figure(report, label):
+    m = re.search(rf"^\s+(\d+)\s+{label}\b", report, re.M)
+    assert m, f"no '{label}' in:\n{report}"
+    return int(m.group(1))
+
+
+def test_pflogsumm_counts_what_was_sent(tmp_path, dns, mx_port, sinks):
+    """The real pflogsumm on Tern's log (`log.style: postfix`), figures against the traffic."""
+    if shutil.which("pflogsumm") is None:
+        pytest.skip("pflogsumm is not installed (scripts/setup --test installs it)")
+    sink = sinks(HOSTS[0])
+    for domain in ("a.example", "client.example"):
+        dns.add(domain, ("A", HOSTS[0]))
+    dns.add("down.example", ("A", HOSTS[1]))  # nothing listens there: deferred
+    text = "\n".join([
+        "hostname: relay.test",
+        "spool: var/spool",
+        "listeners:",
+        '  - { name: mx, kind: smtp, address: "127.0.0.1:0" }',
+        "access:",
+        '  mynetworks: ["127.0.0.1/32"]',
+        '  reject_senders: ["@bad.example"]',
+        "delivery: " + delivery(dns, mx_port),
+        "log: { output: file, file: mail.log, style: postfix }",
+    ]) + "\n"
+    tern = Tern(tmp_path, text)
+    tern.log_path = tmp_path / "mail.log"
+    tern.start()
+    try:
+        port = tern.port("mx")
+
+        def mail(sender, recipients, source="127.0.0.1"):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as s:
+                s.sendmail(sender, recipients, f"From: {sender}\r\nSubject: s\r\n\r\nbody\r\n".encode())
+
+        mail("app@client.example", ["u1@a.example"])
+        mail("app@client.example", ["u2@a.example", "u3@a.example"])
+        mail("cron@client.example", ["x@nxdomain.example"])  # bounced; its DSN is delivered
+        mail("app@client.example", ["y@down.example"])
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            mail("spam@bad.example", ["u1@a.example"])  # rejected at MAIL
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            mail("app@client.example", ["u1@a.example"], source="127.0.0.2")  # not in mynetworks: relay denied
+        sink.wait(3)  # two messages (one with two recipients) and the bounce
+        wait_log(tern, r"status=deferred")
+    finally:
+        tern.stop()
+    log = (tmp_path / "mail.log").read_text()
+    assert re.search(r"^[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d relay\.test tern/smtp\[\d+\]: \w+: to=<u1@a\.example>, relay=", log, re.M), log
+    report = pflogsumm(tmp_path / "mail.log")
+    assert figure(report, "received") == 4, report
+    assert figure(report, "delivered") == 4, report  # u1, u2, u3 and the bounce to cron@
+    assert figure(report, "deferred") == 1, report
+    assert figure(report, "bounced") == 1, report
+    assert figure(report, "rejected") == 2, report
+    assert figure(report, "senders") == 2, report
+    assert figure(report, "sending hosts/domains") == 1, report
+    assert figure(report, "recipients") == 4, report
+    assert figure(report, "recipient hosts/domains") == 2, report
+    # The per-domain table and the reject detail name what happened.
+    assert re.search(r"^\s+3\s+\d+\s+0\s+.*\ba\.example$", report, re.M), report  # sent cnt, bytes, defers
+    assert re.search(r"^\s+0\s+0\s+\d+\s+.*\bdown\.example$", report, re.M), report
+    assert "Relay access denied" in report and "spam@bad.example" in report
+    assert "Messages with no size data" not in report  # the bounce has its from=<>, size= line too
