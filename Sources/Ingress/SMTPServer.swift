@@ -52,6 +52,14 @@ public final class SMTPServer: Service, Sendable {
 
     private typealias BoundListener = (ListenerConfig, NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>)
     private let preBound = NIOLockedValueBox<[BoundListener]?>(nil)
+    /// The listeners accepting now, by name, and how `run` learns of ones a reload opens.
+    private let active = NIOLockedValueBox(ActiveListeners())
+
+    private struct ActiveListeners {
+        var byName: [String: BoundListener] = [:]
+        var added: AsyncStream<BoundListener>.Continuation?
+        var stopped = false
+    }
 
     /// Binds every listener now; `run` then serves them. `sockets` are listening sockets
     /// bound earlier by name (by root, before a privilege drop), adopted as they are. An
@@ -94,15 +102,29 @@ public final class SMTPServer: Service, Sendable {
     public func run() async throws {
         if preBound.withLockedValue({ $0 == nil }) { try await bindListeners() }
         let servers = preBound.withLockedValue { $0 ?? [] }
+        let (added, continuation) = AsyncStream<BoundListener>.makeStream()
+        active.withLockedValue { active in
+            for bound in servers { active.byName[bound.0.name] = bound }
+            active.added = continuation
+        }
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
                 for (listener, server) in servers {
                     group.addTask { try await self.accept(on: server, listener: listener) }
                 }
+                // Listeners a reload opens join here; the stream ends at shutdown.
+                for await (listener, server) in added {
+                    group.addTask { try await self.accept(on: server, listener: listener) }
+                }
             }
         } onGracefulShutdown: {
             self.environment.logger.info("shutting down: no new connections; open transactions may finish")
-            for (_, server) in servers { server.channel.close(promise: nil) }
+            let current = self.active.withLockedValue { active in
+                active.stopped = true
+                active.added?.finish()
+                return Array(active.byName.values)
+            }
+            for (_, server) in current { server.channel.close(promise: nil) }
             let channels = self.openSessions.withLockedValue { sessions in
                 sessions.shuttingDown = true
                 return Array(sessions.channels.values)
@@ -110,6 +132,61 @@ public final class SMTPServer: Service, Sendable {
             for channel in channels { channel.triggerUserOutboundEvent(SMTPFramingControl.shutdown, promise: nil) }
         }
         environment.logger.info("all sessions closed")
+    }
+
+    /// `tern reload`: opens the listeners that are new or changed and closes the ones that are
+    /// gone or changed; a closed listener's sessions run to their end. Returns what could not
+    /// be done, one sentence each (a port below 1024 after the privilege drop, a kind whose
+    /// TLS or AUTH was not loaded at start); the listeners concerned keep their old state.
+    public func apply(_ listeners: [ListenerConfig]) async -> [String] {
+        var problems: [String] = []
+        let current = active.withLockedValue { $0.stopped ? nil : $0.byName }
+        guard let current else { return [] }
+        func same(_ a: ListenerConfig, _ b: ListenerConfig) -> Bool { a.kind == b.kind && a.address == b.address }
+        let wanted = Dictionary(listeners.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        // Gone or changed: stop accepting (sessions under way finish).
+        for (name, (old, server)) in current where name != ListenerConfig.localName {
+            if let new = wanted[name], same(old, new) { continue }
+            active.withLockedValue { _ = $0.byName.removeValue(forKey: name) }
+            boundAddresses.withLockedValue { _ = $0.removeValue(forKey: name) }
+            try? await server.channel.close()
+            environment.logger.info("reload: no longer listening on \(old.address) (name=\(name))")
+        }
+        for listener in listeners {
+            if let (old, _) = current[listener.name], same(old, listener) { continue }
+            if listener.kind.requiresTLSConfig, environment.tlsContext == nil {
+                problems.append("listener \(listener.name): a \(listener.kind.rawValue) listener needs the TLS certificate, which was not loaded at start: restart")
+                continue
+            }
+            if listener.kind.requiresAuth, environment.users == nil {
+                problems.append("listener \(listener.name): a \(listener.kind.rawValue) listener needs access.users_file, which was not loaded at start: restart")
+                continue
+            }
+            do {
+                let server = try await bind(listener, socket: nil)
+                let address = server.channel.localAddress
+                if let address { boundAddresses.withLockedValue { $0[listener.name] = address } }
+                let accepted = active.withLockedValue { active -> Bool in
+                    guard !active.stopped, let added = active.added else { return false }
+                    active.byName[listener.name] = (listener, server)
+                    added.yield((listener, server))
+                    return true
+                }
+                guard accepted else {
+                    try? await server.channel.close()
+                    continue
+                }
+                environment.logger.info(
+                    "listening on \(address.map(Self.describe) ?? "\(listener.address)") (\(listener.kind.rawValue), name=\(listener.name))")
+            } catch {
+                let failure = ListenError(address: "\(listener.address)", name: listener.name, cause: error)
+                var text = "\(failure)"
+                if listener.address.port < 1024, geteuid() != 0 { text += " (a port below 1024 takes a restart once root is dropped)" }
+                problems.append(text)
+                environment.logger.error("reload: \(text)")
+            }
+        }
+        return problems
     }
 
     private func bind(

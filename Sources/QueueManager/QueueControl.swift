@@ -42,12 +42,15 @@ public struct ControlReply: Sendable, Codable {
     public var lanes: [LaneStatus]?
     /// For `reload`: changed keys that only a restart applies.
     public var needsRestart: [String]?
+    /// For `reload`: what could not be applied (a listener that could not be opened).
+    public var problems: [String]?
 
-    public init(count: Int, error: String? = nil, lanes: [LaneStatus]? = nil, needsRestart: [String]? = nil) {
+    public init(count: Int, error: String? = nil, lanes: [LaneStatus]? = nil, needsRestart: [String]? = nil, problems: [String]? = nil) {
         self.count = count
         self.error = error
         self.lanes = lanes
         self.needsRestart = needsRestart
+        self.problems = problems
     }
 }
 
@@ -59,11 +62,19 @@ public final class QueueManagerService: Service, Sendable {
     let logger: Logger
     /// Reads the config file again: the new config, or why it was refused.
     let reloadConfig: @Sendable () -> Result<(TernConfig, [String: ClientCredentials]), ConfigError>
+    /// Opens and closes listeners as a reloaded config says; returns what it could not do.
+    let applyListeners: @Sendable ([ListenerConfig]) async -> [String]
+    /// Told when a reload starts and ends (systemd's RELOADING=1 and READY=1).
+    let reloadState: @Sendable (_ reloading: Bool) -> Void
 
     public init(
         scheduler: Scheduler, spoolRoot: String, logger: Logger, running: TernConfig? = nil,
-        reloadConfig: @escaping @Sendable () -> Result<(TernConfig, [String: ClientCredentials]), ConfigError> = { .failure(ConfigError(file: "", line: nil, keyPath: "", message: "reload is not available")) }
+        reloadConfig: @escaping @Sendable () -> Result<(TernConfig, [String: ClientCredentials]), ConfigError> = { .failure(ConfigError(file: "", line: nil, keyPath: "", message: "reload is not available")) },
+        applyListeners: @escaping @Sendable ([ListenerConfig]) async -> [String] = { _ in [] },
+        reloadState: @escaping @Sendable (Bool) -> Void = { _ in }
     ) {
+        self.applyListeners = applyListeners
+        self.reloadState = reloadState
         self.running = NIOLockedValueBox(running)
         self.scheduler = scheduler
         self.socketPath = spoolRoot + "/control"
@@ -74,10 +85,18 @@ public final class QueueManagerService: Service, Sendable {
     /// SIGHUP and `tern reload`: a valid new config replaces the shaping rules; an invalid
     /// one is refused and the running one stays.
     func reload() async -> String? {
+        reloadState(true)
+        defer { reloadState(false) }
         LogSink.shared.reopen()
         switch reloadConfig() {
         case .success(let (config, credentials)):
             await scheduler.reload(config, credentials: credentials)
+            let problems = await applyListeners(config.listeners)
+            pendingProblems.withLockedValue { $0 = problems }
+            if problems.isEmpty {
+                // Applied: the next reload compares with these.
+                running.withLockedValue { $0?.listeners = config.listeners }
+            }
             let changed = Self.restartOnly(running.withLockedValue { $0 }, config)
             if !changed.isEmpty {
                 logger.warning("reload: changed \(changed.joined(separator: ", ")) take effect only at a restart; the running values stay")
@@ -95,6 +114,7 @@ public final class QueueManagerService: Service, Sendable {
     /// The config the process started with: what reload cannot change is compared to it.
     let running: NIOLockedValueBox<TernConfig?>
     private let pendingRestart = NIOLockedValueBox<[String]>([])
+    private let pendingProblems = NIOLockedValueBox<[String]>([])
 
     /// The keys whose new values only a restart applies (listeners, access rules, filters,
     /// the spool, TLS files, limits, the user, the resolver, metrics).
@@ -195,7 +215,8 @@ public final class QueueManagerService: Service, Sendable {
             return ControlReply(count: lanes.count, lanes: lanes)
         case .reload:
             if let error = await reload() { return ControlReply(count: 0, error: "reload refused: \(error)") }
-            return ControlReply(count: 1, needsRestart: pendingRestart.withLockedValue { $0 })
+            return ControlReply(
+                count: 1, needsRestart: pendingRestart.withLockedValue { $0 }, problems: pendingProblems.withLockedValue { $0 })
         case .suspend, .resume:
             guard let lane = request.lane else { return ControlReply(count: 0, error: "no lane named") }
             let until = request.operation == .suspend ? request.untilMillis ?? Scheduler.wallClockMillis() + 3_600_000 : nil

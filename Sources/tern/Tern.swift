@@ -245,6 +245,11 @@ struct Serve: AsyncParsableCommand {
             printError("tern: \(options.config): filters: \(error)")
             throw ExitCode(78)
         }
+        let server = SMTPServer(
+            config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
+            group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
+            filters: filters,
+            onQueued: { id, envelope, size, held in Task { await scheduler.queued(id, envelope: envelope, size: size, held: held) } })
         let path = options.config
         let queueManager = QueueManagerService(
             scheduler: scheduler, spoolRoot: config.spool, logger: logger, running: config,
@@ -253,12 +258,9 @@ struct Serve: AsyncParsableCommand {
                     let config = try ConfigLoader.load(path: path, plugins: filterPlugins)
                     return (config, try LoadedResources.smarthostCredentials(config, file: path).get())
                 }
-            })
-        let server = SMTPServer(
-            config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
-            group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
-            filters: filters,
-            onQueued: { id, envelope, size, held in Task { await scheduler.queued(id, envelope: envelope, size: size, held: held) } })
+            },
+            applyListeners: { await server.apply($0) },
+            reloadState: { SystemdNotify.send($0 ? SystemdNotify.reloading() : "READY=1") })
         // Listeners are bound here, as the user that started Tern (root may bind port 25);
         // then, with `user:` set, the spool goes to that user and root goes for good.
         do {
@@ -277,7 +279,7 @@ struct Serve: AsyncParsableCommand {
         let group = ServiceGroup(
             configuration: .init(
                 services: [metricsEndpoint.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }].compactMap { $0 }
-                    + [.init(service: queueManager), .init(service: server), .init(service: pickup)],
+                    + [.init(service: queueManager), .init(service: server), .init(service: pickup), .init(service: ReadinessService())],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: Logger(label: "tern.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })
             ))
@@ -721,8 +723,10 @@ struct Reload: AsyncParsableCommand {
         abstract: "Make the running daemon re-read its delivery settings: routes, smarthost passwords, providers, lane limits, reply rules, retries (as SIGHUP does).",
         discussion: """
             Queued mail and open connections stay; new connections take the new settings. An invalid configuration \
-            is refused, and the running one stays. Listeners, access rules, filters, limits, TLS files, the spool, \
-            user and delivery.resolver take a restart: reload names each such key that changed. A log file is reopened.
+            is refused, and the running one stays. Listeners are opened and closed as the file says (a closed \
+            listener's sessions finish first; a port below 1024 cannot be opened once root is dropped). Access \
+            rules, filters, limits, TLS files, the spool, user and delivery.resolver take a restart: reload names \
+            each such key that changed. A log file is reopened.
             """)
 
     @OptionGroup var options: ConfigOption
@@ -731,6 +735,7 @@ struct Reload: AsyncParsableCommand {
         let config = try options.load()
         let reply = try daemonRequest(config, ControlRequest(operation: .reload, selection: .init()))
         print("reloaded")
+        for problem in reply.problems ?? [] { print("not applied: \(problem)") }
         if let keys = reply.needsRestart, !keys.isEmpty {
             print("changed, and applied only at a restart (the running values stay): \(keys.joined(separator: ", "))")
         }

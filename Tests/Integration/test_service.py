@@ -146,19 +146,86 @@ def test_the_units_exec_lines_run(tmp_path):
     config.write_text('hostname: relay.test\nspool: var/spool\nlisteners:\n  - { name: mx, kind: smtp, address: "127.0.0.1:0" }\n'
                       "delivery: { paused: true }\n")
     env["TERN_CONFIG"] = str(config)  # the unit's /etc/tern/tern.yaml, here
+    # systemd's notification socket, as a Type=notify unit gets it.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(15)
+    env["NOTIFY_SOCKET"] = str(tmp_path / "notify")
     full_env = {**os.environ, **env}
+    assert re.search(r"^Type=notify$", text, re.M)
     line = lambda key: re.search(rf"^{key}=(.*)$", text, re.M).group(1).split()
     assert subprocess.run(line("ExecStartPre"), env=full_env, cwd=tmp_path, capture_output=True, timeout=20).returncode == 0
     log = open(tmp_path / "log", "wb")
     proc = subprocess.Popen(line("ExecStart"), env=full_env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 15
-        while "listening on" not in (tmp_path / "log").read_text() and time.time() < deadline:
-            time.sleep(0.05)
-        assert "listening on" in (tmp_path / "log").read_text()
+        assert notify.recv(4096).decode().startswith("READY=1")
+        assert "listening on" in (tmp_path / "log").read_text()  # ready means accepting
         reload = subprocess.run(line("ExecReload"), env=full_env, cwd=tmp_path, capture_output=True, text=True, timeout=20)
         assert reload.returncode == 0, reload.stderr
+        assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+", notify.recv(4096).decode())
+        assert notify.recv(4096).decode() == "READY=1"
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+    assert notify.recv(4096).decode() == "STOPPING=1"
+    notify.close()
     assert proc.returncode == 0
+
+
+def listeners_config(*listeners, extra=""):
+    lines = ["hostname: relay.test", "spool: var/spool", "listeners:"]
+    lines += [f'  - {{ name: {n}, kind: smtp, address: "{a}" }}' for n, a in listeners]
+    return "\n".join(lines + ["access:", '  mynetworks: ["127.0.0.0/8"]', "delivery: { paused: true }", extra]) + "\n"
+
+
+def test_reload_opens_and_closes_listeners(tmp_path):
+    from conftest import RawClient
+    from peers import wait_log
+    tern = Tern(tmp_path, listeners_config(("a", "127.0.0.1:0"), ("b", "127.0.0.1:0"))).start()
+    try:
+        port_a, port_b = tern.port("a"), tern.port("b")
+        # A transaction under way on b when b goes away.
+        client = RawClient(port_b)
+        assert client.greeting[0] == 220
+        assert client.cmd("EHLO app")[0] == 250
+        assert client.cmd("MAIL FROM:<app@relay.test>")[0] == 250
+        tern.config_path.write_text(listeners_config(("a", "127.0.0.1:0"), ("c", "127.0.0.1:0")))
+        out = tern.run("reload")
+        assert "applied only at a restart" not in out.stdout and "not applied" not in out.stdout, out.stdout
+        port_c = int(wait_log(tern, r"listening on 127\.0\.0\.1:(\d+) \(smtp, name=c\)").group(1))
+        wait_log(tern, r"no longer listening on 127\.0\.0\.1:0 \(name=b\)")
+        # b takes no new connection; its open session finishes its message.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port_b), timeout=5)
+        assert client.cmd("RCPT TO:<u@example.org>")[0] == 250
+        assert client.cmd("DATA")[0] == 354
+        assert client.cmd("Subject: x\r\n\r\nbody\r\n.")[0] == 250
+        client.close()
+        for port in (port_a, port_c):  # a stays, c is new
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.sendmail("app@relay.test", ["u@example.org"], b"Subject: y\r\n\r\nx\r\n")
+        assert len(tern.queue()) == 3
+    finally:
+        tern.stop()
+
+
+def test_reload_says_what_it_could_not_open(home):
+    """A port below 1024 after the drop to `user:` cannot be bound: reload says so, and the
+    running listeners stay."""
+    if os.geteuid() != 0:
+        pytest.skip("the drop is from root")
+    low = free_privileged_port()
+    (home / "tern.yaml").write_text(listeners_config(("mx", "127.0.0.1:0"), extra="user: nobody"))
+    tern = Tern(home, (home / "tern.yaml").read_text()).start()
+    try:
+        tern.config_path.write_text(listeners_config(("mx", "127.0.0.1:0"), ("low", f"127.0.0.1:{low}"), extra="user: nobody"))
+        out = subprocess.run([BINARY, "reload", "--config", str(tern.config_path)], capture_output=True, text=True, cwd=home,
+                             timeout=20)
+        assert out.returncode == 0, out.stderr
+        assert (f"not applied: cannot listen on 127.0.0.1:{low} (listeners: low): permission denied "
+                "(a port below 1024 takes a restart once root is dropped)") in out.stdout, out.stdout
+        assert "listeners" in out.stdout.split("restart (the running values stay):")[-1]
+        with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10) as s:
+            assert s.noop()[0] == 250
+    finally:
+        tern.stop()
