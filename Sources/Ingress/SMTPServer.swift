@@ -312,14 +312,20 @@ public final class SMTPServer: Service, Sendable {
             }
         } catch is CancellationError {
         } catch let error as NIOSSLError {
+            inboundTLSFailure(listener)
             logger.info("TLS error from \(client): \(error)")
         } catch let error as BoringSSLError {
+            inboundTLSFailure(listener)
             logger.info("TLS error from \(client): \(error)")
         } catch let error as ChannelError where error == .ioOnClosedChannel || error == .alreadyClosed {
         } catch {
             logger.info("lost connection from \(client): \(error)")
         }
         logger.info("disconnect from \(client)")
+    }
+
+    private func inboundTLSFailure(_ listener: ListenerConfig) {
+        Counter(label: "tern_inbound_tls_failures_total", dimensions: [("listener", listener.name)]).increment()
     }
 
     /// The user id of the process at the other end of a Unix socket (SO_PEERCRED).

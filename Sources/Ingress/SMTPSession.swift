@@ -257,6 +257,7 @@ struct SMTPSession {
             logger.info("\(client): sasl_username=\(user)")
         } else {
             let delay = throttle.recordFailure(clientAddress)
+            Counter(label: "tern_auth_failures_total", dimensions: [("listener", listener.name)]).increment()
             logger.notice("warning: \(client): SASL authentication failed for user \(user)")
             try await Task.sleep(for: delay)
         }
@@ -405,6 +406,7 @@ struct SMTPSession {
             }
         }
         await writer.abort()
+        Self.countReject(stage: "END-OF-MESSAGE", SessionStateMachine.reply(for: outcome))
         // As Postfix logs it, with the reply the client got (pflogsumm counts these).
         let to = transaction.recipients.first?.address ?? ""
         logger.info(
@@ -445,6 +447,7 @@ struct SMTPSession {
         switch outcome.verdict {
         case .continue, .accept: break
         case .reject(let reply), .tempfail(let reply):
+            Self.countReject(stage: "filter", reply)
             logger.info("\(writer.id): reject by filter \(filter): \(reply); from=<\(envelope.sender)>")
             return .stop(.filtered(reply))
         case .discard:
@@ -621,5 +624,18 @@ struct SMTPSession {
         detail += " proto=\(machine.protocolName)"
         if let helo = machine.helo { detail += " helo=<\(helo)>" }
         logger.info("NOQUEUE: reject: \(safeVerb) from \(postfixClient): \(reply);\(detail)")
+        Self.countReject(stage: Self.countedVerbs.contains(safeVerb) ? safeVerb : "other", reply)
+    }
+
+    /// Verbs that get their own `stage` in `tern_rejects_total`; anything a client makes up
+    /// is `other`, so no client can add series.
+    static let countedVerbs: Set<String> = [
+        "CONNECT", "EHLO", "HELO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "BDAT", "END-OF-MESSAGE", "RSET", "VRFY", "EXPN", "NOOP", "QUIT",
+    ]
+
+    /// `tern_rejects_total{stage, code}`: refusals by where and why (reply code and enhanced code).
+    static func countReject(stage: String, _ reply: SMTPReply) {
+        let code = "\(reply.code)" + (reply.enhanced.map { " \($0)" } ?? "")
+        Counter(label: "tern_rejects_total", dimensions: [("stage", stage), ("code", code)]).increment()
     }
 }

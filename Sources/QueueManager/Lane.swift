@@ -565,6 +565,14 @@ struct LaneWorker: Sendable {
                         if DeliveryPolicy.throttlesLane(stage: error.stage, outcome: error.outcome) {
                             await lane.connectionFailed(error.outcome)
                         }
+                        if case .tls = error.outcome {
+                            Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", lane.key)]).increment()
+                        } else if error.stage == .startTLS {
+                            Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", lane.key)]).increment()
+                        }
+                        if error.stage == .auth {
+                            Counter(label: "tern_upstream_auth_failures_total", dimensions: [("lane", lane.key)]).increment()
+                        }
                         environment.logger.info(
                             "\(job.id): connect to \(host.name)[\(address)]:\(serverPort) failed at \(error.stage.rawValue): \(error.outcome)",
                             metadata: [LogSink.serviceKey: "smtp"])

@@ -79,6 +79,14 @@ public actor Scheduler {
         bounced: Counter(label: "tern_delivery_attempts_total", dimensions: [("status", "bounced")])
     )
     private let depth = Gauge(label: "tern_queue_messages")
+    /// Seconds since the oldest queued message arrived; 0 with an empty queue.
+    private let oldestAge = Gauge(label: "tern_queue_oldest_message_age_seconds")
+    private var nextAgeUpdate: Int64 = 0
+
+    /// `tern_deliveries_total{lane, status}`: one per recipient per attempt.
+    static func countDelivery(lane: String, status: String) {
+        Counter(label: "tern_deliveries_total", dimensions: [("lane", lane), ("status", status)]).increment()
+    }
     private let active = Gauge(label: "tern_queue_active_transactions")
 
     public init(
@@ -140,6 +148,10 @@ public actor Scheduler {
             for id in due {
                 waiting[id] = nil
                 await dispatch(id)
+            }
+            if now >= nextAgeUpdate {
+                oldestAge.record(entries.values.map(\.envelope.arrivalMillis).min().map { max(0, now - $0) / 1000 } ?? 0)
+                nextAgeUpdate = now + 5000
             }
             if now >= nextSweep {
                 await sweep(now: now)
@@ -430,6 +442,12 @@ public actor Scheduler {
             case .tryNextHost: break
             }
             log(id, recipient: recipient.address, result: result, verdict: verdict, times: outcome.times, arrival: entry.envelope.arrivalMillis, now: now)
+            switch verdict {
+            case .delivered: Self.countDelivery(lane: outcome.job.route.laneKey, status: "sent")
+            case .bounced: Self.countDelivery(lane: outcome.job.route.laneKey, status: "bounced")
+            case .deferred: Self.countDelivery(lane: outcome.job.route.laneKey, status: "deferred")
+            case .tryNextHost: break
+            }
             switch verdict {
             case .delivered(let reply):
                 attempts.sent.increment()

@@ -189,6 +189,8 @@ struct Serve: AsyncParsableCommand {
             let registry = PrometheusCollectorRegistry()
             MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
             metricsEndpoint = MetricsEndpoint(address: metrics.address, registry: registry, logger: logger)
+            Gauge(label: "tern_up").record(1)
+            Gauge(label: "tern_start_time_seconds").record(Int(time(nil)))
         }
 
         // File I/O blocks; it runs here, never on an event loop. Many threads let the

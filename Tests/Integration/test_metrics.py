@@ -20,6 +20,18 @@ def value(text, series):
     return None
 
 
+def labelled(text, name, **labels):
+    """The value of the series `name` whose labels include these, in any order."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        body = line[len(name) + 1:line.index("}")]
+        found = dict(part.split("=", 1) for part in body.split(","))
+        if all(found.get(k) == f'"{v}"' for k, v in labels.items()):
+            return float(line.split()[-1])
+    return None
+
+
 def test_metrics_count_accepted_and_delivered_mail(make_tern, dns, mx_port, sinks):
     dns.add("ok.example", ("A", "127.0.0.11"))
     dns.add("gone.example", ("A", "127.0.0.11"))
@@ -40,6 +52,8 @@ def test_metrics_count_accepted_and_delivered_mail(make_tern, dns, mx_port, sink
     assert value(text, 'tern_lane_connections{lane="ok.example"}') is not None
     assert value(text, 'tern_lane_in_flight{lane="ok.example"}') == 0
     assert value(text, 'tern_lane_throttled{lane="ok.example"}') == 0
+    assert labelled(text, "tern_deliveries_total", lane="ok.example", status="sent") == 2
+    assert labelled(text, "tern_deliveries_total", lane="gone.example", status="bounced") == 1
     with pytest.raises(urllib.error.HTTPError) as e:
         scrape(port, "/")
     assert e.value.code == 404
@@ -90,3 +104,40 @@ def test_idle_and_excess_connections_are_closed(make_tern):
     assert "tern_" in scrape(port)
     for s in idle:
         s.close()
+
+
+def test_every_series_is_described_and_the_alert_inputs_count(make_tern, certs, users_file):
+    """The series config/alerts.yaml uses: rejects by reason, client AUTH and TLS failures,
+    the oldest message's age, up; each with # HELP and # TYPE."""
+    import smtplib
+    import socket
+    import ssl
+    import time
+    from conftest import tls_client_context
+    port = free_port()
+    tern = make_tern(listeners=[("mx", "smtp"), ("smtps", "smtps")], tls=certs, users=users_file,
+                     mynetworks=("127.0.0.1/32",), extra=f'metrics: {{ address: "127.0.0.1:{port}" }}')
+    send(tern, "app@client.example", ["a@ok.example"])  # queued; delivery is paused
+    with smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10, source_address=("127.0.0.2", 0)) as s:  # outside mynetworks
+        s.ehlo()
+        s.mail("app@client.example")
+        assert s.rcpt("u@example.org")[0] == 554
+        assert s.rcpt("v@example.org")[0] == 554
+    with smtplib.SMTP_SSL("127.0.0.1", tern.port("smtps"), context=tls_client_context(certs), timeout=10) as s:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login("alice", "not the password")
+    raw = socket.create_connection(("127.0.0.1", tern.port("smtps")), timeout=5)
+    raw.sendall(b"EHLO plaintext-on-an-implicit-tls-port\r\n")
+    raw.recv(100)
+    raw.close()
+    time.sleep(6)  # the oldest message's age is refreshed every 5 s
+    text = scrape(port)
+    assert labelled(text, "tern_rejects_total", stage="RCPT", code="554 5.7.1") == 2
+    assert labelled(text, "tern_auth_failures_total", listener="smtps") == 2  # smtplib tries PLAIN, then LOGIN
+    assert labelled(text, "tern_inbound_tls_failures_total", listener="smtps") == 1
+    assert value(text, "tern_queue_oldest_message_age_seconds") >= 1
+    assert value(text, "tern_up") == 1
+    assert value(text, "tern_start_time_seconds") > 1.7e9
+    types = {l.split()[2] for l in text.splitlines() if l.startswith("# TYPE ")}
+    helps = {l.split()[2] for l in text.splitlines() if l.startswith("# HELP ")}
+    assert types and types == helps, types ^ helps

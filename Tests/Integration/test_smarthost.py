@@ -48,11 +48,16 @@ def test_wrong_password_defers(make_tern, certs, tmp_path, upstream):
     bad = tmp_path / "bad.pw"
     bad.write_text("wrong\n")
     os.chmod(bad, 0o600)
-    tern = make_tern(delivery="{ retry_first: 1m }", extra=smarthost_route(upstream.port, certs, bad))
+    metrics = free_port()
+    tern = make_tern(delivery="{ retry_first: 1m }",
+                     extra=smarthost_route(upstream.port, certs, bad) + f'metrics: {{ address: "127.0.0.1:{metrics}" }}\n')
     send(tern, "app@client.example", ["someone@gmail.example"])
     wait_log(tern, r"to=<someone@gmail\.example>, .*dsn=4\.7\.\d+, status=deferred \(smtp; 535")
     assert upstream.received == []
     assert tern.queue()[0]["recipients"][0]["state"] == "deferred"
+    from test_metrics import labelled, scrape
+    text = scrape(metrics)
+    assert labelled(text, "tern_upstream_auth_failures_total", lane=f"relay@localhost:{upstream.port}") == 1, text
 
 
 def test_verify_refuses_a_certificate_for_another_name(make_tern, certs, password_file, tmp_path):
@@ -65,9 +70,13 @@ def test_verify_refuses_a_certificate_for_another_name(make_tern, certs, passwor
         "-CAcreateserial", "-out", "other.crt", "-days", "2", "-extfile", "ext.cnf")
     impostor = Sink(host="127.0.0.1", tls=(tmp_path / "other.crt", tmp_path / "other.key"), auth=("relay", "correct horse"))
     try:
-        tern = make_tern(delivery="{ retry_first: 1m }", extra=smarthost_route(impostor.port, certs, password_file))
+        metrics = free_port()
+        tern = make_tern(delivery="{ retry_first: 1m }",
+                         extra=smarthost_route(impostor.port, certs, password_file) + f'metrics: {{ address: "127.0.0.1:{metrics}" }}\n')
         send(tern, "app@client.example", ["someone@gmail.example"])
         wait_log(tern, r"to=<someone@gmail\.example>, .*dsn=4\.7\.5, status=deferred \(X-Tern; TLS failed")
+        from test_metrics import labelled, scrape
+        assert labelled(scrape(metrics), "tern_outbound_tls_failures_total", lane=f"relay@localhost:{impostor.port}") >= 1
         assert impostor.received == []
         assert impostor.total_connections >= 1
     finally:
