@@ -441,7 +441,8 @@ public actor Scheduler {
             case .deferred(_, let d), .bounced(_, let d): laneLastReply[outcome.job.route.laneKey] = d
             case .tryNextHost: break
             }
-            log(id, recipient: recipient.address, result: result, verdict: verdict, times: outcome.times, arrival: entry.envelope.arrivalMillis, now: now)
+            log(id, recipient: recipient.address, result: result, verdict: verdict, times: outcome.times, arrival: entry.envelope.arrivalMillis, now: now,
+                lane: outcome.job.route.laneKey)
             switch verdict {
             case .delivered: Self.countDelivery(lane: outcome.job.route.laneKey, status: "sent")
             case .bounced: Self.countDelivery(lane: outcome.job.route.laneKey, status: "bounced")
@@ -645,7 +646,12 @@ public actor Scheduler {
         }
     }
 
-    private func log(_ id: QueueID, recipient: String, result: RecipientResult, verdict: RecipientVerdict, times: AttemptTimes, arrival: Int64, now: Int64) {
+    /// The delivery line, as Postfix's smtp writes it, and the lane after the reply (where
+    /// pflogsumm's patterns and `grep status=` ignore it; `tern report` reads it).
+    private func log(
+        _ id: QueueID, recipient: String, result: RecipientResult, verdict: RecipientVerdict, times: AttemptTimes, arrival: Int64, now: Int64,
+        lane: String
+    ) {
         let (status, dsn, text): (String, String, String)
         switch verdict {
         case .delivered(let reply): (status, dsn, text) = ("sent", (reply.enhanced ?? EnhancedStatusCode(2, 0, 0)).description, reply.description)
@@ -660,7 +666,7 @@ public actor Scheduler {
         let line =
             "\(id): to=<\(recipient)>, relay=\(result.relay), delay=\(seconds(now - arrival)), "
             + "delays=\(seconds(times.queued))/\(seconds(times.waited))/\(seconds(times.setup))/\(seconds(times.transmission)), "
-            + "dsn=\(dsn), status=\(status) (\(text))"
+            + "dsn=\(dsn), status=\(status) (\(text)) lane=\(lane)"
         logger.info("\(line)", metadata: [LogSink.serviceKey: "smtp"])
     }
 

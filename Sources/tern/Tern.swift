@@ -28,7 +28,7 @@ struct Tern: AsyncParsableCommand {
         commandName: "tern",
         abstract: "Tern, an outbound SMTP relay.",
         version: "tern \(version)",
-        subcommands: [Serve.self, Status.self, Check.self, Reload.self, Queue.self, Lanes.self, Route.self, DKIM.self, Sendmail.self]
+        subcommands: [Serve.self, Status.self, Check.self, Reload.self, Queue.self, Lanes.self, Route.self, DKIM.self, Report.self, Sendmail.self]
     )
 }
 

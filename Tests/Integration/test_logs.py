@@ -167,3 +167,30 @@ def test_pflogsumm_counts_what_was_sent(tmp_path, dns, mx_port, sinks):
     assert re.search(r"^\s+0\s+0\s+\d+\s+.*\bdown\.example$", report, re.M), report
     assert "Relay access denied" in report and "spam@bad.example" in report
     assert "Messages with no size data" not in report  # the bounce has its from=<>, size= line too
+
+    # tern report reads the same log, and agrees.
+    import json
+    out = subprocess.run([BINARY, "report", "--json", "--config", str(tern.config_path)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    ours = json.loads(out.stdout)
+    assert (ours["received"], ours["delivered"], ours["deferredMessages"], ours["bounced"], ours["rejected"]) == (4, 4, 1, 1, 2)
+    assert ours["notifications"] == 1
+    assert {c["name"]: c["count"] for c in ours["topSenders"]} == {"app@client.example": 3, "cron@client.example": 1}
+    a = next(r for r in ours["byDomain"] if r["name"] == "a.example")
+    assert (a["sent"], a["deferred"], a["bounced"]) == (3, 0, 0)
+    lane = next(r for r in ours["byLane"] if r["name"] == "down.example")
+    assert lane["sent"] == 0 and lane["deferred"] == ours["deferrals"] >= 1
+    assert any(c["name"].startswith("RCPT 554 5.7.1 Relay access denied") for c in ours["rejectReasons"]), ours["rejectReasons"]
+    assert any("no such domain" in c["name"] for c in ours["bounceReasons"]), ours["bounceReasons"]
+    assert ours["queued"] == 1  # the deferred message
+    # As text, mailed from cron: `tern report | tern sendmail admin@…` (the daemon is down: the maildrop).
+    text = subprocess.run([BINARY, "report", "--config", str(tern.config_path)], cwd=tmp_path, capture_output=True, timeout=30)
+    assert text.returncode == 0 and text.stdout.startswith(b"Subject: Tern report for relay.test: ")
+    mailed = subprocess.run([BINARY, "sendmail", "-C", str(tern.config_path), "admin@relay.test"], input=text.stdout,
+                            cwd=tmp_path, capture_output=True, timeout=30)
+    assert mailed.returncode == 0, mailed.stderr
+    [drop] = list((tmp_path / "var/spool/maildrop").iterdir())
+    content = drop.read_bytes()
+    assert b"recipient admin@relay.test\n" in content and b"\r\nSubject: Tern report for relay.test" in content
+    assert b"       4  received" in content
