@@ -565,13 +565,15 @@ struct LaneWorker: Sendable {
                         if DeliveryPolicy.throttlesLane(stage: error.stage, outcome: error.outcome) {
                             await lane.connectionFailed(error.outcome)
                         }
-                        if case .tls = error.outcome {
+                        var tlsFailed = error.stage == .startTLS
+                        if case .tls = error.outcome { tlsFailed = true }
+                        if tlsFailed {
                             Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", lane.key)]).increment()
-                        } else if error.stage == .startTLS {
-                            Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", lane.key)]).increment()
+                            OperationalCounters.shared.add { $0.tlsFailures += 1 }
                         }
                         if error.stage == .auth {
                             Counter(label: "tern_upstream_auth_failures_total", dimensions: [("lane", lane.key)]).increment()
+                            OperationalCounters.shared.add { $0.upstreamAuthFailures += 1 }
                         }
                         environment.logger.info(
                             "\(job.id): connect to \(host.name)[\(address)]:\(serverPort) failed at \(error.stage.rawValue): \(error.outcome)",

@@ -132,6 +132,7 @@ public final class QueueManagerService: Service, Sendable {
               new.filters.map { "\($0.name) \($0.type) \($0.listeners ?? []) \($0.settings)" })
         check("metrics", old.metrics.map { "\($0.address)" } as Any, new.metrics.map { "\($0.address)" } as Any)
         check("sendmail", old.sendmail, new.sendmail)
+        check("alerts", old.alerts as Any, new.alerts as Any)
         check("user", [old.user, old.group], [new.user, new.group])
         check("delivery.resolver", old.delivery.resolver.map { "\($0)" } as Any, new.delivery.resolver.map { "\($0)" } as Any)
         return changed

@@ -86,6 +86,15 @@ public actor Scheduler {
     /// `tern_deliveries_total{lane, status}`: one per recipient per attempt.
     static func countDelivery(lane: String, status: String) {
         Counter(label: "tern_deliveries_total", dimensions: [("lane", lane), ("status", status)]).increment()
+        if status == "sent" { OperationalCounters.shared.add { $0.sent += 1 } }
+        if status == "bounced" { OperationalCounters.shared.add { $0.bounced += 1 } }
+    }
+
+    /// Messages queued and the oldest one's age in seconds, for the built-in alerts.
+    public func queueSummary() -> (count: Int, oldestAgeSeconds: Int64) {
+        let now = environment.now()
+        let oldest = entries.values.map(\.envelope.arrivalMillis).min()
+        return (entries.count, oldest.map { max(0, now - $0) / 1000 } ?? 0)
     }
     private let active = Gauge(label: "tern_queue_active_transactions")
 

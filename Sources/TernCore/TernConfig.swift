@@ -33,10 +33,12 @@ public struct TernConfig: Sendable, Decodable {
     public var group: String?
     /// Local submission: `tern sendmail`, the maildrop and the local socket.
     public var sendmail: SendmailConfig
+    /// Alerts mailed to the operator through Tern itself, for sites without Prometheus.
+    public var alerts: AlertsConfig?
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case hostname, spool, listeners, tls, access, limits, log, delivery, routes, metrics, filters, providers, user, group
-        case sendmail
+        case sendmail, alerts
         case providersFile = "providers_file"
     }
 
@@ -59,6 +61,7 @@ public struct TernConfig: Sendable, Decodable {
         user = try c.decodeIfPresent(String.self, forKey: .user)
         group = try c.decodeIfPresent(String.self, forKey: .group)
         sendmail = try c.decodeIfPresent(SendmailConfig.self, forKey: .sendmail) ?? SendmailConfig()
+        alerts = try c.decodeIfPresent(AlertsConfig.self, forKey: .alerts)
         if sendmail.origin == nil { sendmail.origin = hostname }
         if group != nil, user == nil {
             throw DecodingError.dataCorruptedError(forKey: .group, in: c, debugDescription: "group needs user")
@@ -274,6 +277,73 @@ public struct LimitsConfig: Sendable, Decodable {
         filterMemory = try c.decodeIfPresent(ByteSize.self, forKey: .filterMemory) ?? d.filterMemory
         stressCommandTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .stressCommandTimeout) ?? d.stressCommandTimeout
         stressDataTimeout = try c.decodeIfPresent(ConfigDuration.self, forKey: .stressDataTimeout) ?? d.stressDataTimeout
+    }
+}
+
+/// `alerts:`: thresholds whose crossing Tern mails to the operator, through its own queue, at
+/// most once per `repeat` for each kind, and once more when it clears; as the deployment
+/// guides' cron script does, without the script.
+public struct AlertsConfig: Sendable, Decodable, Equatable {
+    /// Who gets the alerts.
+    public var to: [String]
+    /// The sender (default: `tern@` the sendmail origin).
+    public var from: String?
+    /// Messages queued (default 1000).
+    public var queueDepth: Int? = 1000
+    /// The oldest queued message's age (default 1h).
+    public var oldestMessage: ConfigDuration? = ConfigDuration(.seconds(3600))
+    /// Logins refused by next hops within `window` (default 1).
+    public var upstreamAuthFailures: Int? = 1
+    /// Failed TLS with next hops within `window` (default 5).
+    public var tlsFailures: Int? = 5
+    /// Bounced share of the deliveries within `window`, in percent (default 5), once at least
+    /// `min_deliveries` were made.
+    public var bounceRate: Double? = 5
+    public var minDeliveries = 20
+    public var window = ConfigDuration(.seconds(3600))
+    /// At most one mail per kind of alert per this long (default 1h).
+    public var `repeat` = ConfigDuration(.seconds(3600))
+    /// How often thresholds are checked (default 1m).
+    public var checkEvery = ConfigDuration(.seconds(60))
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case to, from, window, `repeat`
+        case queueDepth = "queue_depth"
+        case oldestMessage = "oldest_message"
+        case upstreamAuthFailures = "upstream_auth_failures"
+        case tlsFailures = "tls_failures"
+        case bounceRate = "bounce_rate"
+        case minDeliveries = "min_deliveries"
+        case checkEvery = "check_every"
+    }
+
+    public init(to: [String]) { self.to = to }
+
+    public init(from decoder: any Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        to = try c.decode([String].self, forKey: .to)
+        guard !to.isEmpty, to.allSatisfy({ $0.contains("@") && !$0.contains(where: { $0 == " " || $0 == "<" || $0 == ">" }) }) else {
+            throw DecodingError.dataCorruptedError(forKey: .to, in: c, debugDescription: "needs at least one address (user@domain)")
+        }
+        from = try c.decodeIfPresent(String.self, forKey: .from)
+        // A threshold set to `off` (null) is not checked.
+        func threshold<T: Decodable>(_ key: CodingKeys, _ fallback: T?) throws -> T? {
+            guard c.contains(key) else { return fallback }
+            return try c.decodeNil(forKey: key) ? nil : c.decode(T.self, forKey: key)
+        }
+        queueDepth = try threshold(.queueDepth, queueDepth)
+        oldestMessage = try threshold(.oldestMessage, oldestMessage)
+        upstreamAuthFailures = try threshold(.upstreamAuthFailures, upstreamAuthFailures)
+        tlsFailures = try threshold(.tlsFailures, tlsFailures)
+        bounceRate = try threshold(.bounceRate, bounceRate)
+        if let rate = bounceRate, !(0...100).contains(rate) {
+            throw DecodingError.dataCorruptedError(forKey: .bounceRate, in: c, debugDescription: "a percentage, 0 to 100")
+        }
+        minDeliveries = try c.decodeIfPresent(Int.self, forKey: .minDeliveries) ?? minDeliveries
+        window = try c.decodeIfPresent(ConfigDuration.self, forKey: .window) ?? window
+        self.repeat = try c.decodeIfPresent(ConfigDuration.self, forKey: .repeat) ?? self.repeat
+        checkEvery = try c.decodeIfPresent(ConfigDuration.self, forKey: .checkEvery) ?? checkEvery
     }
 }
 

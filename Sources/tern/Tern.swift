@@ -277,11 +277,16 @@ struct Serve: AsyncParsableCommand {
         }
         let pickup = MaildropPickup(
             spool: config.spool, maxSize: config.limits.maxMessageSize.bytes, threadPool: threadPool, logger: logger)
+        let alertMonitor = config.alerts.map {
+            AlertMonitor(config: $0, tern: config, scheduler: scheduler, threadPool: threadPool, logger: logger)
+        }
         // Services stop in reverse order: the pickup and listeners first, the queue manager after them.
         let group = ServiceGroup(
             configuration: .init(
                 services: [metricsEndpoint.map { ServiceGroupConfiguration.ServiceConfiguration(service: $0) }].compactMap { $0 }
-                    + [.init(service: queueManager), .init(service: server), .init(service: pickup), .init(service: ReadinessService())],
+                    + [.init(service: queueManager), .init(service: server), .init(service: pickup)]
+                    + (alertMonitor.map { [ServiceGroupConfiguration.ServiceConfiguration(service: $0)] } ?? [])
+                    + [.init(service: ReadinessService())],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: Logger(label: "tern.lifecycle", factory: { _ in SwiftLogNoOpLogHandler() })
             ))
