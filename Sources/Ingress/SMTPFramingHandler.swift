@@ -97,9 +97,32 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
     /// until the session catches up.
     static let maxBuffered = 256 * 1024
 
-    init(maxLineLength: Int = SMTPLimits.commandLineWithExtensions, timeouts: FramingTimeouts) {
+    /// Told once per connection when TLS fails (the handshake, a bad record): the handshake
+    /// error reaches this handler, which sits after the TLS handler, whether or not the
+    /// session is still reading when the connection closes.
+    private let onTLSFailure: ((any Error) -> Void)?
+    private var tlsFailed = false
+
+    init(
+        maxLineLength: Int = SMTPLimits.commandLineWithExtensions, timeouts: FramingTimeouts,
+        onTLSFailure: ((any Error) -> Void)? = nil
+    ) {
         self.maxLineLength = maxLineLength
         self.timeouts = timeouts
+        self.onTLSFailure = onTLSFailure
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // A client that closes without close_notify has not failed TLS: many do.
+        if let e = error as? NIOSSLError, case .uncleanShutdown = e {
+            context.fireErrorCaught(error)
+            return
+        }
+        if !tlsFailed, error is NIOSSLError || error is BoringSSLError {
+            tlsFailed = true
+            onTLSFailure?(error)
+        }
+        context.fireErrorCaught(error)
     }
 
     convenience init(maxLineLength: Int = SMTPLimits.commandLineWithExtensions, commandTimeout: TimeAmount, dataTimeout: TimeAmount) {

@@ -203,7 +203,9 @@ public final class SMTPServer: Service, Sendable {
             channel.eventLoop.makeCompletedFuture {
                 let sync = channel.pipeline.syncOperations
                 if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
-                try sync.addHandler(SMTPFramingHandler(timeouts: timeouts))
+                let remote = channel.remoteAddress
+                try sync.addHandler(
+                    SMTPFramingHandler(timeouts: timeouts) { [weak self] error in self?.tlsFailed(listener, remote: remote, error) })
                 return try NIOAsyncChannel<SMTPFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
             }
         }
@@ -311,12 +313,9 @@ public final class SMTPServer: Service, Sendable {
                 try await session.run()
             }
         } catch is CancellationError {
-        } catch let error as NIOSSLError {
-            inboundTLSFailure(listener)
-            logger.info("TLS error from \(client): \(error)")
-        } catch let error as BoringSSLError {
-            inboundTLSFailure(listener)
-            logger.info("TLS error from \(client): \(error)")
+        } catch is NIOSSLError {
+            // Logged and counted where the TLS handler reported it (`tlsFailed`).
+        } catch is BoringSSLError {
         } catch let error as ChannelError where error == .ioOnClosedChannel || error == .alreadyClosed {
         } catch {
             logger.info("lost connection from \(client): \(error)")
@@ -324,8 +323,12 @@ public final class SMTPServer: Service, Sendable {
         logger.info("disconnect from \(client)")
     }
 
-    private func inboundTLSFailure(_ listener: ListenerConfig) {
+    private func tlsFailed(_ listener: ListenerConfig, remote: SocketAddress?, _ error: any Error) {
         Counter(label: "tern_inbound_tls_failures_total", dimensions: [("listener", listener.name)]).increment()
+        let client = remote.map { "[\($0.ipAddress ?? "unknown")]:\($0.port ?? 0)" } ?? "unknown"
+        var logger = environment.logger
+        logger[metadataKey: LogSink.serviceKey] = "smtpd"
+        logger.info("TLS error from \(client): \(error)")
     }
 
     /// The user id of the process at the other end of a Unix socket (SO_PEERCRED).

@@ -62,7 +62,6 @@ public struct TernConfig: Sendable, Decodable {
         group = try c.decodeIfPresent(String.self, forKey: .group)
         sendmail = try c.decodeIfPresent(SendmailConfig.self, forKey: .sendmail) ?? SendmailConfig()
         alerts = try c.decodeIfPresent(AlertsConfig.self, forKey: .alerts)
-        if sendmail.origin == nil { sendmail.origin = hostname }
         if group != nil, user == nil {
             throw DecodingError.dataCorruptedError(forKey: .group, in: c, debugDescription: "group needs user")
         }
