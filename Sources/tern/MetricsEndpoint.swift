@@ -24,7 +24,11 @@ final class MetricsEndpoint: Service, Sendable {
         self.logger = logger
     }
 
-    func run() async throws {
+    private let bound = NIOLockedValueBox<(any Channel)?>(nil)
+
+    /// Binds the endpoint now (before the listeners announce themselves, so that whoever
+    /// waits for them finds the metrics up too); `run` serves it.
+    func bind() async throws {
         let registry = self.registry
         let open = NIOLockedValueBox(0)
         let channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
@@ -46,9 +50,14 @@ final class MetricsEndpoint: Service, Sendable {
                 }
             }
             .bind(host: address.host, port: address.port).get()
+        bound.withLockedValue { $0 = channel }
         logger.info("metrics on http://\(address)/metrics")
+    }
+
+    func run() async throws {
+        if bound.withLockedValue({ $0 == nil }) { try await bind() }
         try? await gracefulShutdown()
-        try await channel.close()
+        try await bound.withLockedValue { $0 }?.close()
     }
 }
 

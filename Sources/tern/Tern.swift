@@ -266,6 +266,12 @@ struct Serve: AsyncParsableCommand {
         // Listeners are bound here, as the user that started Tern (root may bind port 25);
         // then, with `user:` set, the spool goes to that user and root goes for good.
         do {
+            try await metricsEndpoint?.bind()
+        } catch {
+            printError("tern: metrics.address: cannot listen on \(config.metrics.map { "\($0.address)" } ?? ""): \(error)")
+            throw ExitCode(71)
+        }
+        do {
             let localSocket = try prestart?.localSocket ?? LocalSubmissionSetup.open(config, owner: nil)
             try await server.bindListeners(sockets: prestart?.sockets ?? [:], localSocket: localSocket)
         } catch {
