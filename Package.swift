@@ -85,7 +85,7 @@ let package = Package(
 
         // Delivery's decisions, pure: routes, the failure policy, the retry schedule, the lane
         // window, DSNs.
-        .target(name: "Delivery", dependencies: ["SMTPProtocol", "TernCore"], swiftSettings: strict),
+        .target(name: "Delivery", dependencies: ["SMTPProtocol", "TernCore", "Spool"], swiftSettings: strict),
 
         // Outbound SMTP: the client state machine, its NIO driver, MX resolution.
         .target(
@@ -169,7 +169,7 @@ let package = Package(
         .testTarget(name: "HeaderRewriteTests", dependencies: ["HeaderRewrite", "TernCore"]),
         .testTarget(name: "DKIMSigningTests", dependencies: ["DKIMSigning", "TernCore"]),
         .testTarget(name: "MilterBridgeTests", dependencies: ["MilterBridge", "TernCore", "SMTPProtocol", "CMilter"]),
-        .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore"]),
+        .testTarget(name: "DeliveryTests", dependencies: ["Delivery", "SMTPProtocol", "TernCore", "Spool"]),
         .testTarget(
             name: "TransportsTests",
             dependencies: ["Transports", "Delivery", "SMTPProtocol", "TernCore", .product(name: "NIOPosix", package: "swift-nio")],

@@ -14,18 +14,6 @@ struct DeliveryJob: Sendable {
     var dispatchedMillis: Int64
 }
 
-/// What became of one recipient of a job.
-struct RecipientResult: Sendable {
-    var index: Int
-    var verdict: RecipientVerdict
-    /// `host[ip]:port` of the server that gave the verdict, or `none`.
-    var relay: String
-    /// `dns; host` for the DSN's Remote-MTA.
-    var remoteMTA: String?
-    /// Delivered to a server that does not offer DSN: NOTIFY=SUCCESS is ours to answer.
-    var relayedWithoutDSN = false
-}
-
 /// How long each part of an attempt took, in milliseconds, for `delays=a/b/c/d` (as
 /// Postfix: before the queue manager, in it, connection setup, transmission).
 struct AttemptTimes: Sendable {

@@ -37,26 +37,11 @@ struct LaneEnvironment: Sendable {
 /// only its own jobs: other lanes never wait for it.
 actor Lane {
     let key: String
-    private var window: LaneWindow
-    private var jobs: [DeliveryJob] = []
-    private var head = 0
-    private var idle: [(Int, CheckedContinuation<DeliveryJob?, Never>)] = []
-    private var nextWaiter = 0
-    /// Jobs that workers have taken and not finished.
-    private var inFlight = 0
-    /// Workers started that have not asked for their first job yet: each will take one of
-    /// the queued jobs, so pump starts no more workers than there are jobs for them.
-    private var starting = 0
-    /// Why the destination is resting, for the deferrals while it does.
-    private var deadReason: AttemptOutcome?
-    /// The reply or error behind the lane's present state, for `tern lanes`.
-    private var stateReason: String?
+    private var machine: LaneStateMachine<DeliveryJob>
+    /// Idle workers waiting for a job, by the machine's waiter number.
+    private var waiters: [Int: CheckedContinuation<DeliveryJob?, Never>] = [:]
     private var environment: LaneEnvironment
     private let report: @Sendable (JobOutcome) async -> Void
-    /// The lane's message rate, when it has one, at the rate the lane keeps now.
-    private var bucket: TokenBucket?
-    /// Whether a wake-up is already set for when the connection rate allows one more.
-    private var pumpPending = false
     private let connectionGauge: Gauge
     private let queuedGauge: Gauge
     private let inFlightGauge: Gauge
@@ -65,214 +50,147 @@ actor Lane {
 
     init(key: String, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
         self.key = key
-        let now = environment.now()
-        self.window = LaneWindow(limits: limits, now: now)
+        self.machine = LaneStateMachine(key: key, limits: limits, idleMillis: Scheduler.millis(environment.idleTime), now: environment.now())
         self.environment = environment
         self.report = report
-        if let rate = limits.rate {
-            self.bucket = TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: limits.burst, now: now)
-        }
         self.connectionGauge = Gauge(label: "tern_lane_connections", dimensions: [("lane", key)])
         self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key)])
         self.inFlightGauge = Gauge(label: "tern_lane_in_flight", dimensions: [("lane", key)])
         self.throttledGauge = Gauge(label: "tern_lane_throttled", dimensions: [("lane", key)])
     }
 
-    var queued: Int { jobs.count - head }
+    var queued: Int { machine.queued }
 
     /// The relay of a deferral made because the lane rests (nothing was tried).
     static let resting = "none (lane resting)"
 
-    func submit(_ job: DeliveryJob) {
-        // A resting lane hands nothing to its idle connections: pump defers the job.
-        let now = environment.now()
-        if !window.isDead(now: now), !idle.isEmpty, rateWait(now: now) <= idleMillis, let (_, waiter) = idle.popLast() {
-            inFlight += 1
-            waiter.resume(returning: job)
-            return
-        }
-        jobs.append(job)
-        pump()
-    }
+    // MARK: - Carrying out the machine's actions
 
-    /// Starts workers while the window and the connection rate allow, or defers everything
-    /// while the lane rests.
-    private func pump() {
-        let now = environment.now()
-        defer { recordGauges(now: now) }
-        if window.isDead(now: now) {
-            // A suspension holds the lane's jobs (they go when it ends, and nothing is
-            // written meanwhile); a rest after failures defers them.
-            if window.suspended { return }
-            let waiting = Array(jobs[head...])
-            jobs.removeAll()
-            head = 0
-            let reason = deadReason ?? .connection("destination not reachable")
-            let note = "delivery to \(key) suspended after repeated failures"
-            for job in waiting {
-                let results = job.recipients.map {
-                    RecipientResult(index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), relay: Lane.resting, remoteMTA: nil)
+    private func perform(_ actions: [LaneStateMachine<DeliveryJob>.Action]) {
+        for action in actions {
+            switch action {
+            case .startWorkers(let count, let tokenTaken):
+                for _ in 0..<count {
+                    let worker = LaneWorker(lane: self, environment: environment, limits: machine.window.limits, report: report)
+                    Task { await worker.run(messageTokenTaken: tokenTaken) }
                 }
-                Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
+            case .resume(let waiter, let job):
+                waiters.removeValue(forKey: waiter)?.resume(returning: job)
+            case .deferJobs(let jobs, let reason, let note):
+                let report = self.report
+                for job in jobs {
+                    let results = job.recipients.map {
+                        RecipientResult(
+                            index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), reply: RecipientResult.reply(of: reason),
+                            relay: Lane.resting, laneResting: true)
+                    }
+                    Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
+                }
+            case .wake(let millis):
+                Task {
+                    try? await Task.sleep(for: .milliseconds(max(0, millis)))
+                    self.timerFired()
+                }
+            case .log(.notice, let text): environment.logger.notice("\(text)")
+            case .log(.warning, let text): environment.logger.warning("\(text)")
             }
-            return
         }
-        // A message rate also bounds the connections worth opening now: no more than the
-        // tokens there, so that no connection sits idle waiting for its turn.
-        var allowance = Int.max
-        if var b = bucket {
-            allowance = b.available(now: now)
-            bucket = b
-        }
-        while queued > starting, window.mayOpen(now: now) {
-            // The connection rate, or the message rate: come back when the next may go.
-            let wait = max(window.connectionWait(now: now), allowance > 0 ? 0 : rateWait(now: now))
-            if wait > 0 {
-                pumpLater(wait)
-                break
-            }
-            _ = window.takeConnection(now: now)
-            window.opened()
-            allowance -= 1
-            // The new connection's first message has its token now, so the next pump does
-            // not count it again.
-            if var b = bucket {
-                b.takeAvailable(now: now)
-                bucket = b
-            }
-            starting += 1
-            let worker = LaneWorker(lane: self, environment: environment, limits: window.limits, report: report)
-            Task { await worker.run(messageTokenTaken: bucket != nil) }
-        }
+        recordGauges()
     }
 
-    private func pumpLater(_ wait: Int64) {
-        guard !pumpPending else { return }
-        pumpPending = true
-        Task {
-            try? await Task.sleep(for: .milliseconds(wait))
-            self.wake()
-        }
-    }
-
-    /// Milliseconds until the message rate lets the next message go (0: now).
-    private func rateWait(now: Int64) -> Int64 {
-        guard var b = bucket else { return 0 }
-        defer { bucket = b }
-        return b.wait(now: now)
-    }
-
-    private var idleMillis: Int64 { Scheduler.millis(environment.idleTime) }
-
-    private func recordGauges(now: Int64) {
-        connectionGauge.record(window.active)
-        queuedGauge.record(queued)
-        inFlightGauge.record(inFlight)
-        throttledGauge.record(window.state(now: now) == .active ? 0 : 1)
-    }
-
-    /// A timer went off: a suspension, reduction or connection-rate wait may be over.
-    private func wake() {
-        pumpPending = false
+    private func recordGauges() {
         let now = environment.now()
-        let ended = window.expire(now: now)
-        if ended.suspension { environment.logger.notice("lane \(key): suspension over, delivering again") }
-        if ended.reduction { environment.logger.notice("lane \(key): reduction over, back to \(describeLimits(now: now))") }
-        if ended.suspension || ended.reduction {
-            stateReason = nil
-            retune(now: now)
-        }
-        pump()
+        connectionGauge.record(machine.window.active)
+        queuedGauge.record(machine.queued)
+        inFlightGauge.record(machine.inFlight)
+        throttledGauge.record(machine.window.state(now: now) == .active ? 0 : 1)
     }
+
+    private func timerFired() { perform(machine.timerFired(now: environment.now())) }
+
+    // MARK: - Events
+
+    func submit(_ job: DeliveryJob) { perform(machine.submit(job, now: environment.now())) }
 
     /// The next job for a worker (`finished`: it is done with the one it had); waits a
-    /// little for one before telling it to close. A resting lane gives none: its waiting
-    /// jobs are deferred when the worker is done.
+    /// little for one before telling it to close (nil).
     func next(finished: Bool) async -> DeliveryJob? {
-        if finished {
-            inFlight -= 1
-            if inFlight == 0 { recordGauges(now: environment.now()) }
-        } else {
-            starting -= 1  // a worker's first call
-        }
-        let now = environment.now()
-        if window.isDead(now: now) { return nil }
-        if queued > 0 {
-            // The rate makes the next message wait longer than a connection idles: close
-            // this one rather than hold it open; the lane opens one when the time comes.
-            let wait = rateWait(now: now)
-            if wait > idleMillis {
-                pumpLater(wait)
-                return nil
-            }
-        }
-        if let job = take() {
-            recordGauges(now: now)
-            return job
-        }
-        let id = nextWaiter
-        nextWaiter += 1
-        let idleTime = environment.idleTime
-        return await withCheckedContinuation { continuation in
-            idle.append((id, continuation))
-            Task {
-                try? await Task.sleep(for: idleTime)
-                self.expire(id)
+        let (next, actions) = machine.next(finished: finished, now: environment.now())
+        perform(actions)
+        switch next {
+        case .job(let job): return job
+        case .close: return nil
+        case .wait(let waiter):
+            let idleTime = environment.idleTime
+            return await withCheckedContinuation { continuation in
+                waiters[waiter] = continuation
+                Task {
+                    try? await Task.sleep(for: idleTime)
+                    self.idleExpired(waiter)
+                }
             }
         }
     }
 
-    private func take() -> DeliveryJob? {
-        guard head < jobs.count else { return nil }
-        let job = jobs[head]
-        head += 1
-        inFlight += 1
-        if head > 1024, head * 2 > jobs.count {
-            jobs.removeFirst(head)
-            head = 0
-        }
-        return job
+    private func idleExpired(_ waiter: Int) { perform(machine.idleExpired(waiter)) }
+
+    func workerDone() { perform(machine.workerDone(now: environment.now())) }
+    func connectionSucceeded() { perform(machine.connectionSucceeded(now: environment.now())) }
+    func connectionFailed(_ outcome: AttemptOutcome) { perform(machine.connectionFailed(outcome, now: environment.now())) }
+
+    /// How a job went, for the automatic back-off.
+    func record(softFailure: Bool, reason: String) {
+        perform(machine.record(softFailure: softFailure, reason: reason, now: environment.now()))
     }
 
-    private func expire(_ id: Int) {
-        guard let i = idle.firstIndex(where: { $0.0 == id }) else { return }
-        idle.remove(at: i).1.resume(returning: nil)
+    /// A suspension (by the operator or a reply rule): mail for the lane waits until `until`.
+    func suspend(until: Int64, reason: String) { perform(machine.suspend(until: until, reason: reason, now: environment.now())) }
+
+    /// A reply rule's `reduce`: fewer connections and a slower rate until `until`.
+    func reduce(factor: Double, until: Int64, reason: String) {
+        perform(machine.reduce(factor: factor, until: until, reason: reason, now: environment.now()))
     }
 
-    func workerDone() {
-        window.closed()
-        pump()
+    /// The operator asked for an attempt now (`tern queue flush`, `tern lanes resume`): end
+    /// the rest. A flush ends only a rest after failures; a suspension (the operator's, a
+    /// reply rule's) ends by `resume` or by its time.
+    func revive(by reason: String? = nil, endingSuspension: Bool = true) {
+        perform(machine.revive(reason: reason, endingSuspension: endingSuspension, now: environment.now()))
     }
 
-    func connectionSucceeded() {
-        window.succeeded()
-        if !window.suspended {
-            if deadReason != nil, stateReason != nil {
-                environment.logger.notice("lane \(key): destination reachable again")
-                stateReason = nil
-            }
-            deadReason = nil
-        }
-        pump()
+    /// New limits, timeouts and smarthost logins after a reload; connections and queued
+    /// mail stay as they are (new connections take the new settings).
+    func update(limits: LaneLimits, environment: LaneEnvironment) {
+        self.environment = environment
+        perform(machine.update(limits: limits, idleMillis: Scheduler.millis(environment.idleTime), now: environment.now()))
     }
 
-    func connectionFailed(_ outcome: AttemptOutcome) {
-        if window.failed(now: environment.now()) {
-            deadReason = outcome
-            stateReason = "\(outcome)"
-            environment.logger.warning("lane \(key): destination dead for \(window.limits.deadTime) after repeated failures (\(outcome))")
-        }
+    /// Takes back the jobs of the chosen messages that have not started (an operator
+    /// deleted or held them, or the relay is stopping); a job under way is not touched.
+    func withdraw(_ chosen: @Sendable (QueueID) -> Bool) -> [DeliveryJob] {
+        let taken = machine.withdraw { chosen($0.id) }
+        if !taken.isEmpty { recordGauges() }
+        return taken
     }
 
     /// Waits, when the lane has a connection rate, until one more connection may open.
     func permitConnection() async {
-        let wait = window.takeConnection(now: environment.now())
+        let wait = machine.permitConnection(now: environment.now())
         if wait > 0 { try? await Task.sleep(for: .milliseconds(wait)) }
     }
+
+    /// Waits, if the lane has a rate, until the next message may go.
+    func permit() async {
+        let wait = machine.permitMessage(now: environment.now())
+        if wait > 0 { try? await Task.sleep(for: .milliseconds(wait)) }
+    }
+
+    // MARK: - Reading
 
     /// What `tern lanes` shows of this lane.
     func status() -> LaneStatus {
         let now = environment.now()
+        let window = machine.window
         let state: String
         var until: Int64?
         switch window.state(now: now) {
@@ -283,17 +201,15 @@ actor Lane {
         case .dead(let u): (state, until) = ("dead", u)
         }
         return LaneStatus(
-            lane: key, queued: queued, inFlight: inFlight, connections: window.active, window: window.window,
+            lane: key, queued: machine.queued, inFlight: machine.inFlight, connections: window.active, window: window.window,
             maxConnections: window.connectionCeiling(now: now), rate: window.effectiveRate(now: now).map { "\($0)" },
             configuredRate: window.limits.rate.map { "\($0)" },
             connectionRate: window.limits.connectionRate.map { "\($0)" }, state: state, untilMillis: until,
-            restingUntilMillis: window.isDead(now: now) ? window.deadUntil : nil, reason: stateReason, domains: 0, lastReply: nil)
+            restingUntilMillis: window.isDead(now: now) ? window.deadUntil : nil, reason: machine.stateReason, domains: 0, lastReply: nil)
     }
 
     /// Nothing queued, under way, open, slowed or stopped (the scheduler may forget it).
-    func isQuiet() -> Bool {
-        queued == 0 && inFlight == 0 && idle.isEmpty && window.isQuiet(now: environment.now())
-    }
+    func isQuiet() -> Bool { machine.isQuiet(now: environment.now()) }
 
     /// The smarthost login of a route, as the last reload left it.
     func credentials(route: String) -> ClientCredentials? { environment.credentials[route] }
@@ -304,121 +220,9 @@ actor Lane {
         for gauge in [connectionGauge, queuedGauge, inFlightGauge, throttledGauge] { gauge.destroy() }
     }
 
-    /// A suspension (by the operator or a reply rule): mail for the lane waits, deferred,
-    /// until `until`.
-    func suspend(until: Int64, reason: String) {
-        window.suspend(until: until)
-        deadReason = .connection(reason)
-        stateReason = reason
-        environment.logger.notice("lane \(key): suspended until \(Self.time(until)): \(reason)")
-        pump()
-        wake(at: until)
-    }
-
-    /// How a job went, for the automatic backoff; logs each change of level with the reason.
-    func record(softFailure: Bool, reason: String) {
-        let change = window.record(softFailure: softFailure)
-        guard change != 0 else { return }
-        let now = environment.now()
-        retune(now: now)
-        if change > 0 {
-            stateReason = reason
-            environment.logger.warning(
-                "lane \(key): backing off to level \(window.backoffLevel) (\(describeLimits(now: now))): many soft failures, last: \(reason)")
-        } else {
-            if window.backoffLevel == 0 { stateReason = nil }
-            environment.logger.notice("lane \(key): recovering to level \(window.backoffLevel) (\(describeLimits(now: now))) after successes")
-        }
-        pump()
-    }
-
-    /// New limits, timeouts and smarthost logins after a reload; connections and queued
-    /// mail stay as they are (new connections take the new settings).
-    func update(limits: LaneLimits, environment: LaneEnvironment) {
-        self.environment = environment
-        let now = environment.now()
-        window.update(limits: limits, now: now)
-        retune(now: now)
-        pump()
-    }
-
-    /// A reply rule's `reduce`: fewer connections and a slower rate until `until`.
-    func reduce(factor: Double, until: Int64, reason: String) {
-        let now = environment.now()
-        window.reduce(factor: factor, until: until)
-        stateReason = reason
-        retune(now: now)
-        environment.logger.notice("lane \(key): reduced to \(describeLimits(now: now)) until \(Self.time(until)): \(reason)")
-        recordGauges(now: now)
-        wake(at: until)
-    }
-
-    /// Sets the message bucket to the rate the lane keeps now, keeping what it has saved up.
-    private func retune(now: Int64) {
-        guard let rate = window.effectiveRate(now: now) else {
-            bucket = nil
-            return
-        }
-        let burst = window.limits.burst
-        bucket = bucket?.retuned(rate: rate.count, perMillis: rate.perMillis, burst: burst, now: now)
-            ?? TokenBucket(rate: rate.count, perMillis: rate.perMillis, burst: burst, now: now)
-    }
-
-    private func describeLimits(now: Int64) -> String {
-        let connections = "\(window.connectionCeiling(now: now)) connections"
-        return window.effectiveRate(now: now).map { "\(connections), \($0)" } ?? connections
-    }
-
-    private func wake(at until: Int64) {
-        let wait = until - environment.now()
-        Task {
-            try? await Task.sleep(for: .milliseconds(max(0, wait) + 10))
-            self.wake()
-        }
-    }
-
     static func time(_ millis: Int64) -> String {
         MailDate.utc(time_t(millis / 1000))
     }
-
-    /// Waits, if the lane has a rate, until the next message may go.
-    func permit() async {
-        guard var b = bucket else { return }
-        let wait = b.take(now: environment.now())
-        bucket = b
-        if wait > 0 { try? await Task.sleep(for: .milliseconds(wait)) }
-    }
-
-    /// The operator asked for an attempt now (`tern queue flush`, `tern lanes resume`):
-    /// end the rest.
-    /// A flush ends only a rest after failures; a suspension (the operator's, a reply
-    /// rule's) ends by `resume` or by its time.
-    func revive(by reason: String? = nil, endingSuspension: Bool = true) {
-        if window.suspended, !endingSuspension { return }
-        if let reason, window.isDead(now: environment.now()) {
-            environment.logger.notice("lane \(key): \(reason)")
-        }
-        window.revive()
-        deadReason = nil
-        stateReason = nil
-        pump()
-    }
-
-    /// Takes back the jobs of the chosen messages that have not started (an operator
-    /// deleted or held them, or the relay is stopping); a job under way is not touched.
-    func withdraw(_ chosen: @Sendable (QueueID) -> Bool) -> [DeliveryJob] {
-        var kept: [DeliveryJob] = []
-        var taken: [DeliveryJob] = []
-        for job in jobs[head...] {
-            if chosen(job.id) { taken.append(job) } else { kept.append(job) }
-        }
-        guard !taken.isEmpty else { return [] }
-        jobs = kept
-        head = 0
-        recordGauges(now: environment.now())
-        return taken
-    }
-
 }
 
 /// One connection's worth of work in a lane: take a job, deliver it (reusing the open
@@ -472,8 +276,8 @@ struct LaneWorker: Sendable {
         var times = AttemptTimes(queued: job.dispatchedMillis - job.envelope.arrivalMillis, waited: start - job.dispatchedMillis)
         var held = held
         var results: [RecipientResult] = []
-        func finish(_ remaining: [Int], _ verdict: RecipientVerdict, relay: String = "none") {
-            results += remaining.map { RecipientResult(index: $0, verdict: verdict, relay: relay, remoteMTA: nil) }
+        func finish(_ remaining: [Int], _ verdict: RecipientVerdict, relay: String = "none", reply: SMTPReply? = nil) {
+            results += remaining.map { RecipientResult(index: $0, verdict: verdict, reply: reply, relay: relay) }
         }
 
         let hosts: [MXHost]
@@ -591,18 +395,19 @@ struct LaneWorker: Sendable {
                     ret: job.envelope.ret, envid: job.envelope.envid)
                 if permits.messageTaken { permits.messageTaken = false } else { await lane.permit() }
                 let verdicts = await h.connection.send(message, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize))
+                let replies = h.connection.lastReplies
                 h.messages += 1
                 times.transmission += environment.now() - sendStart
                 var next: [Int] = []
-                for (index, verdict) in zip(remaining, verdicts) {
+                for (n, (index, verdict)) in zip(remaining, verdicts).enumerated() {
                     if case .tryNextHost(let outcome) = verdict {
                         next.append(index)
                         lastOutcome = outcome
                     } else {
                         results.append(
                             RecipientResult(
-                                index: index, verdict: verdict, relay: h.connection.peer, remoteMTA: "dns; \(host.name)",
-                                relayedWithoutDSN: !h.connection.extensions.dsn))
+                                index: index, verdict: verdict, reply: n < replies.count ? replies[n] : nil, relay: h.connection.peer,
+                                remoteMTA: "dns; \(host.name)", relayedWithoutDSN: !h.connection.extensions.dsn))
                     }
                 }
                 remaining = next
@@ -613,7 +418,9 @@ struct LaneWorker: Sendable {
             }
         }
         if !remaining.isEmpty {
-            finish(remaining, DeliveryPolicy.exhausted(lastOutcome, note: nil), relay: held?.connection.peer ?? "none")
+            finish(
+                remaining, DeliveryPolicy.exhausted(lastOutcome, note: nil), relay: held?.connection.peer ?? "none",
+                reply: RecipientResult.reply(of: lastOutcome))
         }
         await report(JobOutcome(job: job, results: results, times: times))
         return held

@@ -34,8 +34,8 @@ public actor Scheduler {
     }
 
     private var entries: [QueueID: Entry] = [:]
-    /// Messages waiting for a retry, with their earliest due time.
-    private var waiting: [QueueID: Int64] = [:]
+    /// Messages waiting for a retry, by due time.
+    private var retryQueue = RetryQueue<QueueID>()
     private var lanes: [String: Lane] = [:]
     /// The route (and provider) each lane was made for, to give it new limits on reload.
     private var laneRoutes: [String: Route] = [:]
@@ -66,6 +66,10 @@ public actor Scheduler {
     private let spool: Spool
     private var router: Router
     private var retry: RetrySchedule
+    /// What a job's settlement needs of the config: reply rules, retries, delay warnings.
+    private var settlementRules: Settlement.Rules {
+        Settlement.Rules(replyRules: config.delivery.replyRules, retry: retry, delayWarning: config.delivery.delayWarning?.duration)
+    }
     private var config: TernConfig
     private var environment: LaneEnvironment
     private let logger: Logger
@@ -133,7 +137,7 @@ public actor Scheduler {
         entries.reserveCapacity(loaded.count)
         for (id, entry) in loaded {
             entries[id] = entry
-            waiting[id] = 0
+            retryQueue.schedule(id, at: 0)
         }
         depth.record(entries.count)
     }
@@ -153,11 +157,7 @@ public actor Scheduler {
     public func run() async {
         while !Task.isCancelled {
             let now = environment.now()
-            let due = waiting.filter { $0.value <= now }.map(\.key).sorted()
-            for id in due {
-                waiting[id] = nil
-                await dispatch(id)
-            }
+            for id in retryQueue.popDue(now: now) { await dispatch(id) }
             if now >= nextAgeUpdate {
                 oldestAge.record(entries.values.map(\.envelope.arrivalMillis).min().map { max(0, now - $0) / 1000 } ?? 0)
                 nextAgeUpdate = now + 5000
@@ -207,7 +207,7 @@ public actor Scheduler {
             }
             groups[route.laneKey]!.1.append(i)
         }
-        if let later { waiting[id] = min(waiting[id] ?? later, later) }
+        if let later { retryQueue.schedule(id, at: later) }
         // Take what the lanes have room for; the rest waits for its lane. All counted before
         // the first await, so no other dispatch sees room that is taken.
         var taken: [(Route, [[Int]])] = []
@@ -419,114 +419,53 @@ public actor Scheduler {
         }
         guard var entry = entries[id] else { return }
         let now = environment.now()
+        for result in outcome.results { entry.inFlight.remove(result.index) }
+        // The decision, whole (Delivery/Settlement); what follows carries it out.
+        let settlement = Settlement(
+            envelope: entry.envelope, states: entry.states, meta: entry.meta, results: outcome.results, lane: laneKey, now: now,
+            rules: settlementRules, random: &random)
+        entry.states = settlement.states
+        entry.meta = settlement.meta
         entry.busy += 1
-        var final: [Int: RecipientState] = [:]
-        var bounces: [DeliveryStatusNotification.Recipient] = []
-        var successes: [DeliveryStatusNotification.Recipient] = []
-        var laneActions: [(String, ReplyRule, String)] = []
-        var deferredAny = false
-        for result in outcome.results {
-            entry.inFlight.remove(result.index)
-            // Deleted by the operator while under way: whatever happened, it is final now.
-            if entry.states[result.index] == .deleted { continue }
-            var verdict = result.verdict
-            if let (rule, reply) = matchingRule(verdict, lane: outcome.job.route.laneKey) {
-                switch rule.action {
-                case .bounce:
-                    if case .deferred(let status, let diagnostic) = verdict {
-                        verdict = .bounced(
-                            status: EnhancedStatusCode(5, status.subject, status.detail), diagnostic: diagnostic + " (bounced by a reply rule)")
-                    }
-                case .suspend, .reduce:
-                    laneActions.append((outcome.job.route.laneKey, rule, reply))
-                }
-            }
-            if case .deferred = verdict, retry.hasExpired(arrivalMillis: entry.envelope.arrivalMillis, nowMillis: now) {
-                verdict = DeliveryPolicy.expire(verdict)
-            }
-            let recipient = entry.envelope.recipients[result.index]
-            switch verdict {
-            case .delivered(let reply): laneLastReply[outcome.job.route.laneKey] = reply.description
-            case .deferred(_, let d), .bounced(_, let d): laneLastReply[outcome.job.route.laneKey] = d
-            case .tryNextHost: break
-            }
-            log(id, recipient: recipient.address, result: result, verdict: verdict, times: outcome.times, arrival: entry.envelope.arrivalMillis, now: now,
-                lane: outcome.job.route.laneKey)
-            switch verdict {
-            case .delivered: Self.countDelivery(lane: outcome.job.route.laneKey, status: "sent")
-            case .bounced: Self.countDelivery(lane: outcome.job.route.laneKey, status: "bounced")
-            case .deferred: Self.countDelivery(lane: outcome.job.route.laneKey, status: "deferred")
-            case .tryNextHost: break
-            }
-            switch verdict {
-            case .delivered(let reply):
-                attempts.sent.increment()
-                entry.states[result.index] = .delivered
-                final[result.index] = .delivered
-                entry.meta.recipients[result.index] = nil
-                // RFC 3461 §5.2.2.2: a server without DSN cannot report success itself.
-                if result.relayedWithoutDSN, recipient.notify?.contains(.success) == true {
-                    successes.append(
-                        .init(
-                            finalRecipient: recipient.address, originalRecipient: recipient.orcpt, action: .relayed,
-                            status: reply.enhanced ?? EnhancedStatusCode(2, 0, 0), remoteMTA: result.remoteMTA, diagnostic: "smtp; \(reply)"))
-                }
-            case .bounced(let status, let diagnostic):
-                attempts.bounced.increment()
-                entry.states[result.index] = .bounced
-                final[result.index] = .bounced
-                if wantsNotice(recipient.notify, .failure) {
-                    bounces.append(
-                        .init(
-                            finalRecipient: recipient.address, originalRecipient: recipient.orcpt, action: .failed, status: status,
-                            remoteMTA: result.remoteMTA, diagnostic: diagnostic))
-                }
-            case .deferred(_, let diagnostic):
-                attempts.deferred.increment()
-                deferredAny = true
-                let previous = entry.meta.recipients[result.index]?.attempts ?? 0
-                let delay = retry.delay(afterAttempts: previous + 1, using: &random)
-                entry.meta.recipients[result.index] = DeliveryMeta.Recipient(
-                    attempts: previous + 1, nextAttemptMillis: now + Self.millis(delay), lastError: diagnostic)
-            case .tryNextHost:
-                preconditionFailure("a lane returned a recipient still waiting for the next host")
-            }
-        }
-        let warnings = delayWarnings(&entry, now: now)
         entries[id] = entry
-
-        // The lane's automatic backoff learns how this job went.
-        if let lane = lanes[outcome.job.route.laneKey], !outcome.results.contains(where: { $0.relay == Lane.resting }) {
-            var soft: String?
-            var delivered = false
-            for r in outcome.results {
-                switch r.verdict {
-                case .delivered: delivered = true
-                case .deferred(let status, let d) where status.klass == 4: soft = d
-                default: break
-                }
+        if let reply = settlement.lastReply { laneLastReply[laneKey] = reply }
+        for applied in settlement.applied {
+            let recipient = entry.envelope.recipients[applied.result.index]
+            log(id, recipient: recipient.address, result: applied.result, verdict: applied.verdict, times: outcome.times,
+                arrival: entry.envelope.arrivalMillis, now: now, lane: laneKey)
+            switch applied.verdict {
+            case .delivered:
+                attempts.sent.increment()
+                Self.countDelivery(lane: laneKey, status: "sent")
+            case .bounced:
+                attempts.bounced.increment()
+                Self.countDelivery(lane: laneKey, status: "bounced")
+            case .deferred:
+                attempts.deferred.increment()
+                Self.countDelivery(lane: laneKey, status: "deferred")
+            case .tryNextHost: break
             }
-            await lane.record(softFailure: !delivered && soft != nil, reason: soft ?? "")
         }
-
-        // Reply rules that slow or stop the lane (once per rule per outcome).
-        var applied = Set<String>()
-        for (key, rule, reply) in laneActions where applied.insert("\(key) \(rule.action) \(rule.duration)").inserted {
-            guard let lane = lanes[key] else { continue }
-            let until = now + Self.millis(rule.duration.duration)
-            switch rule.action {
-            case .suspend:
-                recordSuspension(key, LaneSuspension(untilMillis: until, reason: "reply rule matched: \(reply)"))
-                await lane.suspend(until: until, reason: "reply rule matched: \(reply)")
-            case .reduce: await lane.reduce(factor: rule.factor, until: until, reason: "reply rule matched: \(reply)")
-            case .bounce: break
+        // The lane learns how the job went (its one writer of health is its state machine).
+        if let lane = lanes[laneKey] {
+            if let feedback = settlement.laneFeedback {
+                await lane.record(softFailure: feedback.softFailure, reason: feedback.reason)
+            }
+            for action in settlement.laneActions {
+                switch action.kind {
+                case .suspend:
+                    recordSuspension(action.lane, LaneSuspension(untilMillis: action.untilMillis, reason: action.reason))
+                    await lane.suspend(until: action.untilMillis, reason: action.reason)
+                case .reduce(let factor):
+                    await lane.reduce(factor: factor, until: action.untilMillis, reason: action.reason)
+                }
             }
         }
 
         // The bounce is in the spool before its recipients are marked bounced.
-        if !bounces.isEmpty { await notify(id, entry: entry, recipients: bounces) }
-        if !warnings.isEmpty { await notify(id, entry: entry, recipients: warnings) }
-        if !successes.isEmpty { await notify(id, entry: entry, recipients: successes) }
+        if !settlement.bounces.isEmpty { await notify(id, entry: entry, recipients: settlement.bounces) }
+        if !settlement.delayWarnings.isEmpty { await notify(id, entry: entry, recipients: settlement.delayWarnings) }
+        if !settlement.successes.isEmpty { await notify(id, entry: entry, recipients: settlement.successes) }
 
         // Record this job's outcome while still counted as busy, so that a job of the same
         // message that finishes meanwhile does not remove the file under us.
@@ -534,24 +473,24 @@ public actor Scheduler {
         let lastOne = current.allFinal && current.busy == 1 && current.inFlight.isEmpty
         if !lastOne {
             do {
-                if !final.isEmpty { try await spool.mark(id, final) }
+                if !settlement.marks.isEmpty { try await spool.mark(id, settlement.marks) }
             } catch {
                 logger.error("\(id): cannot record delivery state: \(error)")
             }
-            if deferredAny || !warnings.isEmpty { await saveMeta(id) }
+            if settlement.deferred || !settlement.delayWarnings.isEmpty { await saveMeta(id) }
         }
         guard var after = entries[id] else { return }
         after.busy -= 1
         entries[id] = after
         if after.allFinal, after.busy == 0, after.inFlight.isEmpty {
             entries[id] = nil
-            waiting[id] = nil
+            retryQueue.remove(id)
             depth.record(entries.count)
             spool.remove(id, hasMeta: after.meta != DeliveryMeta())
             return
         }
-        if deferredAny, let next = after.meta.recipients.values.map(\.nextAttemptMillis).min() {
-            waiting[id] = min(waiting[id] ?? next, next)
+        if settlement.deferred, let next = after.meta.recipients.values.map(\.nextAttemptMillis).min() {
+            retryQueue.schedule(id, at: next)
         }
     }
 
@@ -573,48 +512,6 @@ public actor Scheduler {
     }
 
     /// The first reply rule that matches a deferral's or bounce's server reply.
-    private func matchingRule(_ verdict: RecipientVerdict, lane: String) -> (ReplyRule, String)? {
-        guard !config.delivery.replyRules.isEmpty else { return nil }
-        let diagnostic: String
-        switch verdict {
-        case .deferred(_, let d), .bounced(_, let d): diagnostic = d
-        default: return nil
-        }
-        // "smtp; 421 4.7.0 text" (DeliveryPolicy's form for a server's reply).
-        guard diagnostic.hasPrefix("smtp; ") else { return nil }
-        let reply = String(diagnostic.dropFirst(6))
-        let parts = reply.split(separator: " ", maxSplits: 2, omittingEmptySubsequences: false)
-        guard let code = parts.first.flatMap({ Int($0.prefix(3)) }) else { return nil }
-        let enhanced = parts.count > 1 && EnhancedStatusCode(parsing: parts[1]) != nil ? String(parts[1]) : nil
-        guard let rule = config.delivery.replyRules.first(where: { $0.matches(code: code, enhanced: enhanced, text: reply, lane: lane) })
-        else { return nil }
-        return (rule, reply)
-    }
-
-    /// NOTIFY=NEVER asks for nothing; without NOTIFY, failures (and delays) are reported.
-    private func wantsNotice(_ notify: DSNNotify?, _ kind: DSNNotify) -> Bool {
-        guard let notify else { return true }
-        return notify.contains(kind)
-    }
-
-    /// One delay warning per message, once it has waited `delivery.delay_warning`.
-    private func delayWarnings(_ entry: inout Entry, now: Int64) -> [DeliveryStatusNotification.Recipient] {
-        guard let after = config.delivery.delayWarning, !entry.meta.warned,
-            now - entry.envelope.arrivalMillis >= Self.millis(after.duration)
-        else { return [] }
-        var out: [DeliveryStatusNotification.Recipient] = []
-        for (i, state) in entry.states.enumerated() where state == .pending {
-            let r = entry.envelope.recipients[i]
-            guard let meta = entry.meta.recipients[i], r.notify == nil || r.notify!.contains(.delay) else { continue }
-            out.append(
-                .init(
-                    finalRecipient: r.address, originalRecipient: r.orcpt, action: .delayed, status: EnhancedStatusCode(4, 0, 0),
-                    diagnostic: meta.lastError))
-        }
-        if !out.isEmpty { entry.meta.warned = true }
-        return out
-    }
-
     /// Queues a DSN from `<>` to the sender. Mail from `<>` gets none (no bounce loops); it
     /// goes to `delivery.postmaster` when that is set.
     private func notify(_ id: QueueID, entry: Entry, recipients: [DeliveryStatusNotification.Recipient]) async {
@@ -779,7 +676,7 @@ public actor Scheduler {
             logger.info("\(id): deleted by the operator (\(chosen.count) recipient\(chosen.count == 1 ? "" : "s"))")
             if e.allFinal, e.inFlight.isEmpty, e.busy == 0 {
                 entries[id] = nil
-                waiting[id] = nil
+                retryQueue.remove(id)
                 do { try await spool.removeNow(id) } catch { logger.error("\(id): cannot remove: \(error)") }
             } else {
                 try? await spool.mark(id, changes)

@@ -108,6 +108,8 @@ public final class SMTPClientConnection: @unchecked Sendable {
     public var isReady: Bool { machine.isReady && channel.isActive }
     public var tlsActive: Bool { machine.tlsActive }
     public var extensions: ServerExtensions { machine.extensions }
+    /// The server's replies behind the verdicts `send` returned last, by recipient.
+    public var lastReplies: [SMTPReply?] { machine.lastReplies }
 
     /// Connects and runs greeting, EHLO, STARTTLS and AUTH. Under `may`, a failed TLS
     /// handshake is followed by a plaintext connection, as Postfix does for MX delivery.

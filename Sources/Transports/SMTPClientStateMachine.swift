@@ -129,6 +129,11 @@ public struct SMTPClientStateMachine: Sendable {
     public private(set) var tlsActive = false
     private var message: OutboundMessage?
     private var verdicts: [RecipientVerdict?] = []
+    /// The server's reply behind each recipient's verdict, when one was.
+    private var replies: [SMTPReply?] = []
+    /// The replies behind the verdicts of the last message reported: what reply rules
+    /// match on, typed, rather than the verdict's diagnostic text.
+    public private(set) var lastReplies: [SMTPReply?] = []
     private var acceptedRecipients = 0
     private var sentRecipients: [Int] = []
 
@@ -232,6 +237,7 @@ public struct SMTPClientStateMachine: Sendable {
         guard state == .ready else { preconditionFailure("a message offered on a busy connection") }
         self.message = message
         verdicts = Array(repeating: nil, count: message.recipients.count)
+        replies = Array(repeating: nil, count: message.recipients.count)
         acceptedRecipients = 0
         sentRecipients = []
         // Refuse here what the server has said it cannot take (RFC 1870 §6, RFC 6531 §3.4).
@@ -420,6 +426,7 @@ public struct SMTPClientStateMachine: Sendable {
                 // RCPT replies still come and are read, then ignored; without, none are sent.
                 let verdict = DeliveryPolicy.verdict(stage: .mail, outcome: .reply(reply), isLastHost: isLastHost)
                 for i in verdicts.indices { verdicts[i] = verdict }
+                for i in replies.indices { replies[i] = reply }
                 if !queued.isEmpty {
                     queued = []
                     return resetAndReport()
@@ -432,6 +439,7 @@ public struct SMTPClientStateMachine: Sendable {
                     acceptedRecipients += 1
                 } else {
                     verdicts[r] = DeliveryPolicy.verdict(stage: .rcpt, outcome: .reply(reply), isLastHost: isLastHost)
+                    replies[r] = reply
                 }
             }
         }
@@ -454,7 +462,10 @@ public struct SMTPClientStateMachine: Sendable {
 
     private mutating func finishMessage(stage: DeliveryStage, outcome: AttemptOutcome) -> Action {
         let verdict = DeliveryPolicy.verdict(stage: stage, outcome: outcome, isLastHost: isLastHost)
-        for i in verdicts.indices where verdicts[i] == nil { verdicts[i] = verdict }
+        for i in verdicts.indices where verdicts[i] == nil {
+            verdicts[i] = verdict
+            replies[i] = RecipientResult.reply(of: outcome)
+        }
         if stage == .data, !verdictIsDelivered(verdict) {
             return resetAndReport()
         }
@@ -472,6 +483,7 @@ public struct SMTPClientStateMachine: Sendable {
             verdicts[i] = .deferred(status: EnhancedStatusCode(4, 0, 0), diagnostic: "X-Tern; transaction reset")
         }
         state = .resetting
+        lastReplies = replies
         let done = verdicts.map { $0! }
         message = nil
         return .messageDone(done, reset: true)
@@ -479,6 +491,7 @@ public struct SMTPClientStateMachine: Sendable {
 
     private mutating func report() -> Action {
         state = .ready
+        lastReplies = replies
         let done = verdicts.map { $0! }
         message = nil
         return .messageDone(done, reset: false)
@@ -490,6 +503,8 @@ public struct SMTPClientStateMachine: Sendable {
     }
 
     private mutating func failConnection(_ stage: DeliveryStage, _ reply: SMTPReply) -> Action {
+        for i in replies.indices where i < verdicts.count && verdicts[i] == nil { replies[i] = reply }
+        lastReplies = message == nil ? [] : replies
         state = .closed
         closingOutcome = .reply(reply)
         return .close(quit: reply.code != 421, verdicts: remainingVerdicts(stage: stage, outcome: .reply(reply)))

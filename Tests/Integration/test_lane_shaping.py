@@ -448,3 +448,19 @@ def test_a_smarthost_lane_suspended_before_its_first_message(make_tern, sinks):
     tern_cli(tern, "lanes", "resume", key)
     upstream.wait(1)
     wait_empty(tern)
+
+
+def test_a_rate_slower_than_the_idle_time_still_delivers(make_tern, dns, mx_port, sinks):
+    """Regression: with one message per 6 s (slower than a connection may idle, 2 s) and no
+    burst, each new connection was closed before its first message, because the lane looked
+    at the token for the message after it; nothing was ever sent."""
+    import time
+    dns.add("slow-rate.example", ("A", "127.0.0.19"))
+    receiver = sinks("127.0.0.19")
+    tern = make_tern(delivery=delivery(dns, mx_port, ', lane: { rate: "10/min", burst: 1 }'))
+    start = time.time()
+    send_each(tern, 2, "s{i}@slow-rate.example")
+    first, second = sorted(m.time for m in receiver.wait(2, timeout=20))
+    assert first - start < 3, "the first message goes at once"
+    assert second - first >= 6 - 0.3, "the second waits for its token"
+    wait_empty(tern)
