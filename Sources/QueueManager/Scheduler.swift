@@ -36,15 +36,8 @@ public actor Scheduler {
     private var entries: [QueueID: Entry] = [:]
     /// Messages waiting for a retry, by due time.
     private var retryQueue = RetryQueue<QueueID>()
-    private var lanes: [String: Lane] = [:]
-    /// The route (and provider) each lane was made for, to give it new limits on reload.
-    private var laneRoutes: [String: Route] = [:]
-    /// Per lane: the recipient domains seen, and the last reply or error (for `tern lanes`).
-    private var laneDomains: [String: Set<String>] = [:]
-    private var laneLastReply: [String: String] = [:]
-    /// Per lane: jobs handed to it and not yet reported, and when it last had any news.
-    private var laneOutstanding: [String: Int] = [:]
-    private var laneActivity: [String: Int64] = [:]
+    /// Every lane the scheduler knows, one record each, by lane key.
+    private var lanes: [String: LaneRecord] = [:]
     /// Lane suspensions in force (the operator's and reply rules'), kept in
     /// `<spool>/suspensions.json` so that a restart does not end them.
     private var suspensions: [String: LaneSuspension] = [:]
@@ -54,7 +47,6 @@ public actor Scheduler {
     /// Transactions in all lanes (the active queue), and per lane the due recipients
     /// waiting for room: their lane has `max_queued` already, or the active queue is full.
     private var activeJobs = 0
-    private var laneBacklog: [String: Backlog] = [:]
     /// Lanes with room whose waiting mail the active queue's limit holds back; they are
     /// refilled in turn (round robin, as Postfix's queue manager serves destinations) as
     /// room comes free anywhere.
@@ -200,7 +192,7 @@ public actor Scheduler {
                 continue
             }
             let route = route(entry.envelope, i)
-            laneDomains[route.laneKey, default: []].insert(Router.domain(of: entry.envelope.recipients[i].address))
+            lanes[route.laneKey, default: LaneRecord()].domains.insert(Router.domain(of: entry.envelope.recipients[i].address))
             if groups[route.laneKey] == nil {
                 groups[route.laneKey] = (route, [])
                 order.append(route.laneKey)
@@ -213,9 +205,9 @@ public actor Scheduler {
         var taken: [(Route, [[Int]])] = []
         for key in order {
             let (route, indexes) = groups[key]!
-            let laneRoom = laneOutstanding[key, default: 0] < route.limits.maxQueued
-            guard laneRoom, activeJobs < config.delivery.activeLimit, laneBacklog[key] == nil else {
-                laneBacklog[key, default: Backlog()].add(id, indexes: indexes)
+            let laneRoom = (lanes[key]?.outstanding ?? 0) < route.limits.maxQueued
+            guard laneRoom, activeJobs < config.delivery.activeLimit, lanes[key]?.backlog == nil else {
+                lanes[key, default: LaneRecord()].backlog(add: id, indexes: indexes)
                 if laneRoom {
                     // Held back by the active queue (or by mail ahead of it): refilled in
                     // turn when room comes free.
@@ -237,10 +229,10 @@ public actor Scheduler {
             Array(indexes[$0..<min(indexes.count, $0 + route.limits.maxRecipients)])
         }
         for i in indexes { entry.inFlight.insert(i) }
-        laneOutstanding[key, default: 0] += parts.count
+        lanes[key, default: LaneRecord()].outstanding += parts.count
         activeJobs += parts.count
         active.record(activeJobs)
-        laneActivity[key] = now
+        lanes[key, default: LaneRecord()].activity = now
         return parts
     }
 
@@ -262,9 +254,9 @@ public actor Scheduler {
     }
 
     private func refillLane(_ key: String) async {
-        let limit = laneRoutes[key]?.limits.maxQueued ?? config.delivery.lane.maxQueued
-        while laneOutstanding[key, default: 0] < limit, activeJobs < config.delivery.activeLimit, !config.delivery.paused, !stopping,
-            let (id, indexes) = laneBacklog[key]?.pop()
+        let limit = lanes[key]?.route?.limits.maxQueued ?? config.delivery.lane.maxQueued
+        while (lanes[key]?.outstanding ?? 0) < limit, activeJobs < config.delivery.activeLimit, !config.delivery.paused, !stopping,
+            let (id, indexes) = lanes[key]?.popBacklog()
         {
             // What waited is handed over as it was grouped, unless it changed meanwhile
             // (delivered by a flush, deleted, held); one routing for the group, not one per
@@ -285,10 +277,10 @@ public actor Scheduler {
             entries[id] = entry
             await submit(id, entry, route, parts, now: now)
         }
-        guard let waiting = laneBacklog[key] else { return }
+        guard let waiting = lanes[key]?.backlog else { return }
         if waiting.isEmpty {
-            laneBacklog[key] = nil
-        } else if laneOutstanding[key, default: 0] < limit {
+            lanes[key]?.backlog = nil
+        } else if (lanes[key]?.outstanding ?? 0) < limit {
             starved.push(key)  // the active queue stopped it, not its own limit
         }
     }
@@ -329,33 +321,28 @@ public actor Scheduler {
     private func sweep(now: Int64) async {
         providerOf = providerOf.filter { $0.value.1 > now }
         let idle = Self.millis(config.delivery.laneIdleTime.duration)
-        let candidates = lanes.filter { key, _ in
-            laneOutstanding[key, default: 0] == 0 && laneBacklog[key] == nil && now - (laneActivity[key] ?? 0) >= idle
-        }
-        for (key, lane) in candidates {
-            let seen = laneActivity[key]
-            guard await lane.isQuiet() else { continue }
+        let candidates = lanes.filter { _, record in record.mayBeForgotten(now: now, idle: idle) }
+        for (key, record) in candidates {
+            let seen = record.activity
+            if let lane = record.lane {
+                guard await lane.isQuiet() else { continue }
+            }
             // Nothing reached the lane while it was asked (no await from here on).
-            guard lanes[key] === lane, laneActivity[key] == seen, laneOutstanding[key, default: 0] == 0, laneBacklog[key] == nil else { continue }
+            guard let current = lanes[key], current.lane === record.lane, current.activity == seen, current.mayBeForgotten(now: now, idle: idle)
+            else { continue }
             lanes[key] = nil
-            laneRoutes[key] = nil
-            laneDomains[key] = nil
-            laneLastReply[key] = nil
-            laneOutstanding[key] = nil
-            laneActivity[key] = nil
-            laneBacklog[key] = nil
-            lane.dropMetrics()
+            record.lane?.dropMetrics()
         }
         if !candidates.isEmpty { logger.debug("lanes: \(lanes.count) kept after forgetting idle ones") }
     }
 
     private func lane(for route: Route) -> Lane {
-        if let lane = lanes[route.laneKey] { return lane }
+        if let lane = lanes[route.laneKey]?.lane { return lane }
         let lane = Lane(key: route.laneKey, limits: route.limits, environment: environment) { [weak self] outcome in
             await self?.completed(outcome)
         }
-        lanes[route.laneKey] = lane
-        laneRoutes[route.laneKey] = route
+        lanes[route.laneKey, default: LaneRecord()].lane = lane
+        lanes[route.laneKey, default: LaneRecord()].route = route
         if let s = suspensions[route.laneKey], s.untilMillis > environment.now() {
             // A suspension from before a restart holds for the lane made again.
             Task { await lane.suspend(until: s.untilMillis, reason: s.reason) }
@@ -382,7 +369,7 @@ public actor Scheduler {
     /// or a recipient domain delivered direct to its MX hosts, made before any mail for it;
     /// nil for a name that is none of these.
     private func makeLane(named key: String) -> Lane? {
-        if let lane = lanes[key] { return lane }
+        if let lane = lanes[key]?.lane { return lane }
         if key.hasPrefix("provider:") {
             guard let provider = config.providers.first(where: { "provider:\($0.name)" == key }) else { return nil }
             return lane(for: router.route(provider: provider))
@@ -410,12 +397,12 @@ public actor Scheduler {
     func completed(_ outcome: JobOutcome) async {
         let id = outcome.job.id
         let laneKey = outcome.job.route.laneKey
-        laneOutstanding[laneKey, default: 1] -= 1
+        lanes[laneKey, default: LaneRecord(outstanding: 1)].outstanding -= 1
         activeJobs -= 1
         active.record(activeJobs)
-        laneActivity[laneKey] = environment.now()
+        lanes[laneKey, default: LaneRecord()].activity = environment.now()
         defer {
-            if laneBacklog[laneKey] != nil || !starved.isEmpty { Task { await self.refill(laneKey) } }
+            if lanes[laneKey]?.backlog != nil || !starved.isEmpty { Task { await self.refill(laneKey) } }
         }
         guard var entry = entries[id] else { return }
         let now = environment.now()
@@ -428,7 +415,7 @@ public actor Scheduler {
         entry.meta = settlement.meta
         entry.busy += 1
         entries[id] = entry
-        if let reply = settlement.lastReply { laneLastReply[laneKey] = reply }
+        if let reply = settlement.lastReply { lanes[laneKey]?.lastReply = reply }
         for applied in settlement.applied {
             let recipient = entry.envelope.recipients[applied.result.index]
             log(id, recipient: recipient.address, result: applied.result, verdict: applied.verdict, times: outcome.times,
@@ -447,7 +434,7 @@ public actor Scheduler {
             }
         }
         // The lane learns how the job went (its one writer of health is its state machine).
-        if let lane = lanes[laneKey] {
+        if let lane = lanes[laneKey]?.lane {
             if let feedback = settlement.laneFeedback {
                 await lane.record(softFailure: feedback.softFailure, reason: feedback.reason)
             }
@@ -630,7 +617,7 @@ public actor Scheduler {
             entries[id] = e
             count += 1
         }
-        for lane in lanes.values { await lane.revive(by: "revived by tern queue flush", endingSuspension: false) }
+        for lane in lanes.values.compactMap(\.lane) { await lane.revive(by: "revived by tern queue flush", endingSuspension: false) }
         for (id, _) in entries { await dispatch(id) }
         return count
     }
@@ -641,12 +628,13 @@ public actor Scheduler {
     /// their recipients are no longer in flight. Lanes given room are refilled.
     private func withdraw(_ chosen: @escaping @Sendable (QueueID) -> Bool) async {
         var freed: [String] = []
-        for (key, lane) in lanes where laneOutstanding[key, default: 0] > 0 {
+        for (key, record) in lanes where record.outstanding > 0 {
+            guard let lane = record.lane else { continue }
             let jobs = await lane.withdraw(chosen)
             guard !jobs.isEmpty else { continue }
             for job in jobs {
                 entries[job.id]?.inFlight.subtract(job.recipients)
-                laneOutstanding[key, default: 0] -= 1
+                lanes[key]?.outstanding -= 1
                 activeJobs -= 1
             }
             freed.append(key)
@@ -771,8 +759,8 @@ public actor Scheduler {
         environment.dataTimeout = d.dataTimeout.duration
         router = Router(routes: config.routes, delivery: config.delivery)
         providerOf = [:]
-        for (key, lane) in lanes {
-            guard let old = laneRoutes[key] else { continue }
+        for (_, record) in lanes {
+            guard let lane = record.lane, let old = record.route else { continue }
             var limits = router.limits(ofRoute: old.name)
             if let name = old.provider, let provider = config.providers.first(where: { $0.name == name }) {
                 var route = old
@@ -786,7 +774,7 @@ public actor Scheduler {
         }
         logger.notice("configuration reloaded: \(config.routes.count) routes, \(config.providers.count) providers, \(config.delivery.replyRules.count) reply rules; \(lanes.count) lanes updated")
         // Waiting mail is routed again under the new config.
-        laneBacklog = [:]
+        for key in lanes.keys { lanes[key]?.backlog = nil }
         starved = FIFO()
         for id in Array(entries.keys) { await dispatch(id) }
     }
@@ -794,11 +782,12 @@ public actor Scheduler {
     /// Every lane's state, for `tern lanes`.
     public func laneStatus() async -> [LaneStatus] {
         var out: [LaneStatus] = []
-        for (key, lane) in lanes.sorted(by: { $0.key < $1.key }) {
+        for (_, record) in lanes.sorted(by: { $0.key < $1.key }) {
+            guard let lane = record.lane else { continue }
             var s = await lane.status()
-            s.domains = laneDomains[key]?.count ?? 0
-            s.backlog = laneBacklog[key]?.count ?? 0
-            s.lastReply = laneLastReply[key]
+            s.domains = record.domains.count
+            s.backlog = record.backlog?.count ?? 0
+            s.lastReply = record.lastReply
             out.append(s)
         }
         return out
@@ -809,8 +798,8 @@ public actor Scheduler {
     /// Returns false when no lane matches.
     public func suspendLane(_ name: String, until: Int64?) async -> Bool {
         // `gmail` names the provider's lane `provider:gmail` when no lane has that name.
-        let key = lanes[name] == nil && config.providers.contains(where: { $0.name == name }) ? "provider:\(name)" : name
-        var chosen = lanes.filter { $0.key == key || $0.key.hasPrefix(key + "/") }
+        let key = lanes[name]?.lane == nil && config.providers.contains(where: { $0.name == name }) ? "provider:\(name)" : name
+        var chosen = lanes.filter { $0.key == key || $0.key.hasPrefix(key + "/") }.compactMapValues(\.lane)
         if chosen.isEmpty, until != nil, let made = makeLane(named: key) {
             // No mail for it yet: its lane is made now, so the suspension holds for the first
             // message too.
@@ -819,7 +808,7 @@ public actor Scheduler {
         guard !chosen.isEmpty else { return false }
         let now = environment.now()
         for (k, lane) in chosen {
-            laneActivity[k] = now
+            lanes[k]?.activity = now
             if let until {
                 recordSuspension(k, LaneSuspension(untilMillis: until, reason: "suspended by the operator"))
                 await lane.suspend(until: until, reason: "suspended by the operator")
@@ -900,5 +889,39 @@ struct Backlog {
     mutating func pop() -> (QueueID, [Int])? {
         guard let id = order.pop(), let indexes = groups.removeValue(forKey: id) else { return nil }
         return (id, indexes)
+    }
+}
+
+/// One destination lane as the scheduler knows it: the actor (once made) and what the
+/// scheduler keeps about it, in one place instead of a dictionary per field.
+struct LaneRecord {
+    /// Made when the first job is submitted (or for a suspension, or a `tern lanes` name).
+    var lane: Lane?
+    /// The route (and provider) the lane was made for, to give it new limits on reload.
+    var route: Route?
+    /// The recipient domains seen, and the last reply or error (for `tern lanes`).
+    var domains: Set<String> = []
+    var lastReply: String?
+    /// Jobs handed to the lane and not yet reported.
+    var outstanding = 0
+    /// When the lane last had any news (ms).
+    var activity: Int64 = 0
+    /// Due recipients waiting for room: the lane has `max_queued`, or the active queue is full.
+    var backlog: Backlog?
+
+    init(outstanding: Int = 0) { self.outstanding = outstanding }
+
+    mutating func backlog(add id: QueueID, indexes: [Int]) {
+        var b = backlog ?? Backlog()
+        b.add(id, indexes: indexes)
+        backlog = b
+    }
+
+    mutating func popBacklog() -> (QueueID, [Int])? { backlog?.pop() }
+
+    /// Nothing handed over or waiting, and quiet for `idle` ms: the scheduler may forget it
+    /// (once its actor, if any, says it is quiet too).
+    func mayBeForgotten(now: Int64, idle: Int64) -> Bool {
+        outstanding == 0 && backlog == nil && now - activity >= idle
     }
 }
