@@ -282,7 +282,7 @@ struct LaneWorker: Sendable {
 
         let hosts: [MXHost]
         let serverPort: Int
-        let tls = TLSPolicy(rawValue: job.route.tls.rawValue) ?? .may
+        let tls = job.route.tls
         switch job.route.nextHop {
         case .smarthost(let host, let port):
             serverPort = port

@@ -217,7 +217,7 @@ public struct RateLimit: Sendable, Decodable, Equatable, CustomStringConvertible
     public var description: String { "\(count)/\(perMillis == 1000 ? "s" : perMillis == 60_000 ? "min" : "h")" }
 }
 
-/// The TLS policies a config can name; `Transports.TLSPolicy` is the same set.
+/// The TLS policies a config can name; `Transports.TLSPolicy` is this type.
 public enum TLSPolicyName: String, Sendable, Decodable, CaseIterable {
     case none, may, encrypt, verify
 }
