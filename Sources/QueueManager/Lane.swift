@@ -35,7 +35,7 @@ struct LaneEnvironment: Sendable {
 /// `window` workers each hold one connection and take jobs until none is left, so a
 /// connection carries up to `messages_per_connection` messages. A slow or dead lane holds
 /// only its own jobs: other lanes never wait for it.
-actor Lane {
+actor Lane: AttemptLane {
     let key: String
     private var machine: LaneStateMachine<DeliveryJob>
     /// Idle workers waiting for a job, by the machine's waiter number.
@@ -136,7 +136,22 @@ actor Lane {
 
     func workerDone() { perform(machine.workerDone(now: environment.now())) }
     func connectionSucceeded() { perform(machine.connectionSucceeded(now: environment.now())) }
-    func connectionFailed(_ outcome: AttemptOutcome) { perform(machine.connectionFailed(outcome, now: environment.now())) }
+    /// A connection failed at `stage`: counted, and held against the lane when the failure
+    /// is the destination's (no connection, no greeting), as `DeliveryPolicy` says.
+    func connectionFailed(_ outcome: AttemptOutcome, stage: DeliveryStage) {
+        var tlsFailed = stage == .startTLS
+        if case .tls = outcome { tlsFailed = true }
+        if tlsFailed {
+            Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", key)]).increment()
+            OperationalCounters.shared.add { $0.tlsFailures += 1 }
+        }
+        if stage == .auth {
+            Counter(label: "tern_upstream_auth_failures_total", dimensions: [("lane", key)]).increment()
+            OperationalCounters.shared.add { $0.upstreamAuthFailures += 1 }
+        }
+        guard DeliveryPolicy.throttlesLane(stage: stage, outcome: outcome) else { return }
+        perform(machine.connectionFailed(outcome, now: environment.now()))
+    }
 
     /// How a job went, for the automatic back-off.
     func record(softFailure: Bool, reason: String) {
@@ -233,209 +248,36 @@ struct LaneWorker: Sendable {
     let limits: LaneLimits
     let report: @Sendable (JobOutcome) async -> Void
 
-    /// The open connection and what it has carried.
-    final class Held: @unchecked Sendable {
-        var connection: SMTPClientConnection
-        var address: String
-        /// What the connection was set up with (route, TLS policy, CA): a job from another
-        /// route that shares the lane never rides a connection set up with a weaker policy
-        /// or another login.
-        var setup: String
-        var messages = 0
-        init(_ connection: SMTPClientConnection, address: String, setup: String) {
-            self.connection = connection
-            self.address = address
-            self.setup = setup
-        }
-    }
-
-    /// The tokens the lane took for this worker when it started: the connection rate's for
-    /// its first connection, the message rate's for its first message.
-    final class Permits: @unchecked Sendable {
-        var firstTaken = true
-        var messageTaken = false
-    }
-
     func run(messageTokenTaken: Bool = false) async {
-        let permits = Permits()
-        permits.messageTaken = messageTokenTaken
-        var held: Held?
+        let permits = AttemptPermits(messageTaken: messageTokenTaken)
+        let settings = NextHopSettings(
+            resolver: environment.resolver, heloName: environment.heloName, mxPort: environment.mxPort,
+            connectTimeout: environment.connectTimeout, commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout,
+            ownAddresses: environment.ownAddresses, messagesPerConnection: limits.messagesPerConnection,
+            sourceAddress: limits.sourceAddress, logger: environment.logger, now: environment.now)
+        var held: HeldConnection?
         var finished = false
         while let job = await lane.next(finished: finished) {
-            held = await deliver(job, held: held, permits: permits)
+            let start = environment.now()
+            let attempt = NextHopAttempt(
+                id: job.id.rawValue, route: job.route, envelope: job.envelope, recipients: job.recipients, contentSize: job.contentSize)
+            // Getting the message there is the transport's business; the lane only lends it
+            // its permits and hears how the connections went.
+            let (done, kept) = await NextHopDelivery.deliver(
+                attempt, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize), held: held, permits: permits,
+                lane: lane, settings: settings)
+            held = kept
+            let times = AttemptTimes(
+                queued: job.dispatchedMillis - job.envelope.arrivalMillis, waited: start - job.dispatchedMillis,
+                setup: done.setupMillis, transmission: done.transmissionMillis)
+            await report(JobOutcome(job: job, results: done.results, times: times))
             finished = true
         }
         if let held { await held.connection.quit() }
         await lane.workerDone()
     }
-
-    /// Tries the job's hosts in order; recipients that get a soft failure at one host go on
-    /// to the next. Returns the connection to keep for the next job, if any.
-    private func deliver(_ job: DeliveryJob, held: Held?, permits: Permits) async -> Held? {
-        let start = environment.now()
-        var times = AttemptTimes(queued: job.dispatchedMillis - job.envelope.arrivalMillis, waited: start - job.dispatchedMillis)
-        var held = held
-        var results: [RecipientResult] = []
-        func finish(_ remaining: [Int], _ verdict: RecipientVerdict, relay: String = "none", reply: SMTPReply? = nil) {
-            results += remaining.map { RecipientResult(index: $0, verdict: verdict, reply: reply, relay: relay) }
-        }
-
-        let hosts: [MXHost]
-        let serverPort: Int
-        let tls = job.route.tls
-        switch job.route.nextHop {
-        case .smarthost(let host, let port):
-            serverPort = port
-            // A smarthost's name goes through the same DNS server as MX lookups (the
-            // configured one), and the log shows the address used: relay=host[IP]:port.
-            guard let resolver = environment.resolver, !host.isIPAddress else {
-                hosts = [MXHost(name: host, preference: 0, addresses: [host])]
-                break
-            }
-            switch await resolver.addresses(of: host) {
-            case .success(let addresses):
-                hosts = [MXHost(name: host, preference: 0, addresses: addresses)]
-            case .failure(.notFound(let why)), .failure(.temporary(let why)):
-                // A smarthost that does not resolve is our configuration's trouble, never
-                // the recipient's: defer, do not bounce.
-                finish(job.recipients, .deferred(status: EnhancedStatusCode(4, 4, 3), diagnostic: "X-Tern; smarthost \(host): DNS lookup failed: \(why)"))
-                await report(JobOutcome(job: job, results: results, times: times))
-                return held
-            }
-        case .mx(let domain):
-            serverPort = environment.mxPort
-            guard let resolver = environment.resolver else { preconditionFailure("MX route without a resolver") }
-            switch await resolver.lookup(domain: domain) {
-            case .hosts(let found): hosts = found
-            case .nullMX:
-                finish(job.recipients, .bounced(status: EnhancedStatusCode(5, 1, 10), diagnostic: "X-Tern; \(domain) accepts no mail (null MX)"))
-                await report(JobOutcome(job: job, results: results, times: times))
-                return held
-            case .notFound(let why):
-                finish(job.recipients, .bounced(status: EnhancedStatusCode(5, 1, 2), diagnostic: "X-Tern; Host or domain name not found: \(why)"))
-                await report(JobOutcome(job: job, results: results, times: times))
-                return held
-            case .temporaryFailure(let why):
-                finish(job.recipients, .deferred(status: EnhancedStatusCode(4, 4, 3), diagnostic: "X-Tern; DNS lookup failed: \(why)"))
-                await report(JobOutcome(job: job, results: results, times: times))
-                return held
-            }
-        }
-
-        var remaining = job.recipients
-        var lastOutcome = AttemptOutcome.connection("no host tried")
-        hostLoop: for host in hosts {
-            for address in host.addresses where !remaining.isEmpty {
-                let target = "\(address):\(serverPort)"
-                if environment.ownAddresses.contains(target) {
-                    // Delivering to our own listener would only accept the mail again.
-                    let domain = job.envelope.recipients[remaining[0]].address.split(separator: "@").last.map(String.init) ?? ""
-                    let loop = AttemptOutcome.loop("mail for \(domain) loops back to myself (\(host.name)[\(address)]:\(serverPort) is this relay)")
-                    finish(remaining, DeliveryPolicy.verdict(stage: .connect, outcome: loop, isLastHost: true))
-                    remaining = []
-                    break hostLoop
-                }
-                let setup = "\(job.route.name) \(tls) \(job.route.caFile ?? "")"
-                if let h = held, h.address != target || h.setup != setup || !h.connection.isReady || h.messages >= limits.messagesPerConnection {
-                    await h.connection.quit()
-                    held = nil
-                }
-                if held == nil {
-                    // Every connection after the worker's first waits for the lane's connection rate.
-                    if permits.firstTaken { permits.firstTaken = false } else { await lane.permitConnection() }
-                    let setupStart = environment.now()
-                    // Read now, not when the worker started: a reload may have brought a new password.
-                    let credentials = await lane.credentials(route: job.route.name)
-                    let configuration = SMTPClientConfiguration(
-                        heloName: environment.heloName, tlsPolicy: tls, credentials: credentials,
-                        serverName: host.name, caFile: job.route.caFile, connectTimeout: environment.connectTimeout,
-                        commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout, isLastHost: false,
-                        sourceAddress: limits.sourceAddress, ownHostname: environment.heloName)
-                    do {
-                        let connection = try await SMTPClientConnection.connect(host: address, port: serverPort, configuration: configuration)
-                        held = Held(connection, address: target, setup: setup)
-                        await lane.connectionSucceeded()
-                    } catch {
-                        if case .loop = error.outcome {
-                            environment.logger.info("\(job.id): \(host.name)[\(address)]:\(serverPort): \(error.outcome)")
-                            finish(remaining, DeliveryPolicy.verdict(stage: error.stage, outcome: error.outcome, isLastHost: true),
-                                   relay: "\(host.name)[\(address)]:\(serverPort)")
-                            remaining = []
-                            break hostLoop
-                        }
-                        // A server's own answer (a reply, a TLS failure) says more than a later
-                        // address that refused the connection: keep it as the reason.
-                        if case .connection = error.outcome, Self.informative(lastOutcome) {} else { lastOutcome = error.outcome }
-                        if DeliveryPolicy.throttlesLane(stage: error.stage, outcome: error.outcome) {
-                            await lane.connectionFailed(error.outcome)
-                        }
-                        var tlsFailed = error.stage == .startTLS
-                        if case .tls = error.outcome { tlsFailed = true }
-                        if tlsFailed {
-                            Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", lane.key)]).increment()
-                            OperationalCounters.shared.add { $0.tlsFailures += 1 }
-                        }
-                        if error.stage == .auth {
-                            Counter(label: "tern_upstream_auth_failures_total", dimensions: [("lane", lane.key)]).increment()
-                            OperationalCounters.shared.add { $0.upstreamAuthFailures += 1 }
-                        }
-                        environment.logger.info(
-                            "\(job.id): connect to \(host.name)[\(address)]:\(serverPort) failed at \(error.stage.rawValue): \(error.outcome)",
-                            metadata: [LogSink.serviceKey: "smtp"])
-                        times.setup += environment.now() - setupStart
-                        continue
-                    }
-                    times.setup += environment.now() - setupStart
-                }
-                guard let h = held else { continue }
-                let sendStart = environment.now()
-                let message = OutboundMessage(
-                    sender: job.envelope.sender, recipients: remaining.map { job.envelope.recipients[$0] }, size: job.contentSize,
-                    eightBit: job.envelope.body?.uppercased() == "8BITMIME", needsSMTPUTF8: job.envelope.smtpUTF8,
-                    ret: job.envelope.ret, envid: job.envelope.envid)
-                if permits.messageTaken { permits.messageTaken = false } else { await lane.permit() }
-                let verdicts = await h.connection.send(message, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize))
-                let replies = h.connection.lastReplies
-                h.messages += 1
-                times.transmission += environment.now() - sendStart
-                var next: [Int] = []
-                for (n, (index, verdict)) in zip(remaining, verdicts).enumerated() {
-                    if case .tryNextHost(let outcome) = verdict {
-                        next.append(index)
-                        lastOutcome = outcome
-                    } else {
-                        results.append(
-                            RecipientResult(
-                                index: index, verdict: verdict, reply: n < replies.count ? replies[n] : nil, relay: h.connection.peer,
-                                remoteMTA: "dns; \(host.name)", relayedWithoutDSN: !h.connection.extensions.dsn))
-                    }
-                }
-                remaining = next
-                if remaining.isEmpty { break hostLoop }
-                if !h.connection.isReady {
-                    held = nil
-                }
-            }
-        }
-        if !remaining.isEmpty {
-            finish(
-                remaining, DeliveryPolicy.exhausted(lastOutcome, note: nil), relay: held?.connection.peer ?? "none",
-                reply: RecipientResult.reply(of: lastOutcome))
-        }
-        await report(JobOutcome(job: job, results: results, times: times))
-        return held
-    }
 }
 
-extension LaneWorker {
-    /// An outcome that came from a server that answered, not from one that could not be reached.
-    static func informative(_ outcome: AttemptOutcome) -> Bool {
-        switch outcome {
-        case .reply, .tls, .protocolError, .loop: return true
-        case .connection, .timeout: return false
-        }
-    }
-}
 
 /// A queued message's content, streamed from its spool file.
 struct SpoolContent: MessageContent {
