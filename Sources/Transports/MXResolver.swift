@@ -146,11 +146,13 @@ public final class MXResolver: @unchecked Sendable {
 
     /// The names of a domain's MX hosts and the answer's TTL in seconds (for grouping
     /// domains by provider); nil when there are none or the lookup failed.
+    /// The answer is the full lookup's, cached: the attempt that follows uses it as it is,
+    /// so a domain's MX hosts are looked up once for both.
     public func mxNames(domain: String) async -> (names: [String], ttl: Int)? {
-        let answer = await query(domain, type: Self.typeMX)
-        guard case .ok = answer.status else { return nil }
-        let names = answer.records.compactMap(Self.parseMX).map(\.1).filter { !$0.isEmpty }
-        return names.isEmpty ? nil : (names, answer.ttl)
+        guard case .hosts(let hosts) = await lookup(domain: domain), !hosts.isEmpty else { return nil }
+        let now = NIODeadline.now().uptimeNanoseconds / 1_000_000
+        let until = cache.withLockedValue { $0[domain]?.1 } ?? now
+        return (hosts.map(\.name), Int((until > now ? until - now : 0) / 1000))
     }
 
     /// The hosts for a recipient domain, in the order to try them.
