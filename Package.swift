@@ -85,7 +85,12 @@ let package = Package(
 
         // Delivery's decisions, pure: routes, the failure policy, the retry schedule, the lane
         // window, DSNs.
-        .target(name: "Delivery", dependencies: ["SMTPProtocol", "TernCore", "Spool"], swiftSettings: strict),
+        // Cross-module optimization in release builds: the queue manager drives Delivery's
+        // generic state machine (LaneStateMachine<DeliveryJob>) once per job event, and
+        // without it every call runs unspecialized, through runtime generic metadata.
+        .target(
+            name: "Delivery", dependencies: ["SMTPProtocol", "TernCore", "Spool"],
+            swiftSettings: strict + [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]),
 
         // Outbound SMTP: the client state machine, its NIO driver, MX resolution.
         .target(

@@ -911,10 +911,11 @@ struct LaneRecord {
 
     init(outstanding: Int = 0) { self.outstanding = outstanding }
 
+    /// In place: a copy of the backlog to change would copy all its waiting messages, once
+    /// per message added.
     mutating func backlog(add id: QueueID, indexes: [Int]) {
-        var b = backlog ?? Backlog()
-        b.add(id, indexes: indexes)
-        backlog = b
+        if backlog == nil { backlog = Backlog() }
+        backlog?.add(id, indexes: indexes)
     }
 
     mutating func popBacklog() -> (QueueID, [Int])? { backlog?.pop() }

@@ -146,13 +146,30 @@ public final class MXResolver: @unchecked Sendable {
 
     /// The names of a domain's MX hosts and the answer's TTL in seconds (for grouping
     /// domains by provider); nil when there are none or the lookup failed.
-    /// The answer is the full lookup's, cached: the attempt that follows uses it as it is,
-    /// so a domain's MX hosts are looked up once for both.
+    /// The MX answer is kept (as long as its TTL, at most a minute) for the attempt's full
+    /// lookup that follows, so a domain's MX records are asked for once for both; the hosts'
+    /// addresses are looked up by the attempt, off the scheduler's path.
     public func mxNames(domain: String) async -> (names: [String], ttl: Int)? {
-        guard case .hosts(let hosts) = await lookup(domain: domain), !hosts.isEmpty else { return nil }
+        let answer = await mxAnswer(domain)
+        guard case .ok = answer.status else { return nil }
+        let names = answer.records.compactMap(Self.parseMX).map(\.1).filter { !$0.isEmpty }
+        return names.isEmpty ? nil : (names, answer.ttl)
+    }
+
+    /// Recent MX answers, by domain, until when (monotonic ms).
+    private let mxAnswers = NIOLockedValueBox([String: (Answer, UInt64)]())
+
+    private func mxAnswer(_ domain: String) async -> Answer {
         let now = NIODeadline.now().uptimeNanoseconds / 1_000_000
-        let until = cache.withLockedValue { $0[domain]?.1 } ?? now
-        return (hosts.map(\.name), Int((until > now ? until - now : 0) / 1000))
+        if let (answer, until) = mxAnswers.withLockedValue({ $0[domain] }), now < until { return answer }
+        let answer = await query(domain, type: Self.typeMX)
+        if case .ok = answer.status {
+            mxAnswers.withLockedValue { c in
+                if c.count > 10_000 { c.removeAll() }
+                c[domain] = (answer, now + UInt64(min(max(answer.ttl, 1), 60)) * 1000)
+            }
+        }
+        return answer
     }
 
     /// The hosts for a recipient domain, in the order to try them.
@@ -186,7 +203,7 @@ public final class MXResolver: @unchecked Sendable {
 
     /// The lookup itself, with the MX answer's TTL in seconds.
     private func resolve(domain: String, using random: inout some RandomNumberGenerator) async -> (MXLookupResult, Int) {
-        let answer = await query(domain, type: Self.typeMX)
+        let answer = await mxAnswer(domain)
         let ttl = answer.ttl
         return (await hosts(for: domain, answer: answer, using: &random), ttl)
     }
