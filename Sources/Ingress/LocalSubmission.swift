@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
+import TernCore
 
 /// Where local submission (`tern sendmail`) meets the daemon, and who may use it.
 ///
@@ -62,29 +63,18 @@ public enum LocalSubmission {
     public static func listeningSocket(spool: String, owner: (uid: uid_t, gid: gid_t)?) throws -> CInt {
         let path = socketPath(spool: spool)
         var st = stat()
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+        guard let address = UnixSocketAddress(path: path) else {
             throw SetupError(description: "\(path): the spool's path is too long for a Unix socket")
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in bytes.enumerated() { raw[i] = b }
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw failure("socket") }
-        let connect = { () -> Int32 in
-            withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-        }
         if lstat(path, &st) == 0 {
             guard st.st_mode & S_IFMT == S_IFSOCK else {
                 close(fd)
                 throw SetupError(description: "\(path) exists and is not a socket")
             }
             // A socket someone answers on belongs to a running daemon: never take it away.
-            if connect() == 0 {
+            if address.connect(fd) == 0 {
                 close(fd)
                 throw SetupError(description: "\(path): another tern serve is running on this spool")
             }
@@ -92,9 +82,7 @@ public enum LocalSubmission {
             close(fd)
             return try listeningSocket(spool: spool, owner: owner)
         }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
+        let bound = address.bind(fd)
         guard bound == 0, listen(fd, 128) == 0 else {
             let error = failure("cannot listen on \(path)")
             close(fd)

@@ -140,20 +140,11 @@ public final class LogSink: @unchecked Sendable {
         case .syslog(let socketPath):
             let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             guard fd >= 0 else { throw OpenError(description: "log.output: syslog: \(String(cString: strerror(errno)))") }
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            let bytes = Array(socketPath.utf8)
-            guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            guard let address = UnixSocketAddress(path: socketPath) else {
                 close(fd)
                 throw OpenError(description: "log.syslog_socket: path too long")
             }
-            withUnsafeMutableBytes(of: &address.sun_path) { raw in
-                for (i, b) in bytes.enumerated() { raw[i] = b }
-            }
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            guard connected == 0 else {
+            guard address.connect(fd) == 0 else {
                 let reason = String(cString: strerror(errno))
                 close(fd)
                 throw OpenError(description: "log.output: syslog: cannot reach \(socketPath): \(reason)")

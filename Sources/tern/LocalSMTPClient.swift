@@ -32,21 +32,12 @@ struct LocalSMTPClient {
 
     /// Connects to the daemon's socket; `timeout` bounds each read and write.
     static func connect(path: String, timeout: Int = 600) throws(Failure) -> LocalSMTPClient {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+        guard let address = UnixSocketAddress(path: path) else {
             throw Failure(description: "\(path): path too long", connectErrno: ENAMETOOLONG)
-        }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in bytes.enumerated() { raw[i] = b }
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw Failure(description: "socket: \(errnoText())", connectErrno: errno) }
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { systemConnect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        guard connected == 0 else {
+        guard address.connect(fd) == 0 else {
             let code = errno
             Glibc.close(fd)
             throw Failure(description: "cannot connect to \(path): \(errnoText(code))", connectErrno: code)
@@ -114,10 +105,6 @@ struct LocalSMTPClient {
     }
 
     static func errnoText(_ code: CInt = errno) -> String { String(cString: strerror(code)).lowercased() }
-}
-
-private func systemConnect(_ fd: CInt, _ address: UnsafePointer<sockaddr>, _ length: socklen_t) -> CInt {
-    connect(fd, address, length)
 }
 
 // MARK: - One transaction

@@ -1,4 +1,5 @@
 import ServiceLifecycle
+import TernCore
 
 #if canImport(Glibc)
 import Glibc
@@ -12,25 +13,11 @@ import Darwin
 enum SystemdNotify {
     static func send(_ state: String) {
         guard let value = getenv("NOTIFY_SOCKET").map({ String(cString: $0) }), !value.isEmpty else { return }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        var path = Array(value.utf8)
-        // "@name" is an abstract socket: a NUL first.
-        if path.first == UInt8(ascii: "@") { path[0] = 0 }
-        guard path.count < MemoryLayout.size(ofValue: address.sun_path) else { return }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in path.enumerated() { raw[i] = b }
-        }
+        guard let address = UnixSocketAddress(path: value) else { return }
         let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { return }
         defer { close(fd) }
-        let length = socklen_t(MemoryLayout<sa_family_t>.size + path.count)
-        let bytes = Array(state.utf8)
-        _ = withUnsafePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                bytes.withUnsafeBytes { sendto(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL), sa, length) }
-            }
-        }
+        _ = address.send(fd, Array(state.utf8))
     }
 
     /// `RELOADING=1` with the monotonic time that systemd 253 and later require beside it.
