@@ -80,6 +80,11 @@ public struct MaildropFile: Equatable, Sendable {
         }
         guard let sender else { throw DecodeError(description: "no sender") }
         guard !recipients.isEmpty else { throw DecodeError(description: "no recipients") }
+        // An address is replayed inside `<…>` on a command line: nothing in it may close the
+        // brackets or start a parameter.
+        for address in [sender] + recipients where address.contains(where: { $0 == " " || $0 == "<" || $0 == ">" }) {
+            throw DecodeError(description: "a space or an angle bracket in an address")
+        }
         self.init(sender: sender, recipients: recipients, notify: notify, ret: ret, envid: envid, content: Array(bytes[i...]))
     }
 }

@@ -86,6 +86,7 @@ final class MaildropFileTests: XCTestCase {
             "not a maildrop file\n\nx", "tern-maildrop 1\nsender a@b\n\nx", "tern-maildrop 1\nrecipient a@b\n\nx",
             "tern-maildrop 1\nsender a@b\nrecipient c@d", "tern-maildrop 1\nsender a@b\nrecipient c@d\nbcc e@f\n\nx",
             "tern-maildrop 1\nsender a\u{1B}[2J@b\nrecipient c@d\n\nx", "tern-maildrop 1\nsender a@b\nsender c@d\nrecipient c@d\n\n",
+            "tern-maildrop 1\nsender a@b> RET=FULL\nrecipient c@d\n\nx", "tern-maildrop 1\nsender a@b\nrecipient c@d> NOTIFY=NEVER\n\nx",
         ] {
             XCTAssertThrowsError(try MaildropFile(decoding: Array(text.utf8)), text)
         }
