@@ -74,8 +74,6 @@ public struct LaneStateMachine<Job: Sendable>: Sendable {
     }
 
     public var queued: Int { jobs.count - head }
-    public var idleWorkers: Int { idle.count }
-    public var hasRate: Bool { bucket != nil }
 
     // MARK: - Jobs
 

@@ -13,9 +13,6 @@ public struct RetryQueue<ID: Hashable & Comparable & Sendable>: Sendable {
     public var count: Int { due.count }
     public var isEmpty: Bool { due.isEmpty }
 
-    /// The time `id` is due, if it waits.
-    public func dueTime(of id: ID) -> Int64? { due[id] }
-
     /// `id` is due at `time`, or at the time it already had if that is sooner.
     public mutating func schedule(_ id: ID, at time: Int64) {
         if let current = due[id], current <= time { return }
