@@ -17,7 +17,7 @@ public func fuzz(_ start: UnsafeRawPointer, _ count: Int) -> CInt {
     var machine = SMTPClientStateMachine(
         heloName: "relay.test", tlsPolicy: policies[Int(setup & 3)],
         credentials: setup & 4 != 0 ? ClientCredentials(user: "u", password: "p") : nil,
-        isLastHost: setup & 8 != 0, ownHostname: setup & 16 != 0 ? "relay.test" : nil)
+        ownHostname: setup & 16 != 0 ? "relay.test" : nil)
     let message = OutboundMessage(
         sender: "app@client.test",
         recipients: [.init(address: "a@example.org"), .init(address: "b@example.org")], size: 100)

@@ -46,7 +46,9 @@ public enum RecipientVerdict: Sendable, Equatable {
 /// Only connection and greeting failures say the destination itself is in trouble, so
 /// only they close a lane's concurrency window (`throttlesLane`).
 public enum DeliveryPolicy {
-    public static func verdict(stage: DeliveryStage, outcome failure: AttemptOutcome, isLastHost: Bool) -> RecipientVerdict {
+    /// One host's answer. A soft failure is `.tryNextHost`: whoever walks the hosts
+    /// (`Transports/NextHopDelivery`) tries the next, and defers (`exhausted`) when none is left.
+    public static func verdict(stage: DeliveryStage, outcome failure: AttemptOutcome) -> RecipientVerdict {
         if case .reply(let reply) = failure, reply.isPositive {
             return .delivered(reply)
         }
@@ -57,8 +59,7 @@ public enum DeliveryPolicy {
         if case .reply(let reply) = failure, reply.isPermanentFailure, permanentAt(stage) {
             return .bounced(status: status(of: failure, stage: stage), diagnostic: diagnostic(failure))
         }
-        if !isLastHost { return .tryNextHost(failure) }
-        return .deferred(status: status(of: failure, stage: stage), diagnostic: diagnostic(failure))
+        return .tryNextHost(failure)
     }
 
     /// A recipient deferred past the queue lifetime is bounced with the last reason.

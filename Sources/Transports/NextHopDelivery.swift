@@ -169,7 +169,7 @@ public enum NextHopDelivery {
                     // Delivering to our own listener would only accept the mail again.
                     let domain = envelope.recipients[remaining[0]].address.split(separator: "@").last.map(String.init) ?? ""
                     let loop = AttemptOutcome.loop("mail for \(domain) loops back to myself (\(host.name)[\(address)]:\(serverPort) is this relay)")
-                    finish(remaining, DeliveryPolicy.verdict(stage: .connect, outcome: loop, isLastHost: true))
+                    finish(remaining, DeliveryPolicy.verdict(stage: .connect, outcome: loop))
                     remaining = []
                     break hostLoop
                 }
@@ -187,7 +187,7 @@ public enum NextHopDelivery {
                     let configuration = SMTPClientConfiguration(
                         heloName: settings.heloName, tlsPolicy: tls, credentials: credentials,
                         serverName: host.name, caFile: attempt.route.caFile, connectTimeout: settings.connectTimeout,
-                        commandTimeout: settings.commandTimeout, dataTimeout: settings.dataTimeout, isLastHost: false,
+                        commandTimeout: settings.commandTimeout, dataTimeout: settings.dataTimeout,
                         sourceAddress: settings.sourceAddress, ownHostname: settings.heloName)
                     do {
                         let connection = try await SMTPClientConnection.connect(host: address, port: serverPort, configuration: configuration)
@@ -196,7 +196,7 @@ public enum NextHopDelivery {
                     } catch {
                         if case .loop = error.outcome {
                             settings.logger.info("\(attempt.id): \(host.name)[\(address)]:\(serverPort): \(error.outcome)")
-                            finish(remaining, DeliveryPolicy.verdict(stage: error.stage, outcome: error.outcome, isLastHost: true),
+                            finish(remaining, DeliveryPolicy.verdict(stage: error.stage, outcome: error.outcome),
                                    relay: "\(host.name)[\(address)]:\(serverPort)")
                             remaining = []
                             break hostLoop

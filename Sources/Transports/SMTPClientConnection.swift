@@ -22,7 +22,6 @@ public struct SMTPClientConfiguration: Sendable {
     public var commandTimeout: Duration
     /// For the content and the reply to the final dot.
     public var dataTimeout: Duration
-    public var isLastHost: Bool
     /// The local address to connect from (a lane's egress IP); the system's choice when nil.
     public var sourceAddress: String?
     /// This relay's own hostname: a server that greets with it is this relay (a mail loop).
@@ -31,7 +30,7 @@ public struct SMTPClientConfiguration: Sendable {
     public init(
         heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil, serverName: String,
         caFile: String? = nil, connectTimeout: Duration = .seconds(30), commandTimeout: Duration = .seconds(300),
-        dataTimeout: Duration = .seconds(600), isLastHost: Bool = true, sourceAddress: String? = nil,
+        dataTimeout: Duration = .seconds(600), sourceAddress: String? = nil,
         ownHostname: String? = nil
     ) {
         self.sourceAddress = sourceAddress
@@ -44,7 +43,6 @@ public struct SMTPClientConfiguration: Sendable {
         self.connectTimeout = connectTimeout
         self.commandTimeout = commandTimeout
         self.dataTimeout = dataTimeout
-        self.isLastHost = isLastHost
     }
 }
 
@@ -101,7 +99,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
         self.configuration = configuration
         self.machine = SMTPClientStateMachine(
             heloName: configuration.heloName, tlsPolicy: configuration.tlsPolicy, credentials: configuration.credentials,
-            isLastHost: configuration.isLastHost, ownHostname: configuration.ownHostname)
+            ownHostname: configuration.ownHostname)
         self.peer = peer
     }
 

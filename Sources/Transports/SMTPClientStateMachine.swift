@@ -121,8 +121,6 @@ public struct SMTPClientStateMachine: Sendable {
     public let heloName: String
     public let tlsPolicy: TLSPolicy
     public let credentials: ClientCredentials?
-    /// False for MX delivery to a host that is not the last: a soft failure then moves on.
-    public var isLastHost: Bool
 
     private var state = State.greeting
     public private(set) var extensions = ServerExtensions()
@@ -141,14 +139,13 @@ public struct SMTPClientStateMachine: Sendable {
     public let ownHostname: String?
 
     public init(
-        heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil, isLastHost: Bool = true,
+        heloName: String, tlsPolicy: TLSPolicy, credentials: ClientCredentials? = nil,
         ownHostname: String? = nil
     ) {
         self.ownHostname = ownHostname
         self.heloName = heloName
         self.tlsPolicy = tlsPolicy
         self.credentials = credentials
-        self.isLastHost = isLastHost
     }
 
     /// True between sessions' transactions: a message can be offered.
@@ -332,7 +329,7 @@ public struct SMTPClientStateMachine: Sendable {
 
     /// A positive reply the command cannot get (250 to DATA, 354 after the dot, 220 to MAIL):
     /// the server and Tern no longer agree on which reply answers which command, so nothing
-    /// more it says can be trusted. Whatever has no verdict yet is deferred (4.5.0), never
+    /// more it says can be trusted. Whatever has no verdict yet is not final (the next host, else deferred 4.5.0), never
     /// delivered; the connection is dropped without QUIT.
     private mutating func protocolViolation(_ reply: SMTPReply) -> Action {
         let outcome = AttemptOutcome.protocolError(
@@ -424,7 +421,7 @@ public struct SMTPClientStateMachine: Sendable {
             if !reply.isPositive {
                 // The sender refused: every recipient shares the verdict. With PIPELINING the
                 // RCPT replies still come and are read, then ignored; without, none are sent.
-                let verdict = DeliveryPolicy.verdict(stage: .mail, outcome: .reply(reply), isLastHost: isLastHost)
+                let verdict = DeliveryPolicy.verdict(stage: .mail, outcome: .reply(reply))
                 for i in verdicts.indices { verdicts[i] = verdict }
                 for i in replies.indices { replies[i] = reply }
                 if !queued.isEmpty {
@@ -438,7 +435,7 @@ public struct SMTPClientStateMachine: Sendable {
                 if reply.isPositive {
                     acceptedRecipients += 1
                 } else {
-                    verdicts[r] = DeliveryPolicy.verdict(stage: .rcpt, outcome: .reply(reply), isLastHost: isLastHost)
+                    verdicts[r] = DeliveryPolicy.verdict(stage: .rcpt, outcome: .reply(reply))
                     replies[r] = reply
                 }
             }
@@ -461,7 +458,7 @@ public struct SMTPClientStateMachine: Sendable {
     }
 
     private mutating func finishMessage(stage: DeliveryStage, outcome: AttemptOutcome) -> Action {
-        let verdict = DeliveryPolicy.verdict(stage: stage, outcome: outcome, isLastHost: isLastHost)
+        let verdict = DeliveryPolicy.verdict(stage: stage, outcome: outcome)
         for i in verdicts.indices where verdicts[i] == nil {
             verdicts[i] = verdict
             replies[i] = RecipientResult.reply(of: outcome)
@@ -512,7 +509,7 @@ public struct SMTPClientStateMachine: Sendable {
 
     private func remainingVerdicts(stage: DeliveryStage, outcome: AttemptOutcome) -> [RecipientVerdict] {
         guard message != nil else { return [] }
-        let verdict = DeliveryPolicy.verdict(stage: stage, outcome: outcome, isLastHost: isLastHost)
+        let verdict = DeliveryPolicy.verdict(stage: stage, outcome: outcome)
         return verdicts.map { $0 ?? verdict }
     }
 

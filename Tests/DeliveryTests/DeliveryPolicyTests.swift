@@ -10,32 +10,34 @@ final class DeliveryPolicyTests: XCTestCase {
 
     func testTheTable() {
         XCTAssertEqual(
-            DeliveryPolicy.verdict(stage: .endOfData, outcome: reply(250, .ok), isLastHost: true), .delivered(SMTPReply(250, .ok, "text")))
+            DeliveryPolicy.verdict(stage: .endOfData, outcome: reply(250, .ok)), .delivered(SMTPReply(250, .ok, "text")))
         // 5xx to the envelope or the content is final.
         for stage in [DeliveryStage.mail, .rcpt, .data, .endOfData] {
             XCTAssertEqual(
-                DeliveryPolicy.verdict(stage: stage, outcome: reply(550, EnhancedStatusCode(5, 1, 1)), isLastHost: false),
+                DeliveryPolicy.verdict(stage: stage, outcome: reply(550, EnhancedStatusCode(5, 1, 1))),
                 .bounced(status: EnhancedStatusCode(5, 1, 1), diagnostic: "smtp; 550 5.1.1 text"), "\(stage)")
         }
-        // 5xx before the envelope says nothing final about the recipient.
+        // 5xx before the envelope says nothing final about the recipient: the next host,
+        // and deferred (4xx) when none is left.
         for stage in [DeliveryStage.greeting, .hello, .startTLS, .auth] {
-            XCTAssertEqual(
-                DeliveryPolicy.verdict(stage: stage, outcome: reply(554), isLastHost: true),
-                .deferred(status: EnhancedStatusCode(4, 0, 0), diagnostic: "smtp; 554 text"), "\(stage)")
+            XCTAssertEqual(DeliveryPolicy.verdict(stage: stage, outcome: reply(554)), .tryNextHost(reply(554)), "\(stage)")
         }
+        XCTAssertEqual(
+            DeliveryPolicy.exhausted(reply(554), note: nil), .deferred(status: EnhancedStatusCode(4, 0, 0), diagnostic: "smtp; 554 text"))
         // Soft failures move on to the next MX, and defer only at the last.
-        XCTAssertEqual(
-            DeliveryPolicy.verdict(stage: .rcpt, outcome: reply(450, EnhancedStatusCode(4, 2, 0)), isLastHost: false),
-            .tryNextHost(reply(450, EnhancedStatusCode(4, 2, 0))))
-        XCTAssertEqual(
-            DeliveryPolicy.verdict(stage: .connect, outcome: .connection("refused"), isLastHost: true),
-            .deferred(status: EnhancedStatusCode(4, 4, 1), diagnostic: "X-Tern; connection failed: refused"))
-        XCTAssertEqual(
-            DeliveryPolicy.verdict(stage: .startTLS, outcome: .tls("certificate name mismatch"), isLastHost: true),
-            .deferred(status: EnhancedStatusCode(4, 7, 5), diagnostic: "X-Tern; TLS failed: certificate name mismatch"))
-        XCTAssertEqual(
-            DeliveryPolicy.verdict(stage: .data, outcome: .timeout("DATA"), isLastHost: true),
-            .deferred(status: EnhancedStatusCode(4, 4, 2), diagnostic: "X-Tern; timed out: DATA"))
+        let soft: [(DeliveryStage, AttemptOutcome, RecipientVerdict)] = [
+            (.rcpt, reply(450, EnhancedStatusCode(4, 2, 0)), .deferred(status: EnhancedStatusCode(4, 2, 0), diagnostic: "smtp; 450 4.2.0 text")),
+            (.connect, .connection("refused"), .deferred(status: EnhancedStatusCode(4, 4, 1), diagnostic: "X-Tern; connection failed: refused")),
+            (
+                .startTLS, .tls("certificate name mismatch"),
+                .deferred(status: EnhancedStatusCode(4, 7, 5), diagnostic: "X-Tern; TLS failed: certificate name mismatch")
+            ),
+            (.data, .timeout("DATA"), .deferred(status: EnhancedStatusCode(4, 4, 2), diagnostic: "X-Tern; timed out: DATA")),
+        ]
+        for (stage, outcome, last) in soft {
+            XCTAssertEqual(DeliveryPolicy.verdict(stage: stage, outcome: outcome), .tryNextHost(outcome), "\(stage)")
+            XCTAssertEqual(DeliveryPolicy.exhausted(outcome, note: nil), last, "\(stage)")
+        }
     }
 
     func testExpiryTurnsADeferralIntoABounce() {

@@ -37,8 +37,11 @@ final class SettlementTests: XCTestCase {
     let unknown = SMTPReply(550, EnhancedStatusCode(5, 1, 1), "no such user")
 
     func result(_ i: Int, _ reply: SMTPReply, stage: DeliveryStage = .rcpt, dsn: Bool = true) -> RecipientResult {
-        RecipientResult(
-            index: i, verdict: DeliveryPolicy.verdict(stage: stage, outcome: .reply(reply), isLastHost: true), reply: reply,
+        // As the transport reports it: a soft failure at the last host is deferred.
+        var verdict = DeliveryPolicy.verdict(stage: stage, outcome: .reply(reply))
+        if case .tryNextHost(let outcome) = verdict { verdict = DeliveryPolicy.exhausted(outcome, note: nil) }
+        return RecipientResult(
+            index: i, verdict: verdict, reply: reply,
             relay: "mx[10.0.0.1]:25", remoteMTA: "dns; mx", relayedWithoutDSN: !dsn)
     }
 

@@ -149,7 +149,7 @@ final class ClientAgainstRealServersTests: XCTestCase {
         let verdicts = await connection.send(message, content: content)
         XCTAssertEqual(verdicts.count, 3)
         guard case .delivered = verdicts[0] else { return XCTFail("\(verdicts[0])") }
-        XCTAssertEqual(verdicts[1], .deferred(status: EnhancedStatusCode(4, 2, 0), diagnostic: "smtp; 450 4.2.0 mailbox busy"))
+        XCTAssertEqual(verdicts[1], .tryNextHost(.reply(SMTPReply(450, EnhancedStatusCode(4, 2, 0), "mailbox busy"))))
         XCTAssertEqual(verdicts[2], .bounced(status: EnhancedStatusCode(5, 1, 1), diagnostic: "smtp; 550 5.1.1 no such user"))
         await connection.quit()
         let got = try received()
@@ -168,8 +168,8 @@ final class ClientAgainstRealServersTests: XCTestCase {
             XCTFail("a wrong password must not connect")
         } catch {
             XCTAssertEqual(error.stage, .auth, "\(error)")
-            let verdict = DeliveryPolicy.verdict(stage: error.stage, outcome: error.outcome, isLastHost: true)
-            guard case .deferred = verdict else { return XCTFail("a wrong password defers, got \(verdict)") }
+            let verdict = DeliveryPolicy.verdict(stage: error.stage, outcome: error.outcome)
+            guard case .tryNextHost = verdict else { return XCTFail("a wrong password is not final, got \(verdict)") }
         }
         // verify refuses a certificate that does not name the host.
         configuration.credentials = .init(user: "relay", password: "s3cret")

@@ -112,10 +112,12 @@ final class SMTPClientStateMachineTests: XCTestCase {
         _ = m.reply(r(220, "x"))
         _ = m.reply(r(250, "x", "AUTH PLAIN"))
         XCTAssertEqual(m.reply(SMTPReply(535, .authFailed, "bad credentials")), .close(quit: true, verdicts: []))
-        // With a message pending on the connection its recipients are deferred, not bounced.
+        // With a message pending on the connection its recipients are not final here, and
+        // deferred (as 4.7.8, not 5.7.8) when no other host is left, never bounced.
+        let failure = AttemptOutcome.reply(SMTPReply(535, .authFailed, "x"))
+        XCTAssertEqual(DeliveryPolicy.verdict(stage: .auth, outcome: failure), .tryNextHost(failure))
         XCTAssertEqual(
-            DeliveryPolicy.verdict(stage: .auth, outcome: .reply(SMTPReply(535, .authFailed, "x")), isLastHost: true),
-            .deferred(status: .authFailed, diagnostic: "smtp; 535 5.7.8 x"))
+            DeliveryPolicy.exhausted(failure, note: nil), .deferred(status: EnhancedStatusCode(4, 7, 8), diagnostic: "smtp; 535 5.7.8 x"))
     }
 
     func testSizeAndSMTPUTF8AreCheckedBeforeSending() {
@@ -133,7 +135,7 @@ final class SMTPClientStateMachineTests: XCTestCase {
     }
 
     func testSoftFailuresMoveToTheNextMX() {
-        var m = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none, isLastHost: false)
+        var m = SMTPClientStateMachine(heloName: "r", tlsPolicy: .none)
         _ = m.reply(r(220, "x"))
         _ = m.reply(r(250, "x", "PIPELINING"))
         _ = m.send(message(["a@example.org"]))
@@ -150,7 +152,7 @@ final class SMTPClientStateMachineTests: XCTestCase {
         _ = n.send(message(["a@example.org"]))
         XCTAssertEqual(
             n.connectionFailed(stage: .mail, .timeout("MAIL")),
-            .close(quit: false, verdicts: [.deferred(status: EnhancedStatusCode(4, 4, 2), diagnostic: "X-Tern; timed out: MAIL")]))
+            .close(quit: false, verdicts: [.tryNextHost(.timeout("MAIL"))]))
     }
 
     func testEHLOParsing() {
@@ -175,7 +177,8 @@ final class SMTPClientStateMachineTests: XCTestCase {
         XCTAssertFalse(quit, file: file, line: line)
         XCTAssertEqual(verdicts.count, count, file: file, line: line)
         for v in verdicts {
-            guard case .deferred(let status, let diagnostic) = v else { return XCTFail("\(v)", file: file, line: line) }
+            guard case .tryNextHost(let outcome) = v, case .deferred(let status, let diagnostic) = DeliveryPolicy.exhausted(outcome, note: nil)
+            else { return XCTFail("\(v)", file: file, line: line) }
             XCTAssertEqual(status, EnhancedStatusCode(4, 5, 0), file: file, line: line)
             XCTAssertTrue(diagnostic.contains("protocol error"), diagnostic, file: file, line: line)
         }
