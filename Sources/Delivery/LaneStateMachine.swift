@@ -42,7 +42,7 @@ public struct LaneStateMachine<Job: Sendable>: Sendable {
         case wait(waiter: Int)
     }
 
-    public let key: String
+    public let key: LaneKey
     public private(set) var window: LaneWindow
     private var jobs: [Job] = []
     private var head = 0
@@ -64,7 +64,7 @@ public struct LaneStateMachine<Job: Sendable>: Sendable {
     /// How long a worker's connection may idle waiting for a job.
     public var idleMillis: Int64
 
-    public init(key: String, limits: LaneLimits, idleMillis: Int64, now: Int64) {
+    public init(key: LaneKey, limits: LaneLimits, idleMillis: Int64, now: Int64) {
         self.key = key
         self.window = LaneWindow(limits: limits, now: now)
         self.idleMillis = idleMillis

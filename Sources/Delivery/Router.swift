@@ -25,15 +25,15 @@ public struct Route: Sendable, Equatable {
     /// smarthost as different users get two lanes, and mail that leaves from another source
     /// address gets its own lane (`provider:gmail/192.0.2.7`), as providers count
     /// connections and rates per sending IP.
-    public var laneKey: String {
+    public var laneKey: LaneKey {
         let destination: String
         switch nextHop {
-        case .mx(let domain): destination = provider.map { "provider:\($0)" } ?? domain
+        case .mx(let domain): destination = provider.map { LaneKey.provider($0).rawValue } ?? domain
         case .smarthost(let host, let port):
             let hostPort = host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
             destination = authUser.map { "\($0)@\(hostPort)" } ?? hostPort
         }
-        return limits.sourceAddress.map { "\(destination)/\($0)" } ?? destination
+        return LaneKey(destination: destination, sourceAddress: limits.sourceAddress)
     }
 }
 

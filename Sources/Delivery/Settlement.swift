@@ -58,7 +58,7 @@ public struct Settlement: Sendable {
             case suspend
             case reduce(factor: Double)
         }
-        public var lane: String
+        public var lane: LaneKey
         public var kind: Kind
         public var untilMillis: Int64
         public var reason: String
@@ -106,7 +106,7 @@ public struct Settlement: Sendable {
     }
 
     public init(
-        envelope: Envelope, states: [RecipientState], meta: DeliveryMeta, results: [RecipientResult], lane: String, now: Int64,
+        envelope: Envelope, states: [RecipientState], meta: DeliveryMeta, results: [RecipientResult], lane: LaneKey, now: Int64,
         rules: Rules, random: inout some RandomNumberGenerator
     ) {
         self.states = states
@@ -240,7 +240,7 @@ extension RecipientVerdict {
 
 extension ReplyRule {
     /// Whether the rule matches a server's reply on `lane`.
-    public func matches(_ reply: SMTPReply, lane: String) -> Bool {
-        matches(code: reply.code, enhanced: reply.enhanced?.description, text: reply.description, lane: lane)
+    public func matches(_ reply: SMTPReply, lane: LaneKey) -> Bool {
+        matches(code: reply.code, enhanced: reply.enhanced?.description, text: reply.description, lane: lane.rawValue)
     }
 }

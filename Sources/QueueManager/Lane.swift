@@ -36,7 +36,7 @@ struct LaneEnvironment: Sendable {
 /// connection carries up to `messages_per_connection` messages. A slow or dead lane holds
 /// only its own jobs: other lanes never wait for it.
 actor Lane: AttemptLane {
-    let key: String
+    let key: LaneKey
     private var machine: LaneStateMachine<DeliveryJob>
     /// Idle workers waiting for a job, by the machine's waiter number.
     private var waiters: [Int: CheckedContinuation<DeliveryJob?, Never>] = [:]
@@ -48,15 +48,15 @@ actor Lane: AttemptLane {
     /// 1 while the lane is slowed or stopped (backing off, reduced, suspended, dead).
     private let throttledGauge: Gauge
 
-    init(key: String, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
+    init(key: LaneKey, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
         self.key = key
         self.machine = LaneStateMachine(key: key, limits: limits, idleMillis: Scheduler.millis(environment.idleTime), now: environment.now())
         self.environment = environment
         self.report = report
-        self.connectionGauge = Gauge(label: "tern_lane_connections", dimensions: [("lane", key)])
-        self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key)])
-        self.inFlightGauge = Gauge(label: "tern_lane_in_flight", dimensions: [("lane", key)])
-        self.throttledGauge = Gauge(label: "tern_lane_throttled", dimensions: [("lane", key)])
+        self.connectionGauge = Gauge(label: "tern_lane_connections", dimensions: [("lane", key.rawValue)])
+        self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key.rawValue)])
+        self.inFlightGauge = Gauge(label: "tern_lane_in_flight", dimensions: [("lane", key.rawValue)])
+        self.throttledGauge = Gauge(label: "tern_lane_throttled", dimensions: [("lane", key.rawValue)])
     }
 
     var queued: Int { machine.queued }
@@ -142,11 +142,11 @@ actor Lane: AttemptLane {
         var tlsFailed = stage == .startTLS
         if case .tls = outcome { tlsFailed = true }
         if tlsFailed {
-            Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", key)]).increment()
+            Counter(label: "tern_outbound_tls_failures_total", dimensions: [("lane", key.rawValue)]).increment()
             OperationalCounters.shared.add { $0.tlsFailures += 1 }
         }
         if stage == .auth {
-            Counter(label: "tern_upstream_auth_failures_total", dimensions: [("lane", key)]).increment()
+            Counter(label: "tern_upstream_auth_failures_total", dimensions: [("lane", key.rawValue)]).increment()
             OperationalCounters.shared.add { $0.upstreamAuthFailures += 1 }
         }
         guard DeliveryPolicy.throttlesLane(stage: stage, outcome: outcome) else { return }
@@ -216,7 +216,7 @@ actor Lane: AttemptLane {
         case .dead(let u): (state, until) = ("dead", u)
         }
         return LaneStatus(
-            lane: key, queued: machine.queued, inFlight: machine.inFlight, connections: window.active, window: window.window,
+            lane: key.rawValue, queued: machine.queued, inFlight: machine.inFlight, connections: window.active, window: window.window,
             maxConnections: window.connectionCeiling(now: now), rate: window.effectiveRate(now: now).map { "\($0)" },
             configuredRate: window.limits.rate.map { "\($0)" },
             connectionRate: window.limits.connectionRate.map { "\($0)" }, state: state, untilMillis: until,

@@ -37,10 +37,10 @@ public actor Scheduler {
     /// Messages waiting for a retry, by due time.
     private var retryQueue = RetryQueue<QueueID>()
     /// Every lane the scheduler knows, one record each, by lane key.
-    private var lanes: [String: LaneRecord] = [:]
+    private var lanes: [LaneKey: LaneRecord] = [:]
     /// Lane suspensions in force (the operator's and reply rules'), kept in
     /// `<spool>/suspensions.json` so that a restart does not end them.
-    private var suspensions: [String: LaneSuspension] = [:]
+    private var suspensions: [LaneKey: LaneSuspension] = [:]
     /// Messages whose `meta/` file is being written, and those to write once more after.
     private var metaWriting: Set<QueueID> = []
     private var metaAgain: Set<QueueID> = []
@@ -50,7 +50,7 @@ public actor Scheduler {
     /// Lanes with room whose waiting mail the active queue's limit holds back; they are
     /// refilled in turn (round robin, as Postfix's queue manager serves destinations) as
     /// room comes free anywhere.
-    private var starved = FIFO<String>()
+    private var starved = FIFO<LaneKey>()
     private var nextSweep: Int64 = 0
     /// Recipient domain → the provider its MX hosts belong to (nil: none), until when (ms).
     private var providerOf: [String: (String?, Int64)] = [:]
@@ -80,8 +80,8 @@ public actor Scheduler {
     private var nextAgeUpdate: Int64 = 0
 
     /// `tern_deliveries_total{lane, status}`: one per recipient per attempt.
-    static func countDelivery(lane: String, status: String) {
-        Counter(label: "tern_deliveries_total", dimensions: [("lane", lane), ("status", status)]).increment()
+    static func countDelivery(lane: LaneKey, status: String) {
+        Counter(label: "tern_deliveries_total", dimensions: [("lane", lane.rawValue), ("status", status)]).increment()
         if status == "sent" { OperationalCounters.shared.add { $0.sent += 1 } }
         if status == "bounced" { OperationalCounters.shared.add { $0.bounced += 1 } }
     }
@@ -183,8 +183,8 @@ public actor Scheduler {
         }
         guard !config.delivery.paused, !stopping, var entry = entries[id], !entry.meta.held else { return }
         let now = environment.now()
-        var groups: [String: (Route, [Int])] = [:]
-        var order: [String] = []
+        var groups: [LaneKey: (Route, [Int])] = [:]
+        var order: [LaneKey] = []
         var later: Int64?
         for (i, state) in entry.states.enumerated() where state == .pending && !entry.inFlight.contains(i) {
             if let next = entry.meta.recipients[i]?.nextAttemptMillis, next > now {
@@ -224,7 +224,7 @@ public actor Scheduler {
 
     /// Counts a message's recipients for a lane as handed over; returns its transactions (a
     /// lane's max_recipients splits a large message into several).
-    private func take(_ entry: inout Entry, _ key: String, _ route: Route, _ indexes: [Int], now: Int64) -> [[Int]] {
+    private func take(_ entry: inout Entry, _ key: LaneKey, _ route: Route, _ indexes: [Int], now: Int64) -> [[Int]] {
         let parts = stride(from: 0, to: indexes.count, by: route.limits.maxRecipients).map {
             Array(indexes[$0..<min(indexes.count, $0 + route.limits.maxRecipients)])
         }
@@ -246,14 +246,14 @@ public actor Scheduler {
 
     /// Room came free (a transaction of lane `key` is done): that lane takes the next
     /// recipients waiting for it, then the lanes the active queue held back, in turn.
-    private func refill(_ key: String?) async {
+    private func refill(_ key: LaneKey?) async {
         if let key { await refillLane(key) }
         while activeJobs < config.delivery.activeLimit, let next = starved.pop() {
             await refillLane(next)
         }
     }
 
-    private func refillLane(_ key: String) async {
+    private func refillLane(_ key: LaneKey) async {
         let limit = lanes[key]?.route?.limits.maxQueued ?? config.delivery.lane.maxQueued
         while (lanes[key]?.outstanding ?? 0) < limit, activeJobs < config.delivery.activeLimit, !config.delivery.paused, !stopping,
             let (id, indexes) = lanes[key]?.popBacklog()
@@ -353,7 +353,8 @@ public actor Scheduler {
     private func loadSuspensions() {
         do {
             let now = environment.now()
-            suspensions = try spool.loadSuspensions().filter { $0.value.untilMillis > now }
+            let stored = try spool.loadSuspensions().filter { $0.value.untilMillis > now }
+            suspensions = Dictionary(uniqueKeysWithValues: stored.map { (LaneKey($0.key), $0.value) })
         } catch {
             logger.error("\(spool.suspensionsPath): unreadable, lane suspensions from before the restart are lost: \(error)")
             return
@@ -368,25 +369,25 @@ public actor Scheduler {
     /// The lane of a provider (`provider:NAME`), a smarthost (`host:port`, `user@host:port`)
     /// or a recipient domain delivered direct to its MX hosts, made before any mail for it;
     /// nil for a name that is none of these.
-    private func makeLane(named key: String) -> Lane? {
+    private func makeLane(named key: LaneKey) -> Lane? {
         if let lane = lanes[key]?.lane { return lane }
-        if key.hasPrefix("provider:") {
-            guard let provider = config.providers.first(where: { "provider:\($0.name)" == key }) else { return nil }
+        if key.rawValue.hasPrefix("provider:") {
+            guard let provider = config.providers.first(where: { LaneKey.provider($0.name) == key }) else { return nil }
             return lane(for: router.route(provider: provider))
         }
         if let route = router.smarthostRoutes().first(where: { $0.laneKey == key }) { return lane(for: route) }
-        guard !key.contains(":"), key.contains(".") else { return nil }
+        guard key.isDomain else { return nil }
         let route = router.route(recipient: "postmaster@\(key)", sender: "")
         return route.laneKey == key ? lane(for: route) : nil
     }
 
     /// Records a lane's suspension (nil: ended) in the spool's `suspensions.json`.
-    private func recordSuspension(_ key: String, _ value: LaneSuspension?) {
+    private func recordSuspension(_ key: LaneKey, _ value: LaneSuspension?) {
         let now = environment.now()
         suspensions[key] = value
         suspensions = suspensions.filter { $0.value.untilMillis > now }
         do {
-            try spool.saveSuspensions(suspensions)
+            try spool.saveSuspensions(Dictionary(uniqueKeysWithValues: suspensions.map { ($0.key.rawValue, $0.value) }))
         } catch {
             logger.error("\(spool.suspensionsPath): cannot record the suspension of \(key): \(error)")
         }
@@ -543,7 +544,7 @@ public actor Scheduler {
     /// pflogsumm's patterns and `grep status=` ignore it; `tern report` reads it).
     private func log(
         _ id: QueueID, recipient: String, result: RecipientResult, verdict: RecipientVerdict, times: AttemptTimes, arrival: Int64, now: Int64,
-        lane: String
+        lane: LaneKey
     ) {
         let (status, dsn, text): (String, String, String)
         switch verdict {
@@ -627,7 +628,7 @@ public actor Scheduler {
     /// Takes back from the lanes the jobs of the chosen messages that have not started:
     /// their recipients are no longer in flight. Lanes given room are refilled.
     private func withdraw(_ chosen: @escaping @Sendable (QueueID) -> Bool) async {
-        var freed: [String] = []
+        var freed: [LaneKey] = []
         for (key, record) in lanes where record.outstanding > 0 {
             guard let lane = record.lane else { continue }
             let jobs = await lane.withdraw(chosen)
@@ -798,8 +799,8 @@ public actor Scheduler {
     /// Returns false when no lane matches.
     public func suspendLane(_ name: String, until: Int64?) async -> Bool {
         // `gmail` names the provider's lane `provider:gmail` when no lane has that name.
-        let key = lanes[name]?.lane == nil && config.providers.contains(where: { $0.name == name }) ? "provider:\(name)" : name
-        var chosen = lanes.filter { $0.key == key || $0.key.hasPrefix(key + "/") }.compactMapValues(\.lane)
+        let key = lanes[LaneKey(name)]?.lane == nil && config.providers.contains(where: { $0.name == name }) ? LaneKey.provider(name) : LaneKey(name)
+        var chosen = lanes.filter { $0.key.isLane(of: key) }.compactMapValues(\.lane)
         if chosen.isEmpty, until != nil, let made = makeLane(named: key) {
             // No mail for it yet: its lane is made now, so the suspension holds for the first
             // message too.

@@ -305,3 +305,21 @@ final class LaneBackoffTests: XCTestCase {
         XCTAssertEqual(unlimited.connectionWait(now: 0), 0, "no connection rate: no wait")
     }
 }
+
+final class LaneKeyTests: XCTestCase {
+    func testADestinationNamesItsLanesFromEverySourceAddress() {
+        let yahoo = LaneKey.provider("yahoo")
+        XCTAssertEqual(yahoo.rawValue, "provider:yahoo")
+        XCTAssertTrue(yahoo.isLane(of: yahoo))
+        XCTAssertTrue(LaneKey(destination: "provider:yahoo", sourceAddress: "192.0.2.7").isLane(of: yahoo))
+        XCTAssertFalse(LaneKey("provider:yahoo2").isLane(of: yahoo), "a longer name is another destination")
+        XCTAssertFalse(yahoo.isLane(of: LaneKey(destination: "provider:yahoo", sourceAddress: "192.0.2.7")))
+    }
+
+    func testOnlyARecipientDomainIsADomainLane() {
+        XCTAssertTrue(LaneKey("example.org").isDomain)
+        XCTAssertFalse(LaneKey("provider:gmail").isDomain)
+        XCTAssertFalse(LaneKey("smtp.example.net:587").isDomain)
+        XCTAssertFalse(LaneKey("localhost").isDomain)
+    }
+}

@@ -24,7 +24,7 @@ final class SettlementTests: XCTestCase {
 
     func settle(
         _ env: Envelope, _ results: [RecipientResult], states: [RecipientState]? = nil, meta: DeliveryMeta = DeliveryMeta(),
-        now: Int64 = 1000, rules r: Settlement.Rules? = nil, lane: String = "x.example"
+        now: Int64 = 1000, rules r: Settlement.Rules? = nil, lane: LaneKey = "x.example"
     ) throws -> Settlement {
         var random = SystemRandomNumberGenerator()
         return Settlement(
