@@ -28,6 +28,8 @@ struct LaneEnvironment: Sendable {
     var idleTime: Duration = .seconds(2)
     /// This relay's own listener addresses (`ip:port`): a next hop there is a mail loop.
     var ownAddresses: Set<String> = []
+    /// Where workers, timers and deferrals run: the scheduler's task group.
+    var tasks: ChildTasks
 }
 
 /// One destination (a smarthost, or a recipient domain's MX hosts): its jobs, its
@@ -72,7 +74,7 @@ actor Lane: AttemptLane {
             case .startWorkers(let count, let tokenTaken):
                 for _ in 0..<count {
                     let worker = LaneWorker(lane: self, environment: environment, limits: machine.window.limits, report: report)
-                    Task { await worker.run(messageTokenTaken: tokenTaken) }
+                    environment.tasks.start { await worker.run(messageTokenTaken: tokenTaken) }
                 }
             case .resume(let waiter, let job):
                 waiters.removeValue(forKey: waiter)?.resume(returning: job)
@@ -84,12 +86,14 @@ actor Lane: AttemptLane {
                             index: $0, verdict: DeliveryPolicy.exhausted(reason, note: note), reply: RecipientResult.reply(of: reason),
                             relay: Lane.resting, laneResting: true)
                     }
-                    Task { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
+                    environment.tasks.start { await report(JobOutcome(job: job, results: results, times: AttemptTimes())) }
                 }
             case .wake(let millis):
-                Task {
+                environment.tasks.start {
+                    // Cancelled at shutdown: the timer then goes off at once, and what it
+                    // starts is dropped.
                     try? await Task.sleep(for: .milliseconds(max(0, millis)))
-                    self.timerFired()
+                    await self.timerFired()
                 }
             case .log(.notice, let text): environment.logger.notice("\(text)")
             case .log(.warning, let text): environment.logger.warning("\(text)")
@@ -121,13 +125,18 @@ actor Lane: AttemptLane {
         case .job(let job): return job
         case .close: return nil
         case .wait(let waiter):
+            // The idle timer runs in the worker's own task: cancelling the worker (shutdown)
+            // ends its sleep at once, and the expiry lets the worker close. Once a job came,
+            // the expiry finds the waiter gone and does nothing.
             let idleTime = environment.idleTime
-            return await withCheckedContinuation { continuation in
-                waiters[waiter] = continuation
-                Task {
+            return await withTaskGroup(of: Void.self) { group in
+                group.addTask {
                     try? await Task.sleep(for: idleTime)
-                    self.idleExpired(waiter)
+                    await self.idleExpired(waiter)
                 }
+                let job = await withCheckedContinuation { continuation in waiters[waiter] = continuation }
+                group.cancelAll()
+                return job
             }
         }
     }
@@ -257,7 +266,7 @@ struct LaneWorker: Sendable {
             sourceAddress: limits.sourceAddress, logger: environment.logger, now: environment.now)
         var held: HeldConnection?
         var finished = false
-        while let job = await lane.next(finished: finished) {
+        while !Task.isCancelled, let job = await lane.next(finished: finished) {
             let start = environment.now()
             let attempt = NextHopAttempt(
                 id: job.id.rawValue, route: job.route, envelope: job.envelope, recipients: job.recipients, contentSize: job.contentSize)
@@ -267,6 +276,9 @@ struct LaneWorker: Sendable {
                 attempt, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize), held: held, permits: permits,
                 lane: lane, settings: settings)
             held = kept
+            // Stopping: what this attempt did is not recorded; the message stays queued and
+            // goes again after the restart (a duplicate at worst, never a loss).
+            if Task.isCancelled { break }
             let times = AttemptTimes(
                 queued: job.dispatchedMillis - job.envelope.arrivalMillis, waited: start - job.dispatchedMillis,
                 setup: done.setupMillis, transmission: done.transmissionMillis)

@@ -148,37 +148,41 @@ public final class QueueManagerService: Service, Sendable {
             }
         chmod(socketPath, 0o600)
         let scheduler = self.scheduler
-        // Deliveries under way are not waited for: a message is removed only after its
-        // outcome is recorded, so one cut short is simply tried again after the restart.
-        try await cancelWhenGracefulShutdown {
-            try await withThrowingDiscardingTaskGroup { group in
-                group.addTask { await scheduler.run() }
-                group.addTask {
-                    // logrotate's postrotate: the log file is opened again.
-                    for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
-                        LogSink.shared.reopen()
-                        self.logger.notice("SIGUSR1: log reopened")
-                    }
+        try await withThrowingDiscardingTaskGroup { group in
+            group.addTask { await scheduler.run() }
+            group.addTask {
+                // logrotate's postrotate: the log file is opened again.
+                for await _ in await UnixSignalsSequence(trapping: .sigusr1) {
+                    LogSink.shared.reopen()
+                    self.logger.notice("SIGUSR1: log reopened")
                 }
-                group.addTask {
-                    for await _ in await UnixSignalsSequence(trapping: .sighup) {
-                        self.logger.notice("SIGHUP: reloading the configuration")
-                        _ = await self.reload()
-                    }
+            }
+            group.addTask {
+                for await _ in await UnixSignalsSequence(trapping: .sighup) {
+                    self.logger.notice("SIGHUP: reloading the configuration")
+                    _ = await self.reload()
                 }
-                group.addTask {
-                    // Cancelled at shutdown: the socket closes, which is the normal end.
-                    try? await server.executeThenClose { connections in
-                        try await withThrowingDiscardingTaskGroup { sessions in
-                            for try await connection in connections {
-                                sessions.addTask { await self.serve(connection) }
-                            }
+            }
+            group.addTask {
+                // Cancelled at shutdown: the socket closes, which is the normal end.
+                try? await server.executeThenClose { connections in
+                    try await withThrowingDiscardingTaskGroup { sessions in
+                        for try await connection in connections {
+                            sessions.addTask { await self.serve(connection) }
                         }
                     }
                 }
             }
+            // A graceful shutdown (SIGTERM) first stops dispatching and gives deliveries
+            // under way up to 10 s to finish and be recorded; then every task of the queue
+            // manager, workers included, is cancelled and waited for. A delivery cut
+            // short is tried again after the restart: a message is removed only after
+            // its outcome is recorded.
+            if (try? await gracefulShutdown()) != nil {
+                await scheduler.drain(timeout: .seconds(10))
+            }
+            group.cancelAll()
         }
-        await scheduler.drain(timeout: .seconds(10))
     }
 
     private func serve(_ connection: NIOAsyncChannel<ByteBuffer, ByteBuffer>) async {

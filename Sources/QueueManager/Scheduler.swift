@@ -64,6 +64,8 @@ public actor Scheduler {
     }
     private var config: TernConfig
     private var environment: LaneEnvironment
+    /// Every task the queue manager starts runs in `run()`'s group.
+    private let tasks = ChildTasks()
     private let logger: Logger
     private var random = SystemRandomNumberGenerator()
     private let tick: Duration
@@ -106,7 +108,7 @@ public actor Scheduler {
         self.environment = LaneEnvironment(
             spool: spool, resolver: resolver, heloName: config.hostname, mxPort: d.mxPort, connectTimeout: d.connectTimeout.duration,
             commandTimeout: d.commandTimeout.duration, dataTimeout: d.dataTimeout.duration, credentials: credentials, now: now,
-            logger: logger, ownAddresses: Self.ownAddresses(config.listeners))
+            logger: logger, ownAddresses: Self.ownAddresses(config.listeners), tasks: tasks)
         self.logger = logger
         self.tick = tick
         self.resolver = resolver
@@ -144,9 +146,18 @@ public actor Scheduler {
         await dispatch(id)
     }
 
-    /// Wakes every `tick` and dispatches mail whose retry time has come; returns when the
-    /// task is cancelled.
-    public func run() async {
+    /// Runs the queue manager: the retry timer, and every task the lanes start (workers,
+    /// timers), in one task group. Returns when the task is cancelled, once all of them have
+    /// ended.
+    public nonisolated func run() async {
+        await withDiscardingTaskGroup { group in
+            group.addTask { await self.tasks.run() }
+            group.addTask { await self.tick() }
+        }
+    }
+
+    /// Wakes every `tick` and dispatches mail whose retry time has come, until cancelled.
+    private func tick() async {
         while !Task.isCancelled {
             let now = environment.now()
             for id in retryQueue.popDue(now: now) { await dispatch(id) }
@@ -212,7 +223,7 @@ public actor Scheduler {
                     // Held back by the active queue (or by mail ahead of it): refilled in
                     // turn when room comes free.
                     starved.push(key)
-                    if activeJobs < config.delivery.activeLimit { Task { await self.refill(nil) } }
+                    if activeJobs < config.delivery.activeLimit { tasks.start { await self.refill(nil) } }
                 }
                 continue
             }
@@ -345,7 +356,7 @@ public actor Scheduler {
         lanes[route.laneKey, default: LaneRecord()].route = route
         if let s = suspensions[route.laneKey], s.untilMillis > environment.now() {
             // A suspension from before a restart holds for the lane made again.
-            Task { await lane.suspend(until: s.untilMillis, reason: s.reason) }
+            tasks.start { await lane.suspend(until: s.untilMillis, reason: s.reason) }
         }
         return lane
     }
@@ -403,7 +414,7 @@ public actor Scheduler {
         active.record(activeJobs)
         lanes[laneKey, default: LaneRecord()].activity = environment.now()
         defer {
-            if lanes[laneKey]?.backlog != nil || !starved.isEmpty { Task { await self.refill(laneKey) } }
+            if lanes[laneKey]?.backlog != nil || !starved.isEmpty { tasks.start { await self.refill(laneKey) } }
         }
         guard var entry = entries[id] else { return }
         let now = environment.now()
@@ -711,7 +722,7 @@ public actor Scheduler {
         // go after the restart.
         await withdraw { _ in true }
         let deadline = ContinuousClock.now + timeout
-        while entries.values.contains(where: { !$0.inFlight.isEmpty || $0.busy > 0 }), ContinuousClock.now < deadline {
+        while entries.values.contains(where: { !$0.inFlight.isEmpty || $0.busy > 0 }), ContinuousClock.now < deadline, !Task.isCancelled {
             try? await Task.sleep(for: .milliseconds(50))
         }
         let left = entries.values.filter { !$0.inFlight.isEmpty }.count

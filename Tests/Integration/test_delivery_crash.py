@@ -72,3 +72,32 @@ def test_sigterm_lets_deliveries_under_way_finish(make_tern, dns, mx_port, sinks
     time.sleep(1.5)
     assert len(receiver.received) == 1, "nothing is sent twice after a clean stop"
     assert tern.queue() == []
+
+
+def test_sigterm_with_a_delivery_that_hangs_stops_after_the_drain(make_tern, dns, mx_port, sinks):
+    """A receiving server that never answers the final dot cannot hold the relay up: after
+    the 10 s drain every delivery task is cancelled and waited for, the exit is clean, and
+    the message, whose outcome was never recorded, is still queued (not deferred) and goes
+    again after the restart."""
+    from peers import send
+    dns.add("stuck.example", ("A", "127.0.0.13"))
+    receiver = sinks("127.0.0.13", data_delay=120)
+    tern = make_tern(delivery=delivery(dns, mx_port))
+    send(tern, "app@client.example", ["u@stuck.example"])
+    deadline = time.time() + 10
+    while receiver.connections == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)
+    started = time.time()
+    assert tern.stop(timeout=30) == 0
+    took = time.time() - started
+    assert 9 < took < 15, f"stopped in {took:.1f} s: the drain, then the cancelled delivery"
+    log = tern.log()
+    assert "stopping with 1 deliveries under way" in log
+    assert "status=deferred" not in log, "a delivery cut short by the stop is not a deferral"
+    receiver.data_delay = 0
+    tern.start()
+    deadline = time.time() + 15
+    while len(receiver.received) < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(receiver.received) == 1
