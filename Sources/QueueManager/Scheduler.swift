@@ -44,13 +44,9 @@ public actor Scheduler {
     /// Messages whose `meta/` file is being written, and those to write once more after.
     private var metaWriting: Set<QueueID> = []
     private var metaAgain: Set<QueueID> = []
-    /// Transactions in all lanes (the active queue), and per lane the due recipients
-    /// waiting for room: their lane has `max_queued` already, or the active queue is full.
-    private var activeJobs = 0
-    /// Lanes with room whose waiting mail the active queue's limit holds back; they are
-    /// refilled in turn (round robin, as Postfix's queue manager serves destinations) as
-    /// room comes free anywhere.
-    private var starved = FIFO<LaneKey>()
+    /// Transactions in the lanes (`active_limit`, each lane's `max_queued`) and the due
+    /// recipients waiting for room, served in turn (Delivery/ActiveQueue).
+    private var activeQueue: ActiveQueue<QueueID>
     private var nextSweep: Int64 = 0
     /// Recipient domain → the provider its MX hosts belong to (nil: none), until when (ms).
     private var providerOf: [String: (String?, Int64)] = [:]
@@ -112,6 +108,7 @@ public actor Scheduler {
         self.logger = logger
         self.tick = tick
         self.resolver = resolver
+        self.activeQueue = ActiveQueue(limit: config.delivery.activeLimit)
     }
 
     @Sendable public static func wallClockMillis() -> Int64 {
@@ -216,18 +213,10 @@ public actor Scheduler {
         var taken: [(Route, [[Int]])] = []
         for key in order {
             let (route, indexes) = groups[key]!
-            let laneRoom = (lanes[key]?.outstanding ?? 0) < route.limits.maxQueued
-            guard laneRoom, activeJobs < config.delivery.activeLimit, lanes[key]?.backlog == nil else {
-                lanes[key, default: LaneRecord()].backlog(add: id, indexes: indexes)
-                if laneRoom {
-                    // Held back by the active queue (or by mail ahead of it): refilled in
-                    // turn when room comes free.
-                    starved.push(key)
-                    if activeJobs < config.delivery.activeLimit { tasks.start { await self.refill(nil) } }
-                }
-                continue
+            switch activeQueue.offer(id, recipients: indexes, lane: key, maxQueued: route.limits.maxQueued) {
+            case .now: taken.append((route, take(&entry, key, route, indexes, now: now)))
+            case .waiting(let refill): if refill { tasks.start { await self.refill(nil) } }
             }
-            taken.append((route, take(&entry, key, route, indexes, now: now)))
         }
         entries[id] = entry
         for (route, parts) in taken { await submit(id, entry, route, parts, now: now) }
@@ -240,9 +229,8 @@ public actor Scheduler {
             Array(indexes[$0..<min(indexes.count, $0 + route.limits.maxRecipients)])
         }
         for i in indexes { entry.inFlight.insert(i) }
-        lanes[key, default: LaneRecord()].outstanding += parts.count
-        activeJobs += parts.count
-        active.record(activeJobs)
+        activeQueue.handedOver(lane: key, transactions: parts.count)
+        active.record(activeQueue.active)
         lanes[key, default: LaneRecord()].activity = now
         return parts
     }
@@ -259,16 +247,14 @@ public actor Scheduler {
     /// recipients waiting for it, then the lanes the active queue held back, in turn.
     private func refill(_ key: LaneKey?) async {
         if let key { await refillLane(key) }
-        while activeJobs < config.delivery.activeLimit, let next = starved.pop() {
+        while !config.delivery.paused, !stopping, let next = activeQueue.nextStarved() {
             await refillLane(next)
         }
     }
 
     private func refillLane(_ key: LaneKey) async {
         let limit = lanes[key]?.route?.limits.maxQueued ?? config.delivery.lane.maxQueued
-        while (lanes[key]?.outstanding ?? 0) < limit, activeJobs < config.delivery.activeLimit, !config.delivery.paused, !stopping,
-            let (id, indexes) = lanes[key]?.popBacklog()
-        {
+        while !config.delivery.paused, !stopping, let (id, indexes) = activeQueue.next(of: key, maxQueued: limit) {
             // What waited is handed over as it was grouped, unless it changed meanwhile
             // (delivered by a flush, deleted, held); one routing for the group, not one per
             // recipient. A group whose lane changed meanwhile (a provider's MX answer
@@ -287,12 +273,6 @@ public actor Scheduler {
             let parts = take(&entry, key, route, due, now: now)
             entries[id] = entry
             await submit(id, entry, route, parts, now: now)
-        }
-        guard let waiting = lanes[key]?.backlog else { return }
-        if waiting.isEmpty {
-            lanes[key]?.backlog = nil
-        } else if (lanes[key]?.outstanding ?? 0) < limit {
-            starved.push(key)  // the active queue stopped it, not its own limit
         }
     }
 
@@ -332,14 +312,14 @@ public actor Scheduler {
     private func sweep(now: Int64) async {
         providerOf = providerOf.filter { $0.value.1 > now }
         let idle = Self.millis(config.delivery.laneIdleTime.duration)
-        let candidates = lanes.filter { _, record in record.mayBeForgotten(now: now, idle: idle) }
+        let candidates = lanes.filter { key, record in activeQueue.isIdle(key) && record.quiet(now: now, idle: idle) }
         for (key, record) in candidates {
             let seen = record.activity
             if let lane = record.lane {
                 guard await lane.isQuiet() else { continue }
             }
             // Nothing reached the lane while it was asked (no await from here on).
-            guard let current = lanes[key], current.lane === record.lane, current.activity == seen, current.mayBeForgotten(now: now, idle: idle)
+            guard let current = lanes[key], current.lane === record.lane, current.activity == seen, activeQueue.isIdle(key)
             else { continue }
             lanes[key] = nil
             record.lane?.dropMetrics()
@@ -354,6 +334,9 @@ public actor Scheduler {
         }
         lanes[route.laneKey, default: LaneRecord()].lane = lane
         lanes[route.laneKey, default: LaneRecord()].route = route
+        // Being made is news: the sweep leaves a new lane alone for `lane_idle_time`, time
+        // for a suspension from before a restart to reach it.
+        lanes[route.laneKey, default: LaneRecord()].activity = environment.now()
         if let s = suspensions[route.laneKey], s.untilMillis > environment.now() {
             // A suspension from before a restart holds for the lane made again.
             tasks.start { await lane.suspend(until: s.untilMillis, reason: s.reason) }
@@ -409,12 +392,11 @@ public actor Scheduler {
     func completed(_ outcome: JobOutcome) async {
         let id = outcome.job.id
         let laneKey = outcome.job.route.laneKey
-        lanes[laneKey, default: LaneRecord(outstanding: 1)].outstanding -= 1
-        activeJobs -= 1
-        active.record(activeJobs)
+        let mayRefill = activeQueue.finished(lane: laneKey)
+        active.record(activeQueue.active)
         lanes[laneKey, default: LaneRecord()].activity = environment.now()
         defer {
-            if lanes[laneKey]?.backlog != nil || !starved.isEmpty { tasks.start { await self.refill(laneKey) } }
+            if mayRefill { tasks.start { await self.refill(laneKey) } }
         }
         guard var entry = entries[id] else { return }
         let now = environment.now()
@@ -640,18 +622,17 @@ public actor Scheduler {
     /// their recipients are no longer in flight. Lanes given room are refilled.
     private func withdraw(_ chosen: @escaping @Sendable (QueueID) -> Bool) async {
         var freed: [LaneKey] = []
-        for (key, record) in lanes where record.outstanding > 0 {
+        for (key, record) in lanes where activeQueue.outstanding(key) > 0 {
             guard let lane = record.lane else { continue }
             let jobs = await lane.withdraw(chosen)
             guard !jobs.isEmpty else { continue }
             for job in jobs {
                 entries[job.id]?.inFlight.subtract(job.recipients)
-                lanes[key]?.outstanding -= 1
-                activeJobs -= 1
+                activeQueue.finished(lane: key)
             }
             freed.append(key)
         }
-        active.record(activeJobs)
+        active.record(activeQueue.active)
         if !stopping { for key in freed { await refill(key) } }
     }
 
@@ -786,19 +767,19 @@ public actor Scheduler {
         }
         logger.notice("configuration reloaded: \(config.routes.count) routes, \(config.providers.count) providers, \(config.delivery.replyRules.count) reply rules; \(lanes.count) lanes updated")
         // Waiting mail is routed again under the new config.
-        for key in lanes.keys { lanes[key]?.backlog = nil }
-        starved = FIFO()
+        activeQueue.limit = config.delivery.activeLimit
+        activeQueue.clearWaiting()
         for id in Array(entries.keys) { await dispatch(id) }
     }
 
     /// Every lane's state, for `tern lanes`.
     public func laneStatus() async -> [LaneStatus] {
         var out: [LaneStatus] = []
-        for (_, record) in lanes.sorted(by: { $0.key < $1.key }) {
+        for (key, record) in lanes.sorted(by: { $0.key < $1.key }) {
             guard let lane = record.lane else { continue }
             var s = await lane.status()
             s.domains = record.domains.count
-            s.backlog = record.backlog?.count ?? 0
+            s.backlog = activeQueue.waiting(key)
             s.lastReply = record.lastReply
             out.append(s)
         }
@@ -851,59 +832,6 @@ func format2(_ value: Double) -> String {
     return frac == 0 ? "\(whole)" : "\(whole).\(frac < 10 ? "0" : "")\(frac)"
 }
 
-/// Items in arrival order, each at most once: the messages that wait for room in a lane,
-/// and the lanes that wait for room in the active queue.
-struct FIFO<Item: Hashable> {
-    private var items: [Item] = []
-    private var head = 0
-    private var members: Set<Item> = []
-
-    var isEmpty: Bool { members.isEmpty }
-    var count: Int { members.count }
-
-    mutating func push(_ item: Item) {
-        if members.insert(item).inserted { items.append(item) }
-    }
-
-    mutating func pop() -> Item? {
-        guard head < items.count else { return nil }
-        let item = items[head]
-        head += 1
-        if head > 1024, head * 2 > items.count {
-            items.removeFirst(head)
-            head = 0
-        }
-        members.remove(item)
-        return item
-    }
-}
-
-/// A lane's waiting mail: messages in arrival order, each with the recipients that wait
-/// for this lane.
-struct Backlog {
-    private var order = FIFO<QueueID>()
-    private var groups: [QueueID: [Int]] = [:]
-
-    var isEmpty: Bool { order.isEmpty }
-    /// Messages waiting.
-    var count: Int { order.count }
-
-    /// Adds a message's recipients; a message already waiting keeps its place.
-    mutating func add(_ id: QueueID, indexes: [Int]) {
-        order.push(id)
-        if let old = groups[id] {
-            groups[id] = old + indexes.filter { !old.contains($0) }
-        } else {
-            groups[id] = indexes
-        }
-    }
-
-    mutating func pop() -> (QueueID, [Int])? {
-        guard let id = order.pop(), let indexes = groups.removeValue(forKey: id) else { return nil }
-        return (id, indexes)
-    }
-}
-
 /// One destination lane as the scheduler knows it: the actor (once made) and what the
 /// scheduler keeps about it, in one place instead of a dictionary per field.
 struct LaneRecord {
@@ -914,27 +842,10 @@ struct LaneRecord {
     /// The recipient domains seen, and the last reply or error (for `tern lanes`).
     var domains: Set<String> = []
     var lastReply: String?
-    /// Jobs handed to the lane and not yet reported.
-    var outstanding = 0
     /// When the lane last had any news (ms).
     var activity: Int64 = 0
-    /// Due recipients waiting for room: the lane has `max_queued`, or the active queue is full.
-    var backlog: Backlog?
 
-    init(outstanding: Int = 0) { self.outstanding = outstanding }
-
-    /// In place: a copy of the backlog to change would copy all its waiting messages, once
-    /// per message added.
-    mutating func backlog(add id: QueueID, indexes: [Int]) {
-        if backlog == nil { backlog = Backlog() }
-        backlog?.add(id, indexes: indexes)
-    }
-
-    mutating func popBacklog() -> (QueueID, [Int])? { backlog?.pop() }
-
-    /// Nothing handed over or waiting, and quiet for `idle` ms: the scheduler may forget it
-    /// (once its actor, if any, says it is quiet too).
-    func mayBeForgotten(now: Int64, idle: Int64) -> Bool {
-        outstanding == 0 && backlog == nil && now - activity >= idle
-    }
+    /// No news for `idle` ms: with nothing in the active queue for it, and its actor quiet
+    /// too, the scheduler may forget the lane.
+    func quiet(now: Int64, idle: Int64) -> Bool { now - activity >= idle }
 }
