@@ -11,6 +11,8 @@ public struct RetryQueue<ID: Hashable & Comparable & Sendable>: Sendable {
     public init() {}
 
     public var count: Int { due.count }
+    /// Room reserved: heap slots and dictionary buckets.
+    var capacity: (heap: Int, due: Int) { (heap.capacity, due.capacity) }
     public var isEmpty: Bool { due.isEmpty }
 
     /// `id` is due at `time`, or at the time it already had if that is sooner.
@@ -34,7 +36,21 @@ public struct RetryQueue<ID: Hashable & Comparable & Sendable>: Sendable {
             due[top.id] = nil
             out.append(top.id)
         }
+        if !out.isEmpty { compact() }
         return out
+    }
+
+    /// After a burst (a destination back after an outage), storage sized for it goes back:
+    /// neither an array nor a dictionary gives memory back by itself.
+    private mutating func compact() {
+        if heap.capacity > 1024, heap.capacity > heap.count * 4 {
+            heap = heap.withUnsafeBufferPointer { Array($0) }
+        }
+        if due.capacity > 1024, due.capacity > due.count * 4 {
+            var smaller = [ID: Int64](minimumCapacity: due.count)
+            for (id, time) in due { smaller[id] = time }
+            due = smaller
+        }
     }
 
     /// The soonest due time, if any message waits.

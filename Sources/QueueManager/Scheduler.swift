@@ -36,6 +36,8 @@ public actor Scheduler {
     private var entries: [QueueID: Entry] = [:]
     /// Messages waiting for a retry, by due time.
     private var retryQueue = RetryQueue<QueueID>()
+    /// The messages loaded at start wait for the first tick.
+    private var dispatchLoaded = false
     /// Every lane the scheduler knows, one record each, by lane key.
     private var lanes: [LaneKey: LaneRecord] = [:]
     /// Lane suspensions in force (the operator's and reply rules'), kept in
@@ -126,10 +128,11 @@ public actor Scheduler {
         }
         loadSuspensions()
         entries.reserveCapacity(loaded.count)
-        for (id, entry) in loaded {
-            entries[id] = entry
-            retryQueue.schedule(id, at: 0)
-        }
+        for (id, entry) in loaded { entries[id] = entry }
+        // Each is dispatched by the first tick, oldest first; those with recipients not due
+        // yet go into the retry queue then. Not scheduled here: 100,000 messages due at once
+        // would only pass through the retry queue, and leave its memory behind.
+        dispatchLoaded = !entries.isEmpty
         depth.record(entries.count)
     }
 
@@ -156,6 +159,10 @@ public actor Scheduler {
     /// Wakes every `tick` and dispatches mail whose retry time has come, until cancelled.
     private func tick() async {
         while !Task.isCancelled {
+            if dispatchLoaded {
+                dispatchLoaded = false
+                for id in entries.keys.sorted() { await dispatch(id) }
+            }
             let now = environment.now()
             for id in retryQueue.popDue(now: now) { await dispatch(id) }
             if now >= nextAgeUpdate {

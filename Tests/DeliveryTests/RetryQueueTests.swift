@@ -52,4 +52,17 @@ final class RetryQueueTests: XCTestCase {
             XCTAssertEqual(q.count, model.count)
         }
     }
+
+    /// A burst of 100,000 due at once (a destination back after an outage) leaves no storage
+    /// sized for it behind.
+    func testABurstGivesItsMemoryBack() {
+        var q = RetryQueue<Int>()
+        for id in 0..<100_000 { q.schedule(id, at: Int64(id % 10)) }
+        q.schedule(-1, at: 1_000)
+        XCTAssertGreaterThanOrEqual(q.capacity.heap, 100_000)
+        XCTAssertEqual(q.popDue(now: 100).count, 100_000)
+        XCTAssertLessThan(q.capacity.heap, 1_000)
+        XCTAssertLessThan(q.capacity.due, 1_000)
+        XCTAssertEqual(q.popDue(now: 1_000), [-1], "what was not due is kept")
+    }
 }
