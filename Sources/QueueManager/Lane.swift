@@ -125,18 +125,21 @@ actor Lane: AttemptLane {
         case .job(let job): return job
         case .close: return nil
         case .wait(let waiter):
-            // The idle timer runs in the worker's own task: cancelling the worker (shutdown)
-            // ends its sleep at once, and the expiry lets the worker close. Once a job came,
-            // the expiry finds the waiter gone and does nothing.
+            // Once a job came, the expiry finds the waiter gone and does nothing. The job
+            // does not wait for the timer: a worker waits often, and a join there cost a
+            // tenth of the throughput with many lanes.
             let idleTime = environment.idleTime
-            return await withTaskGroup(of: Void.self) { group in
-                group.addTask {
-                    try? await Task.sleep(for: idleTime)
-                    await self.idleExpired(waiter)
-                }
-                let job = await withCheckedContinuation { continuation in waiters[waiter] = continuation }
-                group.cancelAll()
-                return job
+            environment.tasks.start {
+                try? await Task.sleep(for: idleTime)
+                await self.idleExpired(waiter)
+            }
+            return await withTaskCancellationHandler {
+                await withCheckedContinuation { continuation in waiters[waiter] = continuation }
+            } onCancel: {
+                // Shutdown: the worker closes now. Its idle timer may never run (work
+                // started after the group ended is dropped), so the expiry is sent from
+                // here, and the worker, awaited by the group, awaits it.
+                Task { await self.idleExpired(waiter) }
             }
         }
     }
