@@ -167,6 +167,55 @@ final class LaneStateMachineTests: XCTestCase {
     /// Random interleavings of events never break the lane's invariants: every job is in
     /// exactly one place (queued, with a worker, deferred, withdrawn or done), connections
     /// never exceed the ceiling, and a withdrawn job is never handed to a worker.
+    /// `tern queue flush` ends a rest after failures at once (and says so); the jobs then
+    /// go without waiting for the dead time.
+    func testAFlushRevivesADeadDestination() {
+        var m = Machine(key: "dead.example", limits: limits(), idleMillis: 2000, now: 0)
+        _ = m.submit(1, now: 0)
+        _ = m.submit(2, now: 0)
+        _ = m.next(finished: false, now: 0)
+        _ = m.next(finished: false, now: 0)
+        _ = m.connectionFailed(.connection("refused"), now: 1)
+        XCTAssertTrue(m.window.isDead(now: 2))
+        let revived = m.revive(reason: "revived by tern queue flush", endingSuspension: false, now: 2)
+        guard case .log(.notice, let text) = revived.first else { return XCTFail("\(revived)") }
+        XCTAssertEqual(text, "lane dead.example: revived by tern queue flush")
+        XCTAssertFalse(m.window.isDead(now: 2))
+        XCTAssertNil(m.stateReason)
+        XCTAssertTrue(m.revive(reason: "again", endingSuspension: false, now: 3).allSatisfy { if case .log = $0 { false } else { true } },
+                      "nothing to say when the lane is not resting")
+    }
+
+    /// The permits a worker asks for: each message waits its turn at the rate, each
+    /// connection after a worker's first at the connection rate; no rate, no wait.
+    func testPermitsFollowTheRates() {
+        var m = Machine(
+            key: "p.example", limits: limits { $0.rate = RateLimit(parsing: "2/s"); $0.connectionRate = RateLimit(parsing: "1/s") },
+            idleMillis: 2000, now: 0)
+        XCTAssertEqual(m.permitMessage(now: 0), 0, "the burst")
+        XCTAssertEqual(m.permitMessage(now: 0), 500)
+        XCTAssertEqual(m.permitMessage(now: 0), 1000, "reservations queue up")
+        XCTAssertEqual(m.permitConnection(now: 0), 0)
+        XCTAssertEqual(m.permitConnection(now: 0), 1000)
+        var free = Machine(key: "f.example", limits: limits(), idleMillis: 2000, now: 0)
+        XCTAssertEqual(free.permitMessage(now: 0), 0)
+        XCTAssertEqual(free.permitConnection(now: 0), 0)
+    }
+
+    /// A long queue taken from the front is compacted as it goes, and order is kept.
+    func testALongQueueKeepsItsOrderAsItDrains() {
+        var m = Machine(key: "long.example", limits: limits { $0.initialConnections = 1; $0.maxConnections = 1 }, idleMillis: 2000, now: 0)
+        for i in 0..<5000 { _ = m.submit(i, now: 0) }
+        var got: [Int] = []
+        var finished = false
+        while case (.job(let j), _) = m.next(finished: finished, now: 0) {
+            got.append(j)
+            finished = true
+        }
+        XCTAssertEqual(got, Array(0..<5000))
+        XCTAssertEqual(m.queued, 0)
+    }
+
     func testRandomInterleavingsKeepTheInvariants() {
         var rng = SplitMix(seed: 42)
         for round in 0..<300 {

@@ -65,4 +65,19 @@ final class RetryQueueTests: XCTestCase {
         XCTAssertLessThan(q.capacity.due, 1_000)
         XCTAssertEqual(q.popDue(now: 1_000), [-1], "what was not due is kept")
     }
+
+    /// A message rescheduled sooner again and again leaves stale heap entries; they are
+    /// swept out, and what is due still comes once, soonest first.
+    func testRescheduledSoonerManyTimesStaysCorrect() {
+        var q = RetryQueue<Int>()
+        for id in 0..<100 { q.schedule(id, at: 1_000_000) }
+        for round in 1...10 {
+            for id in 0..<100 { q.schedule(id, at: Int64(1_000_000 - round * 1000 - id)) }
+        }
+        XCTAssertLessThanOrEqual(q.capacity.heap, 4 * 100 * 2, "stale entries do not pile up")
+        XCTAssertEqual(q.count, 100)
+        XCTAssertEqual(q.nextDue(), Int64(1_000_000 - 10_000 - 99))
+        XCTAssertEqual(q.popDue(now: 2_000_000), (0..<100).reversed().map { $0 })
+        XCTAssertNil(q.nextDue())
+    }
 }
