@@ -7,9 +7,12 @@
 #   QUEUE=100000 bench/relay.sh 0          # only the queue case: RSS with that many queued
 #   BENCH_DIR=/some/dir bench/relay.sh     # where the spools go (default /var/tmp)
 #
-# Prints, for 1 and 20 sessions and 1 KB and 100 KB messages: end-to-end messages/s for
-# each, the ratio, server CPU seconds (machine busy time minus smtp-source and smtp-sink)
-# and peak RSS (Tern: VmHWM; Postfix: the largest sum over its processes, sampled). Both
+# Prints, for 1 and 20 sessions and 1 KB and 100 KB messages, each on a new connection, and
+# for 20 sessions of 1 KB messages over kept connections (smtp-source -d, as pooled
+# application clients send): end-to-end messages/s for each, the ratio, server CPU per
+# message (machine busy time minus smtp-source and smtp-sink), context switches per message
+# (Tern's own threads; and machine-wide, load generator included, for both) and peak RSS
+# (Tern: VmHWM; Postfix: the largest sum over its processes, sampled). Both
 # servers fsync what they accept before answering 250. Must run as root (Postfix drops to
 # its own user). Binds only 127.0.0.1. Everything it starts it stops by PID.
 set -euo pipefail
@@ -88,24 +91,30 @@ postfix_rss_sampler() {
     done
 }
 
-# run PORT SESSIONS SIZE -> "msgs_per_s server_cpu_s"
+# Context switches so far: the machine's, and those of Tern's threads.
+machine_switches() { awk '/^ctxt /{print $2}' /proc/stat; }
+tern_switches() { cat /proc/"$TERN_PID"/task/*/status 2>/dev/null | awk '/ctxt_switches/{s+=$2} END {print s+0}'; }
+
+# run PORT SESSIONS SIZE [-d] -> "msgs_per_s server_cpu_ms_per_msg machine_switches_per_msg"
 run() {
-    local port=$1 sessions=$2 size=$3
+    local port=$1 sessions=$2 size=$3 keep=${4:-}
     start_sink
-    local b0 t0 t1 b1 client s0 s1
-    b0=$(busy_ticks); s0=$(proc_ticks "$SINK_PID"); t0=$(date +%s.%N)
-    client=$( { /usr/bin/time -f "%U %S" smtp-source -s "$sessions" -m "$MESSAGES" -l "$size" \
+    local b0 t0 t1 b1 client s0 s1 c0 c1
+    b0=$(busy_ticks); s0=$(proc_ticks "$SINK_PID"); c0=$(machine_switches); t0=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    client=$( { /usr/bin/time -f "%U %S" smtp-source $keep -s "$sessions" -m "$MESSAGES" -l "$size" \
         -f bench@client.test -t user@example.org "127.0.0.1:$port" >/dev/null; } 2>&1 | tail -1)
     local deadline=$((SECONDS + 600))
     while [ "$(sink_count || echo 0)" != "$MESSAGES" ]; do
         [ $SECONDS -gt $deadline ] && { echo "sink got $(sink_count) of $MESSAGES" >&2; exit 1; }
         sleep 0.02
     done
-    t1=$(date +%s.%N); b1=$(busy_ticks); s1=$(proc_ticks "$SINK_PID")
+    t1=$(date +%s.%N); b1=$(busy_ticks); s1=$(proc_ticks "$SINK_PID"); c1=$(machine_switches)
     stop_sink
-    awk -v n="$MESSAGES" -v t0="$t0" -v t1="$t1" -v b0="$b0" -v b1="$b1" -v s0="$s0" -v s1="$s1" -v hz="$HZ" -v c="$client" 'BEGIN {
+    awk -v n="$MESSAGES" -v t0="$t0" -v t1="$t1" -v b0="$b0" -v b1="$b1" -v s0="$s0" -v s1="$s1" -v hz="$HZ" -v c="$client" \
+        -v c0="$c0" -v c1="$c1" 'BEGIN {
         split(c, u, " "); server = (b1 - b0 - (s1 - s0)) / hz - (u[1] + u[2]);
-        printf "%.0f %.1f", n / (t1 - t0), server }'
+        printf "%.0f %.2f %.1f", n / (t1 - t0), server * 1000 / n, (c1 - c0) / n }'
 }
 
 if [ "$MESSAGES" -gt 0 ]; then
@@ -117,15 +126,19 @@ if [ "$MESSAGES" -gt 0 ]; then
     touch "$WORK/sampling"; echo 0 > "$WORK/pf_rss"
     postfix_rss_sampler &
     SAMPLER=$!
-    echo "messages per case: $MESSAGES (smtp-source, a new connection per message; counted at smtp-sink)"
-    printf "%-16s %10s %12s %7s %12s %14s\n" case "tern msg/s" "postfix msg/s" ratio "tern CPU s" "postfix CPU s"
-    for size in 1024 102400; do
-        for sessions in 1 20; do
-            read -r t_rate t_cpu <<<"$(run $TERN_PORT $sessions $size)"
-            read -r p_rate p_cpu <<<"$(run $POSTFIX_PORT $sessions $size)"
-            printf "%-16s %10s %12s %7s %12s %14s\n" "${sessions} sess, $((size / 1024)) KB" "$t_rate" "$p_rate" \
-                "$(awk -v a="$t_rate" -v b="$p_rate" 'BEGIN{printf "%.2fx", a/b}')" "$t_cpu" "$p_cpu"
-        done
+    echo "messages per case: $MESSAGES (smtp-source; counted at smtp-sink). CPU: server ms per message."
+    echo "switches: context switches per message, Tern's threads / machine-wide (load generator included)"
+    printf "%-22s %10s %12s %7s %9s %11s %15s %9s\n" case "tern msg/s" "postfix msg/s" ratio "tern CPU" "postfix CPU" "tern switches" "postfix sw"
+    for spec in "1 1024" "20 1024" "1 102400" "20 102400" "20 1024 -d"; do
+        read -r sessions size keep <<<"$spec"
+        x0=$(tern_switches)
+        read -r t_rate t_cpu t_sw <<<"$(run $TERN_PORT "$sessions" "$size" "$keep")"
+        x1=$(tern_switches)
+        read -r p_rate p_cpu p_sw <<<"$(run $POSTFIX_PORT "$sessions" "$size" "$keep")"
+        label="${sessions} sess, $((size / 1024)) KB${keep:+, kept conn}"
+        printf "%-22s %10s %12s %7s %9s %11s %15s %9s\n" "$label" "$t_rate" "$p_rate" \
+            "$(awk -v a="$t_rate" -v b="$p_rate" 'BEGIN{printf "%.2fx", a/b}')" "$t_cpu" "$p_cpu" \
+            "$(awk -v a="$x0" -v b="$x1" -v n="$MESSAGES" 'BEGIN{printf "%.1f", (b - a) / n}') / $t_sw" "$p_sw"
     done
     rm -f "$WORK/sampling"; wait "$SAMPLER" 2>/dev/null || true
     echo "peak RSS: tern $(awk '/VmHWM/{print $2, $3}' /proc/$TERN_PID/status); postfix (all processes) $(cat "$WORK/pf_rss") kB"

@@ -245,7 +245,10 @@ public final class SMTPServer: Service, Sendable {
         try await withThrowingDiscardingTaskGroup { group in
             try await server.executeThenClose { connections in
                 for try await connection in connections {
-                    group.addTask { await self.handle(connection, listener: listener) }
+                    // The session runs on its channel's event loop (EventLoopExecutor).
+                    group.addTask(executorPreference: EventLoopExecutor(connection.channel.eventLoop)) {
+                        await self.handle(connection, listener: listener)
+                    }
                 }
             }
         }

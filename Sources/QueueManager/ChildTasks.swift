@@ -10,16 +10,16 @@
 struct ChildTasks: Sendable {
     typealias Work = @Sendable () async -> Void
 
-    private let stream: AsyncStream<Work>
-    private let continuation: AsyncStream<Work>.Continuation
+    private let stream: AsyncStream<(Work, (any TaskExecutor)?)>
+    private let continuation: AsyncStream<(Work, (any TaskExecutor)?)>.Continuation
 
     init() {
-        (stream, continuation) = AsyncStream.makeStream(of: Work.self)
+        (stream, continuation) = AsyncStream.makeStream(of: (Work, (any TaskExecutor)?).self)
     }
 
-    /// Starts `work` as a child of the running group.
-    func start(_ work: @escaping Work) {
-        continuation.yield(work)
+    /// Starts `work` as a child of the running group, on `executor` when one is given.
+    func start(on executor: (any TaskExecutor)? = nil, _ work: @escaping Work) {
+        continuation.yield((work, executor))
     }
 
     /// Runs what is started until this task is cancelled; then cancels every child and
@@ -27,8 +27,8 @@ struct ChildTasks: Sendable {
     func run() async {
         await withDiscardingTaskGroup { group in
             // Ends when this task is cancelled (an AsyncStream's iteration does).
-            for await work in stream {
-                group.addTask(operation: work)
+            for await (work, executor) in stream {
+                group.addTask(executorPreference: executor, operation: work)
             }
             continuation.finish()
             group.cancelAll()

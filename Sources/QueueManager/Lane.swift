@@ -6,6 +6,8 @@ import Darwin
 import Delivery
 import Logging
 import Metrics
+import NIOCore
+import NIOPosix
 import SMTPProtocol
 import Spool
 import TernCore
@@ -73,8 +75,10 @@ actor Lane: AttemptLane {
             switch action {
             case .startWorkers(let count, let tokenTaken):
                 for _ in 0..<count {
-                    let worker = LaneWorker(lane: self, environment: environment, limits: machine.window.limits, report: report)
-                    environment.tasks.start { await worker.run(messageTokenTaken: tokenTaken) }
+                    // A worker and its connections share one event loop (EventLoopExecutor).
+                    let loop = MultiThreadedEventLoopGroup.singleton.next()
+                    let worker = LaneWorker(lane: self, environment: environment, limits: machine.window.limits, report: report, loop: loop)
+                    environment.tasks.start(on: EventLoopExecutor(loop)) { await worker.run(messageTokenTaken: tokenTaken) }
                 }
             case .resume(let waiter, let job):
                 waiters.removeValue(forKey: waiter)?.resume(returning: job)
@@ -259,6 +263,8 @@ struct LaneWorker: Sendable {
     let environment: LaneEnvironment
     let limits: LaneLimits
     let report: @Sendable (JobOutcome) async -> Void
+    /// The event loop the worker runs on, and opens its connections on.
+    let loop: any EventLoop
 
     func run(messageTokenTaken: Bool = false) async {
         let permits = AttemptPermits(messageTaken: messageTokenTaken)
@@ -266,7 +272,7 @@ struct LaneWorker: Sendable {
             resolver: environment.resolver, heloName: environment.heloName, mxPort: environment.mxPort,
             connectTimeout: environment.connectTimeout, commandTimeout: environment.commandTimeout, dataTimeout: environment.dataTimeout,
             ownAddresses: environment.ownAddresses, messagesPerConnection: limits.messagesPerConnection,
-            sourceAddress: limits.sourceAddress, logger: environment.logger, now: environment.now)
+            sourceAddress: limits.sourceAddress, logger: environment.logger, now: environment.now, eventLoop: loop)
         var held: HeldConnection?
         var finished = false
         while !Task.isCancelled, let job = await lane.next(finished: finished) {

@@ -1,5 +1,7 @@
 import Delivery
 import Logging
+import NIOCore
+import NIOPosix
 import SMTPProtocol
 import TernCore
 
@@ -32,11 +34,15 @@ public struct NextHopSettings: Sendable {
     public var sourceAddress: String?
     public var logger: Logger
     public var now: @Sendable () -> Int64
+    /// Where connections are opened (the worker's own loop); any of the group's when nil.
+    public var eventLoop: (any EventLoop)?
 
     public init(
         resolver: MXResolver?, heloName: String, mxPort: Int, connectTimeout: Duration, commandTimeout: Duration, dataTimeout: Duration,
-        ownAddresses: Set<String>, messagesPerConnection: Int, sourceAddress: String?, logger: Logger, now: @escaping @Sendable () -> Int64
+        ownAddresses: Set<String>, messagesPerConnection: Int, sourceAddress: String?, logger: Logger, now: @escaping @Sendable () -> Int64,
+        eventLoop: (any EventLoop)? = nil
     ) {
+        self.eventLoop = eventLoop
         self.resolver = resolver
         self.heloName = heloName
         self.mxPort = mxPort
@@ -190,7 +196,9 @@ public enum NextHopDelivery {
                         commandTimeout: settings.commandTimeout, dataTimeout: settings.dataTimeout,
                         sourceAddress: settings.sourceAddress, ownHostname: settings.heloName)
                     do {
-                        let connection = try await SMTPClientConnection.connect(host: address, port: serverPort, configuration: configuration)
+                        let connection = try await SMTPClientConnection.connect(
+                            host: address, port: serverPort, configuration: configuration,
+                            group: settings.eventLoop ?? MultiThreadedEventLoopGroup.singleton)
                         held = HeldConnection(connection, address: target, setup: setup)
                         await lane.connectionSucceeded()
                     } catch {
