@@ -85,7 +85,6 @@ public struct ActiveQueue<ID: Hashable & Sendable>: Sendable {
     public func outstanding(_ lane: LaneKey) -> Int { outstanding[lane, default: 0] }
     /// Messages waiting in the lane's backlog.
     public func waiting(_ lane: LaneKey) -> Int { backlogs[lane]?.count ?? 0 }
-    public func hasWaiting(_ lane: LaneKey) -> Bool { backlogs[lane] != nil }
     /// Nothing handed over or waiting for the lane.
     public func isIdle(_ lane: LaneKey) -> Bool { outstanding[lane] == nil && backlogs[lane] == nil }
 

@@ -53,14 +53,20 @@ final class LaneStateMachineTests: XCTestCase {
         XCTAssertTrue(m.isQuiet(now: 3))
     }
 
-    func testADeadDestinationDefersItsJobsAndRevives() {
-        var m = Machine(key: "dead.example", limits: limits(), idleMillis: 2000, now: 0)
+    /// A lane whose two workers took jobs 1 and 2, then a window's worth of failed
+    /// connections (the window shrinks with each): dead at 1 ms. Returns what that said.
+    func deadLane(_ m: inout Machine) -> [Machine.Action] {
         _ = m.submit(1, now: 0)
         _ = m.submit(2, now: 0)
         _ = m.next(finished: false, now: 0)
         _ = m.next(finished: false, now: 0)
-        // A window's worth of failed connections (the window shrinks with each): dead, logged once.
-        let dead = m.connectionFailed(.connection("refused"), now: 1)
+        return m.connectionFailed(.connection("refused"), now: 1)
+    }
+
+    func testADeadDestinationDefersItsJobsAndRevives() {
+        var m = Machine(key: "dead.example", limits: limits(), idleMillis: 2000, now: 0)
+        // Dead, logged once.
+        let dead = deadLane(&m)
         guard case .log(.warning, let text) = dead.first else { return XCTFail("\(dead)") }
         XCTAssertTrue(text.contains("destination dead for 1m"), text)
         // Workers get no more jobs; new jobs are deferred without a try, with the reason.
@@ -164,18 +170,11 @@ final class LaneStateMachineTests: XCTestCase {
         XCTAssertEqual(m.window.active, 3)
     }
 
-    /// Random interleavings of events never break the lane's invariants: every job is in
-    /// exactly one place (queued, with a worker, deferred, withdrawn or done), connections
-    /// never exceed the ceiling, and a withdrawn job is never handed to a worker.
     /// `tern queue flush` ends a rest after failures at once (and says so); the jobs then
     /// go without waiting for the dead time.
     func testAFlushRevivesADeadDestination() {
         var m = Machine(key: "dead.example", limits: limits(), idleMillis: 2000, now: 0)
-        _ = m.submit(1, now: 0)
-        _ = m.submit(2, now: 0)
-        _ = m.next(finished: false, now: 0)
-        _ = m.next(finished: false, now: 0)
-        _ = m.connectionFailed(.connection("refused"), now: 1)
+        _ = deadLane(&m)
         XCTAssertTrue(m.window.isDead(now: 2))
         let revived = m.revive(reason: "revived by tern queue flush", endingSuspension: false, now: 2)
         guard case .log(.notice, let text) = revived.first else { return XCTFail("\(revived)") }
@@ -216,6 +215,9 @@ final class LaneStateMachineTests: XCTestCase {
         XCTAssertEqual(m.queued, 0)
     }
 
+    /// Random interleavings of events never break the lane's invariants: every job is in
+    /// exactly one place (queued, with a worker, deferred, withdrawn or done), connections
+    /// never exceed the ceiling, and a withdrawn job is never handed to a worker.
     func testRandomInterleavingsKeepTheInvariants() {
         var rng = SplitMix(seed: 42)
         for round in 0..<300 {

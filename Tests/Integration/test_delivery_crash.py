@@ -55,16 +55,23 @@ def test_kill9_during_delivery_loses_nothing(make_tern, dns, mx_port, sinks, cap
         assert sorted(m.rcpt_tos) == sorted(set(m.rcpt_tos)), "no recipient twice in one transaction"
 
 
-def test_sigterm_lets_deliveries_under_way_finish(make_tern, dns, mx_port, sinks):
-    from peers import send, wait_log
-    dns.add("slow.example", ("A", "127.0.0.12"))
-    receiver = sinks("127.0.0.12", data_delay=2.0)
+def delivery_under_way(make_tern, dns, mx_port, sinks, domain, address, data_delay):
+    """A Tern delivering one message to a receiver that takes `data_delay` s to answer the
+    final dot; returns once the delivery has connected and sent its content."""
+    from peers import send
+    dns.add(domain, ("A", address))
+    receiver = sinks(address, data_delay=data_delay)
     tern = make_tern(delivery=delivery(dns, mx_port))
-    send(tern, "app@client.example", ["u@slow.example"])
+    send(tern, "app@client.example", [f"u@{domain}"])
     deadline = time.time() + 10
     while receiver.connections == 0 and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
+    return tern, receiver
+
+
+def test_sigterm_lets_deliveries_under_way_finish(make_tern, dns, mx_port, sinks):
+    tern, receiver = delivery_under_way(make_tern, dns, mx_port, sinks, "slow.example", "127.0.0.12", 2.0)
     assert tern.stop() == 0
     assert len(receiver.received) == 1
     assert "status=sent" in tern.log(), "the delivery finished and was recorded before the exit"
@@ -79,15 +86,7 @@ def test_sigterm_with_a_delivery_that_hangs_stops_after_the_drain(make_tern, dns
     the 10 s drain every delivery task is cancelled and waited for, the exit is clean, and
     the message, whose outcome was never recorded, is still queued (not deferred) and goes
     again after the restart."""
-    from peers import send
-    dns.add("stuck.example", ("A", "127.0.0.13"))
-    receiver = sinks("127.0.0.13", data_delay=120)
-    tern = make_tern(delivery=delivery(dns, mx_port))
-    send(tern, "app@client.example", ["u@stuck.example"])
-    deadline = time.time() + 10
-    while receiver.connections == 0 and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)
+    tern, receiver = delivery_under_way(make_tern, dns, mx_port, sinks, "stuck.example", "127.0.0.13", 120)
     started = time.time()
     assert tern.stop(timeout=30) == 0
     took = time.time() - started
