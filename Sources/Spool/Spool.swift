@@ -261,7 +261,7 @@ public final class SpoolWriter: @unchecked Sendable {
     /// Writes the envelope and the trailer, syncs the file, then the queue directory. When
     /// this returns the message survives a crash.
     public func commit(_ envelope: Envelope) async throws {
-        let record = try SpoolFiles.envelopeRecord(envelope, contentSize: size, id: id)
+        let record = SpoolFiles.envelopeRecord(envelope, contentSize: size, id: id)
         pending.append(contentsOf: record)
         let data = pending
         pending = []

@@ -23,12 +23,8 @@ enum SpoolFiles {
     static let magic = "TERN-SPOOL-2 "
     static let trailerLength = 64
 
-    static func envelopeRecord(_ envelope: Envelope, contentSize: Int, id: QueueID) throws -> [UInt8] {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
-        var json = Array(try encoder.encode(envelope))
-        json.removeAll(where: { $0 == 0x0A })
-        var out = json
+    static func envelopeRecord(_ envelope: Envelope, contentSize: Int, id: QueueID) -> [UInt8] {
+        var out = envelope.jsonBytes
         out.append(0x0A)
         let stateOffset = contentSize + out.count
         out.append(contentsOf: [UInt8](repeating: UInt8(ascii: "-"), count: envelope.recipients.count))

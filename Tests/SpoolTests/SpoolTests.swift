@@ -117,7 +117,7 @@ final class SpoolTests: XCTestCase {
 
     func testEnvelopeRecordTrailerIsFixedLength() throws {
         let id = QueueID("1K0W8MTXPC400000")!
-        let record = try SpoolFiles.envelopeRecord(envelope(), contentSize: 1234, id: id)
+        let record = SpoolFiles.envelopeRecord(envelope(), contentSize: 1234, id: id)
         let trailer = String(decoding: record.suffix(SpoolFiles.trailerLength), as: UTF8.self)
         XCTAssertTrue(trailer.hasPrefix("TERN-SPOOL-2 1K0W8MTXPC400000 00000000000004d2 "), trailer)
         XCTAssertTrue(trailer.hasSuffix("\n"))
