@@ -230,7 +230,7 @@ struct SMTPSession {
             try await verify(user: user, password: password)
         case .receiveChunk(let size, let last, let first, let normalize):
             try await receiveChunk(size: size, last: last, first: first, normalize: normalize)
-        case .discardChunk(let reply, let size):
+        case .discardChunk(let reply, _):
             var none: Intake?
             var checker = LineEndingChecker()
             guard try await readChunk(into: &none, checker: &checker) else { throw CancellationError() }

@@ -286,9 +286,9 @@ public enum OfflineQueueControl {
                 var states = message.states
                 for i in chosen { states[i] = .deleted }
                 if states.allSatisfy(\.isFinal) {
-                    try Spool.removeOffline(root: root, id: message.id)
+                    try Spool.removeOffline(root: root, message)
                 } else {
-                    try Spool.markOffline(root: root, id: message.id, Dictionary(uniqueKeysWithValues: chosen.map { ($0, .deleted) }))
+                    try Spool.markOffline(root: root, message, Dictionary(uniqueKeysWithValues: chosen.map { ($0, .deleted) }))
                 }
             case .hold, .release:
                 let held = request.operation == .hold

@@ -14,17 +14,16 @@ import NIOCore
 import NIOPosix
 import TernCore
 
-/// The durable queue. The states, the files in each, and the one rename that moves a message
-/// between them are in `README.md` beside this file.
+/// The durable queue. The states, the files in each, and what a commit and a removal do are
+/// in `README.md` beside this file.
 ///
-/// A message is written to `queue/<id>`, its fixed-length trailer last; the file is fsync'd,
-/// then `queue/` is fsync'd; only then does the client hear 250. A file without a valid
-/// trailer is half-written and recovery removes it. Files of finished messages are kept in
-/// `free/` and renamed back into `queue/` for new messages: creating a file on ext4 costs
-/// up to half a millisecond of kernel time while recently deleted inodes are around (the
-/// allocator skips each one), and a relay deletes a file for every message it delivers. Directory syncs are grouped: every
-/// commit whose file existed before a sync began is covered by it, so a burst of sessions
-/// costs one directory sync, not one each, while file syncs run in parallel on the pool.
+/// `queue/` holds slots: files whose names never change once made. A message is written
+/// into a free slot, its fixed-length trailer (naming its queue id) last, and the slot is
+/// `fdatasync`'d; only then does the client hear 250. No name is created or renamed for a
+/// message, so no directory sync waits in front of the 250: only a slot made new (when none
+/// is free) costs one, grouped with others. A finished message's slot is truncated to
+/// nothing and taken again. A slot without a valid trailer holds no message; recovery
+/// empties it.
 public final class Spool: Sendable {
     public let root: String
     let queue: String
@@ -33,15 +32,22 @@ public final class Spool: Sendable {
     let queueSync: DirectorySyncer
     let logger: Logger
     let removals = NIOLockedValueBox(Removals())
-    let free: String
-    /// Names in `free/`, ready to be renamed into `queue/` for a new message.
-    let freeFiles = NIOLockedValueBox([String]())
-    /// More finished files than this are deleted, not kept.
+    let slots = NIOLockedValueBox(Slots())
+    /// More free slots than this are deleted, not kept.
     static let freeLimit = 4096
 
     struct Removals {
         var pending: [(QueueID, Bool)] = []
         var running = false
+    }
+
+    struct Slots {
+        /// Empty slots, ready for a new message.
+        var free: [String] = []
+        /// The slot of every message the daemon holds.
+        var byID: [QueueID: String] = [:]
+        /// The number of the next slot to make.
+        var next = 0
     }
 
     /// Data is written to disk in pieces of this size while a message streams in.
@@ -50,7 +56,6 @@ public final class Spool: Sendable {
     private init(root: String, pool: NIOThreadPool, queueFD: CInt, logger: Logger) {
         self.root = root
         self.queue = root + "/queue"
-        self.free = root + "/free"
         self.pool = pool
         self.queueSync = DirectorySyncer(fd: queueFD, path: root + "/queue")
         self.logger = logger
@@ -68,7 +73,7 @@ public final class Spool: Sendable {
     /// Opens the spool, creating its directories, and recovers from whatever a crash left.
     public static func open(root: String, threadPool: NIOThreadPool, logger: Logger) async throws -> (Spool, RecoveryReport) {
         try await threadPool.runIfActive {
-            for dir in [root, root + "/queue", root + "/corrupt", root + "/meta", root + "/free"] {
+            for dir in [root, root + "/queue", root + "/corrupt", root + "/meta"] {
                 try SpoolFiles.makeDirectory(dir)
             }
             let fd = Glibc.open(root + "/queue", O_RDONLY | O_DIRECTORY | O_CLOEXEC)
@@ -79,34 +84,36 @@ public final class Spool: Sendable {
         }
     }
 
+    /// `s` and nine digits: never a queue id, so a spool of the layout before slots (files
+    /// named by their queue id) reads as slots too.
+    static func slotName(_ number: Int) -> String {
+        let digits = String(number)
+        return "s" + String(repeating: "0", count: max(0, 9 - digits.count)) + digits
+    }
+
+    static func slotNumber(_ name: String) -> Int? {
+        guard name.utf8.count == 10, name.hasPrefix("s") else { return nil }
+        return Int(name.dropFirst())
+    }
+
+    static func isSlot(_ name: String) -> Bool { slotNumber(name) != nil || QueueID(name) != nil }
+
     private func recoverSync() throws -> RecoveryReport {
         var report = RecoveryReport(queued: 0, removedIncomplete: 0, corrupt: 0)
-        let names = try SpoolFiles.list(queue)
-        // Notes of messages that are gone, and replacements a crash interrupted.
-        let kept = Set(names)
-        for name in try SpoolFiles.list(metaDirectory) where !kept.contains(name) {
-            unlink(metaDirectory + "/" + name)
-        }
-        // Finished files kept for reuse (before the loop below adds more).
-        var pooled = 0
-        for name in try SpoolFiles.list(free) {
-            // Files parked before this fix, or by a crash between truncate and rename, may
-            // still hold a message: none stays readable, none keeps its blocks.
-            if pooled < Self.freeLimit, QueueID(name) != nil, truncate(free + "/" + name, 0) == 0 {
-                freeFiles.withLockedValue { $0.append(name) }
-                pooled += 1
-            } else {
-                unlink(free + "/" + name)
-            }
-        }
-        for name in names {
+        var held = Set<String>()
+        var highest = -1
+        for name in try SpoolFiles.list(queue) {
             let path = queue + "/" + name
-            switch QueueID(name) == nil ? .corrupt : SpoolFiles.check(path) {
-            case .complete:
+            if let number = Self.slotNumber(name) { highest = max(highest, number) }
+            switch Self.isSlot(name) ? SpoolFiles.check(path) : .corrupt {
+            case .complete(let id):
                 report.queued += 1
+                held.insert(id.rawValue)
+            case .empty:
+                release(name)
             case .incomplete:
                 // No trailer: the commit never finished, so the client never heard 250.
-                recycle(path, name: name)
+                release(name)
                 report.removedIncomplete += 1
                 logger.notice("\(name): removed half-written message")
             case .corrupt:
@@ -115,33 +122,62 @@ public final class Spool: Sendable {
                 logger.error("\(name): not a valid spool file, moved to corrupt/")
             }
         }
-        if report.removedIncomplete + report.corrupt > 0 { try SpoolFiles.syncDirectory(queue) }
-        if report.corrupt > 0 { try SpoolFiles.syncDirectory(root + "/corrupt") }
+        slots.withLockedValue { $0.next = highest + 1 }
+        // Notes of messages that are gone, and replacements a crash interrupted.
+        for name in try SpoolFiles.list(metaDirectory) where !held.contains(name) {
+            unlink(metaDirectory + "/" + name)
+        }
+        // The layout before slots kept finished files in free/; they are empty.
+        if let names = try? SpoolFiles.list(root + "/free") {
+            for name in names { unlink(root + "/free/" + name) }
+            rmdir(root + "/free")
+        }
+        if report.corrupt > 0 {
+            try SpoolFiles.syncDirectory(queue)
+            try SpoolFiles.syncDirectory(root + "/corrupt")
+        }
         return report
     }
 
-    /// A file for a new message at `path`: a finished one from `free/` when there is one
-    /// (then `reused`: it may be longer than what is written now), else a new one.
-    func createFile(_ path: String) throws -> (fd: CInt, reused: Bool) {
-        while let name = freeFiles.withLockedValue({ $0.popLast() }) {
-            guard rename(free + "/" + name, path) == 0 else { continue }
-            let fd = Glibc.open(path, O_WRONLY | O_CLOEXEC)
-            if fd >= 0 { return (fd, true) }
-            unlink(path)
+    /// A slot for a new message: a free one when there is one, else a new one (`made`: its
+    /// name must be made durable by a directory sync before a message in it is).
+    func openSlot() throws -> SpoolWriter.OpenSlot {
+        while let name = slots.withLockedValue({ $0.free.popLast() }) {
+            let fd = Glibc.open(queue + "/" + name, O_WRONLY | O_CLOEXEC)
+            if fd >= 0 { return SpoolWriter.OpenSlot(fd: fd, name: name, made: false) }
+            // Gone from under us (an operator's hand): the next one.
         }
-        return (try SpoolFiles.create(path), false)
+        while true {
+            let name = slots.withLockedValue { slots -> String in
+                defer { slots.next += 1 }
+                return Self.slotName(slots.next)
+            }
+            do {
+                return SpoolWriter.OpenSlot(fd: try SpoolFiles.create(queue + "/" + name), name: name, made: true)
+            } catch let error as SpoolError where error.errno == EEXIST {
+                continue
+            }
+        }
     }
 
-    /// Takes a file out of `queue/`: into `free/` for reuse, or deleted when enough are kept.
-    /// It is emptied first: delivered, bounced and deleted mail gives its blocks back at once
-    /// and leaves nothing readable behind; reuse saves only the file's creation.
-    func recycle(_ path: String, name: String) {
-        let keep = freeFiles.withLockedValue { $0.count < Self.freeLimit }
-        if keep, truncate(path, 0) == 0, rename(path, free + "/" + name) == 0 {
-            freeFiles.withLockedValue { $0.append(name) }
+    /// Empties a slot and keeps it for the next message (or deletes it when enough are
+    /// kept). Delivered, bounced and deleted mail gives its blocks back at once and leaves
+    /// nothing readable behind. Not synced: if a crash undoes the truncation, the message
+    /// is there again and is delivered again (a duplicate, never a loss).
+    func release(_ name: String) {
+        let path = queue + "/" + name
+        let keep = slots.withLockedValue { $0.free.count < Self.freeLimit }
+        if keep, truncate(path, 0) == 0 {
+            slots.withLockedValue { $0.free.append(name) }
         } else {
             unlink(path)
         }
+    }
+
+    /// The file that holds a message the daemon knows.
+    func path(of id: QueueID) throws -> String {
+        guard let name = slots.withLockedValue({ $0.byID[id] }) else { throw SpoolError("no slot holds", id.rawValue) }
+        return queue + "/" + name
     }
 
     /// Bytes free for Tern on the spool's file system (what an unprivileged user may use).
@@ -166,10 +202,8 @@ public final class Spool: Sendable {
         // A spool that was never opened holds no mail.
         if access(root + "/queue", F_OK) != 0, errno == ENOENT { return [] }
         return try SpoolFiles.list(root + "/queue").compactMap { name -> QueuedMessage? in
-            guard let id = QueueID(name), let (envelope, size) = try? SpoolFiles.readEnvelope(root + "/queue/" + name) else {
-                return nil
-            }
-            return QueuedMessage(id: id, size: size, envelope: envelope)
+            guard isSlot(name), let record = try? SpoolFiles.readRecord(root + "/queue/" + name) else { return nil }
+            return QueuedMessage(id: record.id, size: record.contentSize, envelope: record.envelope)
         }.sorted { $0.id < $1.id }
     }
 }
@@ -197,26 +231,30 @@ extension QueueID: Codable {
     }
 }
 
-/// Writes one message into `queue/`; the commit writes the envelope and the trailer, and
-/// makes file and name durable.
+/// Writes one message into a slot in `queue/`; the commit writes the envelope and the
+/// trailer, and makes the message durable.
 ///
 /// Owned by one session at a time; its methods are called one after another.
 public final class SpoolWriter: @unchecked Sendable {
     public let id: QueueID
     private let spool: Spool
-    private var fd: CInt = -1
-    /// The file came from `free/` and may hold older, longer content past what we write.
-    private var reused = false
+    /// The slot, once the first chunk or the commit took one.
+    private var file: OpenSlot?
     private var pending: [UInt8] = []
     public private(set) var size = 0
+
+    struct OpenSlot {
+        var fd: CInt
+        var name: String
+        /// Made for this message: its name is not durable until the directory is synced.
+        var made: Bool
+    }
 
     init(spool: Spool, id: QueueID) {
         self.spool = spool
         self.id = id
         pending.reserveCapacity(Spool.writeChunk)
     }
-
-    private var path: String { spool.queue + "/" + id.rawValue }
 
     /// Adds message bytes; they reach the disk in chunks of `Spool.writeChunk`. A large
     /// piece goes to the disk as it is, not copied into the pending buffer first.
@@ -237,70 +275,61 @@ public final class SpoolWriter: @unchecked Sendable {
     }
 
     private func write(_ data: [UInt8]) async throws {
-        let path = self.path
-        let current = fd
+        let current = file
         let spool = self.spool
-        let name = id.rawValue
-        fd = -1
-        let (f, reused) = try await spool.pool.runIfActive { () throws -> (CInt, Bool) in
-            let (f, reused) = current >= 0 ? (current, false) : try spool.createFile(path)
+        file = nil
+        file = try await spool.pool.runIfActive { () throws -> OpenSlot in
+            let slot = try current ?? spool.openSlot()
             do {
-                try SpoolFiles.writeAll(f, data, path: path)
+                try SpoolFiles.writeAll(slot.fd, data, path: spool.queue + "/" + slot.name)
             } catch {
                 // A full disk mid-message: no descriptor and no partial file stay behind.
-                close(f)
-                spool.recycle(path, name: name)
+                close(slot.fd)
+                spool.release(slot.name)
                 throw error
             }
-            return (f, reused)
+            return slot
         }
-        fd = f
-        self.reused = self.reused || reused
     }
 
-    /// Writes the envelope and the trailer, syncs the file, then the queue directory. When
-    /// this returns the message survives a crash.
+    /// Writes the envelope and the trailer and syncs the slot (and `queue/`, only when the
+    /// slot was made for this message). When this returns the message survives a crash.
     public func commit(_ envelope: Envelope) async throws {
         let record = SpoolFiles.envelopeRecord(envelope, contentSize: size, id: id)
         pending.append(contentsOf: record)
         let data = pending
         pending = []
-        let path = self.path
-        let current = fd
-        let length = size + record.count
-        let wasReused = reused
-        fd = -1
+        let current = file
+        file = nil
         let spool = self.spool
-        let directory = spool.queueSync
-        do {
-            try await spool.pool.runIfActive {
-                let (f, reused) = current >= 0 ? (current, wasReused) : try spool.createFile(path)
-                defer { close(f) }
-                try SpoolFiles.writeAll(f, data, path: path)
-                // A recycled file may be longer: the trailer must be the last bytes.
-                if reused, ftruncate(f, off_t(length)) != 0 { throw SpoolError("truncate", path, errno: errno) }
-                guard fsync(f) == 0 else { throw SpoolError("fsync", path, errno: errno) }
-                try directory.sync()
+        let id = self.id
+        try await spool.pool.runIfActive {
+            let slot = try current ?? spool.openSlot()
+            let path = spool.queue + "/" + slot.name
+            do {
+                defer { close(slot.fd) }
+                try SpoolFiles.writeAll(slot.fd, data, path: path)
+                // The slot's size changes, so this writes its inode too, but not its name.
+                guard fdatasync(slot.fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
+                if slot.made { try spool.queueSync.sync() }
+            } catch {
+                // Never leave a complete-looking file behind for a message the client was refused.
+                unlink(path)
+                throw error
             }
-        } catch {
-            // Never leave a complete-looking file behind for a message the client was refused.
-            _ = try? await spool.pool.runIfActive { unlink(path) }
-            throw error
+            spool.slots.withLockedValue { $0.byID[id] = slot.name }
         }
     }
 
     /// Drops the message: nothing of it stays on disk.
     public func abort() async {
         pending = []
-        guard fd >= 0 else { return }
-        let f = fd
-        fd = -1
-        let path = self.path
+        guard let slot = file else { return }
+        file = nil
         let spool = self.spool
-        let name = id.rawValue
         _ = try? await spool.pool.runIfActive {
-            close(f)
-            spool.recycle(path, name: name)
+            close(slot.fd)
+            spool.release(slot.name)
         }
     }
 }
@@ -329,6 +358,13 @@ final class DirectorySyncer: @unchecked Sendable {
     deinit {
         pthread_cond_destroy(&condition)
         pthread_mutex_destroy(&mutex)
+    }
+
+    /// Directory syncs run so far.
+    var count: Int {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return completed
     }
 
     /// Blocks until a directory sync that began after this call has finished.

@@ -55,6 +55,8 @@ public struct SpooledMessage: Sendable {
     public var contentSize: Int
     public var states: [RecipientState]
     public var meta: DeliveryMeta
+    /// The file in `queue/` that holds it.
+    public var slot: String
 }
 
 extension Spool {
@@ -72,13 +74,13 @@ extension Spool {
     static func forEach(root: String, _ body: (SpooledMessage) -> Void) throws {
         if access(root + "/queue", F_OK) != 0, errno == ENOENT { return }
         let decoder = JSONDecoder()
-        for name in try SpoolFiles.list(root + "/queue") {
-            guard let id = QueueID(name), let record = try? SpoolFiles.readRecord(root + "/queue/" + name, decoder: decoder) else { continue }
-            let meta = SpoolFiles.readMeta(root + "/meta/" + name) ?? DeliveryMeta()
+        for name in try SpoolFiles.list(root + "/queue") where isSlot(name) {
+            guard let record = try? SpoolFiles.readRecord(root + "/queue/" + name, decoder: decoder) else { continue }
+            let meta = SpoolFiles.readMeta(root + "/meta/" + record.id.rawValue) ?? DeliveryMeta()
             body(
                 SpooledMessage(
-                    id: id, envelope: record.envelope, contentSize: record.contentSize,
-                    states: record.states.map { RecipientState(rawValue: $0) ?? .pending }, meta: meta))
+                    id: record.id, envelope: record.envelope, contentSize: record.contentSize,
+                    states: record.states.map { RecipientState(rawValue: $0) ?? .pending }, meta: meta, slot: name))
         }
     }
 
@@ -87,9 +89,12 @@ extension Spool {
     /// a second copy of the whole queue in memory.
     public func load<T: Sendable>(_ transform: @escaping @Sendable (SpooledMessage) -> T) async throws -> [T] {
         let root = self.root
-        return try await pool.runIfActive {
+        return try await pool.runIfActive { [slots] in
             var out: [T] = []
-            try Self.forEach(root: root) { out.append(transform($0)) }
+            try Self.forEach(root: root) { message in
+                slots.withLockedValue { $0.byID[message.id] = message.slot }
+                out.append(transform(message))
+            }
             return out
         }
     }
@@ -100,7 +105,7 @@ extension Spool {
     /// lose one, and that recipient is sent again (a duplicate, never a loss; a bounce is
     /// in the spool before its mark). An operator's delete is synced.
     public func mark(_ id: QueueID, _ states: [Int: RecipientState]) async throws {
-        let path = queue + "/" + id.rawValue
+        let path = try self.path(of: id)
         let sync = states.values.contains(.deleted)
         try await pool.runIfActive { try SpoolFiles.writeStates(path, states, sync: sync) }
     }
@@ -127,7 +132,7 @@ extension Spool {
                 }
                 if batch.isEmpty { return }
                 for (id, hasMeta) in batch {
-                    recycle(queue + "/" + id.rawValue, name: id.rawValue)
+                    if let slot = slots.withLockedValue({ $0.byID.removeValue(forKey: id) }) { release(slot) }
                     if hasMeta { unlink(metaDirectory + "/" + id.rawValue) }
                     logger.info("\(id): removed", metadata: [LogSink.serviceKey: "qmgr"])
                 }
@@ -137,10 +142,9 @@ extension Spool {
 
     /// Removes a message now (an operator's delete: the command returns after it).
     public func removeNow(_ id: QueueID) async throws {
-        let path = queue + "/" + id.rawValue
         let meta = metaDirectory + "/" + id.rawValue
         try await pool.runIfActive { [self] in
-            recycle(path, name: id.rawValue)
+            if let slot = slots.withLockedValue({ $0.byID.removeValue(forKey: id) }) { release(slot) }
             unlink(meta)
         }
         logger.info("\(id): removed", metadata: [LogSink.serviceKey: "qmgr"])
@@ -156,7 +160,7 @@ extension Spool {
     /// endings) in pieces of `writeChunk` on the spool's threads; a message of one piece
     /// costs one trip there (open, read, close).
     public func readContent(_ id: QueueID, size: Int, _ body: ([UInt8]) async throws -> Void) async throws {
-        let path = queue + "/" + id.rawValue
+        let path = try self.path(of: id)
         let first = min(size, Spool.writeChunk)
         let (fd, chunk) = try await pool.runIfActive { () throws -> (CInt, [UInt8]) in
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
@@ -186,7 +190,7 @@ extension Spool {
 
     /// The whole content in memory (for a bounce that returns it).
     public func readContent(_ id: QueueID, size: Int, limit: Int) async throws -> [UInt8] {
-        let path = queue + "/" + id.rawValue
+        let path = try self.path(of: id)
         return try await pool.runIfActive {
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
@@ -204,7 +208,7 @@ extension SpoolFiles {
         guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }
         defer { close(fd) }
         for (index, state) in states {
-            precondition(index < record.states.count, "recipient index out of range")
+            guard index >= 0, index < record.states.count else { throw SpoolError("no recipient \(index) in", path) }
             var byte = state.rawValue
             guard pwrite(fd, &byte, 1, off_t(record.stateOffset + index)) == 1 else { throw SpoolError("write", path, errno: errno) }
         }
@@ -265,8 +269,9 @@ extension Spool {
     }
 
     /// The header block of a queued message (for `tern queue show`); empty if unreadable.
-    public static func headers(root: String, id: QueueID, size: Int) -> [UInt8] {
-        let path = root + "/queue/" + id.rawValue
+    public static func headers(root: String, of message: SpooledMessage) -> [UInt8] {
+        let path = root + "/queue/" + message.slot
+        let size = message.contentSize
         let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return [] }
         defer { close(fd) }
@@ -284,14 +289,15 @@ extension Spool {
 
 extension Spool {
     /// `mark`, for `tern queue` on a spool no daemon has open.
-    public static func markOffline(root: String, id: QueueID, _ states: [Int: RecipientState]) throws {
-        try SpoolFiles.writeStates(root + "/queue/" + id.rawValue, states)
+    public static func markOffline(root: String, _ message: SpooledMessage, _ states: [Int: RecipientState]) throws {
+        try SpoolFiles.writeStates(root + "/queue/" + message.slot, states)
     }
 
-    public static func removeOffline(root: String, id: QueueID) throws {
-        let path = root + "/queue/" + id.rawValue
+    /// Deletes the message's slot with it (the daemon makes new ones as it needs them).
+    public static func removeOffline(root: String, _ message: SpooledMessage) throws {
+        let path = root + "/queue/" + message.slot
         guard unlink(path) == 0 || errno == ENOENT else { throw SpoolError("unlink", path, errno: errno) }
-        unlink(root + "/meta/" + id.rawValue)
+        unlink(root + "/meta/" + message.id.rawValue)
     }
 
     public static func writeMetaOffline(root: String, id: QueueID, _ meta: DeliveryMeta) throws {

@@ -16,9 +16,8 @@ import TernCore
 ///
 /// A file is the message content, then the envelope as one line of JSON, then one state byte
 /// per recipient (`-` pending; delivery marks them in place), then a fixed 64-byte trailer
-/// `TERN-SPOOL-2 <queue id> <envelope offset, 16 hex> <state offset, 16 hex>\n`. The queue id
-/// in the trailer must be the file's own name: a recycled file that still ends with its
-/// previous message's trailer is therefore never mistaken for a complete message.
+/// `TERN-SPOOL-2 <queue id> <envelope offset, 16 hex> <state offset, 16 hex>\n`. The file's
+/// name is its slot's; the message's queue id is the one in its trailer.
 enum SpoolFiles {
     static let magic = "TERN-SPOOL-2 "
     static let trailerLength = 64
@@ -38,29 +37,30 @@ enum SpoolFiles {
         return String(repeating: "0", count: 16 - s.count) + s
     }
 
-    enum Completeness { case complete, incomplete, corrupt }
+    enum Completeness: Equatable {
+        case complete(QueueID)
+        /// A free slot.
+        case empty
+        case incomplete
+        case corrupt
+    }
 
-    /// Whether a file in the queue was committed: no valid trailer means the commit never
+    /// Whether a slot holds a committed message: no valid trailer means the commit never
     /// finished (half-written); a valid trailer with an unreadable envelope means damage.
     static func check(_ path: String) -> Completeness {
         do {
-            _ = try readEnvelope(path)
-            return .complete
+            return .complete(try readRecord(path).id)
         } catch let error as SpoolError where error.isMissingTrailer {
-            return .incomplete
+            var st = stat()
+            return stat(path, &st) == 0 && st.st_size == 0 ? .empty : .incomplete
         } catch {
             return .corrupt
         }
     }
 
-    /// The envelope and the content size of a committed spool file.
-    static func readEnvelope(_ path: String) throws -> (Envelope, Int) {
-        let record = try readRecord(path)
-        return (record.envelope, record.contentSize)
-    }
-
     /// What delivery needs of a committed file besides its content.
     struct Record {
+        var id: QueueID
         var envelope: Envelope
         /// Bytes of message content, which start at offset 0.
         var contentSize: Int
@@ -81,8 +81,7 @@ enum SpoolFiles {
         let text = String(decoding: trailer, as: UTF8.self)
         guard text.hasPrefix(magic), text.hasSuffix("\n") else { throw SpoolError(SpoolError.noTrailer, path) }
         let fields = text.dropFirst(magic.count).dropLast().split(separator: " ")
-        let name = path.split(separator: "/").last.map(String.init) ?? path
-        guard fields.count == 3, fields[0] == name, let envelopeOffset = Int(fields[1], radix: 16),
+        guard fields.count == 3, let id = QueueID(String(fields[0])), let envelopeOffset = Int(fields[1], radix: 16),
             let stateOffset = Int(fields[2], radix: 16), envelopeOffset < stateOffset, stateOffset < fileSize
         else { throw SpoolError(SpoolError.noTrailer, path) }
         let json = try pread(fd, count: stateOffset - envelopeOffset - 1, at: envelopeOffset, path: path)
@@ -90,7 +89,7 @@ enum SpoolFiles {
         let stateCount = fileSize - trailerLength - 1 - stateOffset
         guard stateCount == envelope.recipients.count else { throw SpoolError("recipient states do not match the envelope in", path) }
         let states = try pread(fd, count: stateCount, at: stateOffset, path: path)
-        return Record(envelope: envelope, contentSize: envelopeOffset, stateOffset: stateOffset, states: states)
+        return Record(id: id, envelope: envelope, contentSize: envelopeOffset, stateOffset: stateOffset, states: states)
     }
 
     static func pread(_ fd: CInt, count: Int, at offset: Int, path: String) throws -> [UInt8] {

@@ -429,7 +429,7 @@ struct Queue: AsyncParsableCommand {
             }
             print(try QueueListing.json(ListedMessage(m)))
             print("")
-            print(String(decoding: Spool.headers(root: config.spool, id: m.id, size: m.contentSize), as: UTF8.self), terminator: "")
+            print(String(decoding: Spool.headers(root: config.spool, of: m), as: UTF8.self), terminator: "")
         }
     }
 

@@ -86,12 +86,22 @@ class Tern:
         return json.loads(self.run("queue", "list", "--json").stdout)
 
     def spool_files(self, state="queue"):
+        """The files in a spool directory that hold anything: in queue/, an empty file is a
+        free slot, not a message."""
         d = self.dir / "var/spool" / state
-        return sorted(d.iterdir()) if d.exists() else []
+        return sorted(f for f in d.iterdir() if f.stat().st_size > 0) if d.exists() else []
+
+    def message_path(self, queue_id):
+        """The slot in queue/ whose trailer names the queue id."""
+        for f in (self.dir / "var/spool/queue").iterdir():
+            data = f.read_bytes()[-64:]
+            if data.startswith(b"TERN-SPOOL-2 ") and data.split()[1].decode() == queue_id:
+                return f
+        raise KeyError(queue_id)
 
     def message_bytes(self, queue_id):
         """The message content of a queued message (without the envelope records)."""
-        data = (self.dir / "var/spool/queue" / queue_id).read_bytes()
+        data = self.message_path(queue_id).read_bytes()
         trailer = data[-64:].decode()
         return data[: int(trailer.split()[2], 16)]
 

@@ -78,7 +78,7 @@ def test_drops_to_the_configured_user_after_binding_a_privileged_port(home):
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
             s.sendmail("cron@app.example", ["ops@example.org"], b"Subject: after the drop\r\n\r\nhi\r\n")
         [queued] = tern.queue()
-        assert (home / "var/spool/queue" / queued["id"]).stat().st_uid == nobody.pw_uid
+        assert tern.message_path(queued["id"]).stat().st_uid == nobody.pw_uid
         assert (home / "var/spool/notes-left-by-root").stat().st_uid == nobody.pw_uid
         out = tern.run("status")
         assert f"running, pid {tern.proc.pid}" in out.stdout and "1 message" in out.stdout, out.stdout

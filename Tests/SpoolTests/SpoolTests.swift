@@ -41,7 +41,7 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(listed[0].id, writer.id)
         XCTAssertEqual(listed[0].size, 21)
         XCTAssertEqual(listed[0].envelope.recipients.map(\.address), ["u@example.org", "v@example.org"])
-        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [writer.id.rawValue])
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"], "the message is in a slot")
     }
 
     func testLargeMessageStreamsToDiskBeforeCommit() async throws {
@@ -51,7 +51,7 @@ final class SpoolTests: XCTestCase {
         try await writer.append(chunk)
         XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [], "below one chunk nothing is on disk yet")
         try await writer.append(chunk)
-        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [writer.id.rawValue])
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"])
         XCTAssertEqual(try spool.list().count, 0, "without its trailer the file is not a queued message")
         try await writer.commit(envelope())
         XCTAssertEqual(try spool.list().first?.size, 100_000)
@@ -62,7 +62,7 @@ final class SpoolTests: XCTestCase {
         let writer = spool.begin()
         try await writer.append([UInt8](repeating: 0x41, count: 100_000))
         await writer.abort()
-        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [])
+        XCTAssertEqual(try filesWithContent(), [], "the slot is emptied")
         XCTAssertEqual(try spool.list().count, 0)
     }
 
@@ -124,19 +124,34 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(trailer.utf8.count, 64)
     }
 
-    func testFinishedFilesAreReusedAndNeverPassForMessages() async throws {
+    private func filesWithContent() throws -> [String] {
+        try SpoolFiles.list(root + "/queue").filter { name in
+            var st = stat()
+            return stat(root + "/queue/" + name, &st) == 0 && st.st_size > 0
+        }
+    }
+
+    private func slotSize(_ name: String) -> Int {
+        var st = stat()
+        return stat(root + "/queue/" + name, &st) == 0 ? Int(st.st_size) : -1
+    }
+
+    func testSlotsAreReusedWithoutADirectorySync() async throws {
         let (spool, _) = try await open()
         let long = spool.begin()
         try await long.append([UInt8](repeating: UInt8(ascii: "L"), count: 90_000))
         try await long.commit(envelope(["a@example.org", "b@example.org"]))
+        XCTAssertEqual(spool.queueSync.count, 1, "a slot made for a message: its name is synced")
         try await spool.removeNow(long.id)
-        XCTAssertEqual(try SpoolFiles.list(root + "/free"), [long.id.rawValue], "a finished file is kept for reuse")
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"])
+        XCTAssertEqual(slotSize("s000000000"), 0, "a finished message leaves nothing readable")
 
-        // The next message takes that file; it is shorter, so the file is cut to its length.
+        // The next message takes that slot, with one file sync and no directory sync.
         let short = spool.begin()
         try await short.append(Array("Subject: short\r\n\r\nhi\r\n".utf8))
         try await short.commit(envelope())
-        XCTAssertEqual(try SpoolFiles.list(root + "/free"), [])
+        XCTAssertEqual(spool.queueSync.count, 1)
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"])
         let listed = try spool.list()
         XCTAssertEqual(listed.map(\.id), [short.id])
         XCTAssertEqual(listed[0].size, 22)
@@ -145,16 +160,145 @@ final class SpoolTests: XCTestCase {
         try await spool.readContent(short.id, size: 22) { content += $0 }
         XCTAssertEqual(String(decoding: content, as: UTF8.self), "Subject: short\r\n\r\nhi\r\n")
 
-        // A recycled file renamed into the queue but never rewritten (a crash right after the
-        // rename) still ends with its old message's trailer: not a message under its new name.
-        try await spool.removeNow(short.id)
-        let stale = root + "/queue/" + spool.begin().id.rawValue
-        XCTAssertEqual(rename(root + "/free/" + short.id.rawValue, stale), 0)
-        XCTAssertEqual(SpoolFiles.check(stale), .incomplete)
-        let (reopened, report) = try await Spool.open(root: root, threadPool: pool, logger: Logger(label: "test"))
-        XCTAssertEqual(report, .init(queued: 0, removedIncomplete: 1, corrupt: 0))
-        XCTAssertEqual(try reopened.list().count, 0)
-        XCTAssertEqual(try SpoolFiles.list(root + "/free").count, 1, "and it goes back to free/")
+        // Two at once: the second makes a new slot.
+        let a = spool.begin(), b = spool.begin()
+        try await a.append(Array("x\r\n".utf8))
+        try await b.append(Array("y\r\n".utf8))
+        try await a.commit(envelope())
+        try await b.commit(envelope())
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue").sorted(), ["s000000000", "s000000001", "s000000002"])
+        XCTAssertEqual(spool.queueSync.count, 3)
+    }
+
+    func testRecoveryKeepsEmptySlotsQuietlyAndNumbersNewOnesAfterThem() async throws {
+        do {
+            let (spool, _) = try await open()
+            for _ in 0..<3 {
+                let w = spool.begin()
+                try await w.append(Array("x\r\n".utf8))
+                try await w.commit(envelope())
+            }
+            let first = try spool.list()[0].id
+            try await spool.removeNow(first)
+        }
+        let (spool, report) = try await open()
+        XCTAssertEqual(report, .init(queued: 2, removedIncomplete: 0, corrupt: 0), "an empty slot is not a half-written message")
+        _ = try await spool.load { $0.id }
+        let w = spool.begin()
+        try await w.append(Array("x\r\n".utf8))
+        try await w.commit(envelope())
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue").count, 3, "the free slot is taken again")
+        let v = spool.begin()
+        try await v.append(Array("x\r\n".utf8))
+        try await v.commit(envelope())
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue").sorted().last, "s000000003")
+    }
+
+    func testASpoolOfTheLayoutBeforeSlotsIsRead() async throws {
+        // Files named by their queue id, and finished files in free/.
+        let id = QueueID("1K0W8MTXPC400000")!
+        let content = Array("Subject: old\r\n\r\nhi\r\n".utf8)
+        for dir in ["", "/queue", "/free"] { XCTAssertEqual(mkdir(root + dir, 0o700), 0) }
+        FileManagerLite.write(
+            root + "/queue/" + id.rawValue,
+            String(decoding: content + SpoolFiles.envelopeRecord(envelope(), contentSize: content.count, id: id), as: UTF8.self))
+        FileManagerLite.write(root + "/free/1K0W8MTXPC400001", "")
+        let (spool, report) = try await open()
+        XCTAssertEqual(report, .init(queued: 1, removedIncomplete: 0, corrupt: 0))
+        let loaded = try await spool.load { $0.id }
+        XCTAssertEqual(loaded, [id])
+        var read: [UInt8] = []
+        try await spool.readContent(id, size: content.count) { read += $0 }
+        XCTAssertEqual(read, content)
+        XCTAssertEqual(access(root + "/free", F_OK), -1, "free/ is gone")
+        try await spool.removeNow(id)
+        XCTAssertEqual(try spool.list().count, 0)
+    }
+
+    /// A crash at any point of a commit leaves a prefix of the file on disk (the slot was
+    /// empty before). Only the whole file is a message; every shorter prefix is a commit that
+    /// never finished, and recovery empties its slot. A byte damaged anywhere in the records
+    /// after the content gives a message, a half-written one or a corrupt one, never a crash.
+    func testRecoveryAtEveryOffsetOfACommitAndEveryDamagedByte() async throws {
+        let content = Array("Subject: every offset\r\n\r\nbody\r\n".utf8)
+        let id = QueueID("1K0W8MTXPC400000")!
+        let whole = content + SpoolFiles.envelopeRecord(envelope(["a@example.org", "b@example.org"]), contentSize: content.count, id: id)
+        func recover(_ bytes: [UInt8]) async throws -> (Spool.RecoveryReport, [QueuedMessage], [String]) {
+            _ = try? FileManagerLite.removeTree(root)
+            try SpoolFiles.makeDirectory(root + "/queue")
+            let fd = Glibc.open(root + "/queue/s000000000", O_WRONLY | O_CREAT, 0o600)
+            try SpoolFiles.writeAll(fd, bytes, path: "slot")
+            close(fd)
+            let (spool, report) = try await open()
+            return (report, try spool.list(), try filesWithContent())
+        }
+        for length in 0...whole.count {
+            let (report, listed, left) = try await recover(Array(whole.prefix(length)))
+            if length == whole.count {
+                XCTAssertEqual(report, .init(queued: 1, removedIncomplete: 0, corrupt: 0))
+                XCTAssertEqual(listed.map(\.id), [id])
+            } else {
+                XCTAssertEqual(report, .init(queued: 0, removedIncomplete: length == 0 ? 0 : 1, corrupt: 0), "prefix of \(length)")
+                XCTAssertEqual(listed.count, 0)
+                XCTAssertEqual(left, [], "the slot is emptied")
+            }
+        }
+        for offset in content.count..<whole.count {
+            var damaged = whole
+            damaged[offset] ^= 0x5A
+            let (report, listed, _) = try await recover(damaged)
+            XCTAssertEqual(report.queued + report.removedIncomplete + report.corrupt, 1, "offset \(offset)")
+            XCTAssertEqual(listed.count, report.queued)
+            if let message = listed.first {
+                // A damaged byte that still parses (a letter of an address, say) is read as written.
+                XCTAssertEqual(message.envelope.recipients.count, 2)
+            }
+        }
+    }
+
+    /// Each step of a delivery's records, and what a restart finds after it: the commit, a
+    /// recipient's outcome marked in place, the removal.
+    func testRecoveryAfterEachStepOfADelivery() async throws {
+        let id: QueueID
+        do {
+            let (spool, _) = try await open()
+            let w = spool.begin()
+            try await w.append(Array("x\r\n".utf8))
+            try await w.commit(envelope(["a@example.org", "b@example.org"]))
+            id = w.id
+        }
+        func pending() async throws -> [[RecipientState]] {
+            let (spool, _) = try await open()
+            return try await spool.load { $0.states }
+        }
+        let after1 = try await pending()
+        XCTAssertEqual(after1, [[.pending, .pending]])
+        do {
+            let (spool, _) = try await open()
+            _ = try await spool.load { $0.id }
+            try await spool.mark(id, [1: .delivered])
+        }
+        let after2 = try await pending()
+        XCTAssertEqual(after2, [[.pending, .delivered]])
+        do {
+            let (spool, _) = try await open()
+            _ = try await spool.load { $0.id }
+            try await spool.removeNow(id)
+        }
+        let after3 = try await pending()
+        XCTAssertEqual(after3, [])
+        XCTAssertEqual(try filesWithContent(), [])
+    }
+
+    func testAMarkForARecipientTheFileDoesNotHaveIsAnErrorNotACrash() async throws {
+        let (spool, _) = try await open()
+        let w = spool.begin()
+        try await w.append(Array("x\r\n".utf8))
+        try await w.commit(envelope())
+        do {
+            try await spool.mark(w.id, [5: .delivered])
+            XCTFail("marked a recipient that is not there")
+        } catch {}
     }
 }
 
