@@ -83,5 +83,5 @@ for size in 1024 102400; do
     done
 done
 sleep 1
-echo "tern queued: $(ls "$WORK/tern/spool/queue" | wc -l) files; postfix queued: $(queued_postfix) files"
+echo "tern queued: $(tern_queued "$WORK/tern/spool/queue") messages; postfix queued: $(queued_postfix) files"
 echo "tern peak RSS: $(awk '/VmHWM/{print $2, $3}' /proc/$TERN_PID/status)"

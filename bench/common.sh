@@ -49,3 +49,6 @@ tern_binary() {
     swift build -c release --product tern >/dev/null
     echo "$PWD/.build/release/tern"
 }
+
+# Messages in a Tern spool's queue/: its slots that hold anything (an empty slot is free).
+tern_queued() { find "$1" -type f -size +0c | wc -l; }

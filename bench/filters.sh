@@ -94,6 +94,6 @@ for sessions in 1 20; do
     printf "%-10s %14s %16s %16s %14s %16s\n" "$sessions" "$plain" "$filtered" "$postfix" \
         "$(awk -v a="$filtered" -v b="$plain" 'BEGIN{printf "%.2fx", a/b}')" "$(awk -v a="$filtered" -v b="$postfix" 'BEGIN{printf "%.2fx", a/b}')"
 done
-signed=$(find "$WORK/filtered/spool/queue" -type f -print -quit)
+signed=$(find "$WORK/filtered/spool/queue" -type f -size +0c -print -quit)
 grep -q "DKIM-Signature" "$signed" && echo "tern's queued mail is signed" || echo "tern's queued mail is NOT signed"
 grep -rlq "DKIM-Signature" "$PF/queue/deferred" && echo "postfix's queued mail is signed" || echo "postfix's queued mail is NOT signed"

@@ -80,13 +80,13 @@ PY
     kill $pid; wait $pid 2>/dev/null || true
     sed -i "s/paused: true/paused: false/" "$WORK/$1.yaml"
     local queued
-    queued=$(ls "$WORK/$1-spool/queue" | wc -l)
+    queued=$(tern_queued "$WORK/$1-spool/queue")
     [ "$queued" = "$MESSAGES" ] || { echo "only $queued of $MESSAGES messages queued" >&2; exit 1; }
     local t0 t1
     t0=$(date +%s.%N)
     "$TERN_BIN" serve --config "$WORK/$1.yaml" 2>>"$WORK/$1.log" &
     pid=$!
-    while [ -n "$(ls -A "$WORK/$1-spool/queue")" ]; do sleep 0.2; done
+    while [ "$(tern_queued "$WORK/$1-spool/queue")" != 0 ]; do sleep 0.2; done
     t1=$(date +%s.%N)
     local rss
     rss=$(awk '/VmHWM/{print $2}' /proc/$pid/status)

@@ -142,7 +142,7 @@ if [ "$MESSAGES" -gt 0 ]; then
     done
     rm -f "$WORK/sampling"; wait "$SAMPLER" 2>/dev/null || true
     echo "peak RSS: tern $(awk '/VmHWM/{print $2, $3}' /proc/$TERN_PID/status); postfix (all processes) $(cat "$WORK/pf_rss") kB"
-    echo "left in queue: tern $(ls "$WORK/tern/spool/queue" | wc -l); postfix $(find "$PF/queue/deferred" "$PF/queue/active" "$PF/queue/incoming" -type f | wc -l)"
+    echo "left in queue: tern $(tern_queued "$WORK/tern/spool/queue"); postfix $(find "$PF/queue/deferred" "$PF/queue/active" "$PF/queue/incoming" -type f | wc -l)"
     kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true; TERN_PID=""
 fi
 
@@ -157,5 +157,5 @@ if [ "$QUEUE" -gt 0 ]; then
     kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true
     start_tern
     wait_port $TERN_PORT
-    echo "tern restarted over $(ls "$WORK/tern/spool/queue" | wc -l) queued messages: RSS $(awk '/VmRSS/{print $2, $3}' /proc/$TERN_PID/status)"
+    echo "tern restarted over $(tern_queued "$WORK/tern/spool/queue") queued messages: RSS $(awk '/VmRSS/{print $2, $3}' /proc/$TERN_PID/status)"
 fi
