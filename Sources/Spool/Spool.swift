@@ -33,6 +33,8 @@ public final class Spool: Sendable {
     let logger: Logger
     let removals = NIOLockedValueBox(Removals())
     let slots = NIOLockedValueBox(Slots())
+    /// Small messages just committed, for their first attempt.
+    let recent = NIOLockedValueBox(RecentContent(budget: 4 << 20))
     /// More free slots than this are deleted, not kept.
     static let freeLimit = 4096
 
@@ -295,7 +297,8 @@ public final class SpoolWriter: @unchecked Sendable {
     /// Writes the envelope and the trailer and syncs the slot (and `queue/`, only when the
     /// slot was made for this message). When this returns the message survives a crash.
     public func commit(_ envelope: Envelope) async throws {
-        let record = SpoolFiles.envelopeRecord(envelope, contentSize: size, id: id)
+        let contentSize = size
+        let record = SpoolFiles.envelopeRecord(envelope, contentSize: contentSize, id: id)
         pending.append(contentsOf: record)
         let data = pending
         pending = []
@@ -318,6 +321,8 @@ public final class SpoolWriter: @unchecked Sendable {
                 throw error
             }
             spool.slots.withLockedValue { $0.byID[id] = slot.name }
+            // All of it is in `data` only when no chunk went to the disk before.
+            if current == nil { spool.recent.withLockedValue { $0.insert(id, storage: data, size: contentSize) } }
         }
     }
 

@@ -132,6 +132,7 @@ extension Spool {
                 }
                 if batch.isEmpty { return }
                 for (id, hasMeta) in batch {
+                    recent.withLockedValue { $0.remove(id) }
                     if let slot = slots.withLockedValue({ $0.byID.removeValue(forKey: id) }) { release(slot) }
                     if hasMeta { unlink(metaDirectory + "/" + id.rawValue) }
                     logger.info("\(id): removed", metadata: [LogSink.serviceKey: "qmgr"])
@@ -143,6 +144,7 @@ extension Spool {
     /// Removes a message now (an operator's delete: the command returns after it).
     public func removeNow(_ id: QueueID) async throws {
         let meta = metaDirectory + "/" + id.rawValue
+        recent.withLockedValue { $0.remove(id) }
         try await pool.runIfActive { [self] in
             if let slot = slots.withLockedValue({ $0.byID.removeValue(forKey: id) }) { release(slot) }
             unlink(meta)
@@ -158,8 +160,13 @@ extension Spool {
 
     /// Reads the message content (Tern's `Received:` header and the message, CRLF line
     /// endings) in pieces of `writeChunk` on the spool's threads; a message of one piece
-    /// costs one trip there (open, read, close).
+    /// costs one trip there (open, read, close), and a small one just committed none (its
+    /// first read comes from `RecentContent`).
     public func readContent(_ id: QueueID, size: Int, _ body: ([UInt8]) async throws -> Void) async throws {
+        if let content = recent.withLockedValue({ $0.take(id) }), content.count == size {
+            try await body(content)
+            return
+        }
         let path = try self.path(of: id)
         let first = min(size, Spool.writeChunk)
         let (fd, chunk) = try await pool.runIfActive { () throws -> (CInt, [UInt8]) in

@@ -290,6 +290,25 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(try filesWithContent(), [])
     }
 
+    func testTheFirstAttemptReadsASmallMessageFromMemoryAndLaterOnesFromTheSlot() async throws {
+        let (spool, _) = try await open()
+        let w = spool.begin()
+        let content = Array("Subject: kept\r\n\r\nhi\r\n".utf8)
+        try await w.append(content)
+        try await w.commit(envelope())
+        // Damage the slot's copy: only a read from the disk would see it.
+        let fd = Glibc.open(root + "/queue/s000000000", O_WRONLY)
+        XCTAssertEqual(pwrite(fd, "X", 1, 0), 1)
+        close(fd)
+        var first: [UInt8] = []
+        try await spool.readContent(w.id, size: content.count) { first += $0 }
+        XCTAssertEqual(first, content)
+        var second: [UInt8] = []
+        try await spool.readContent(w.id, size: content.count) { second += $0 }
+        XCTAssertEqual(second.first, UInt8(ascii: "X"))
+        XCTAssertEqual(spool.recent.withLockedValue { $0.bytes }, 0)
+    }
+
     func testAMarkForARecipientTheFileDoesNotHaveIsAnErrorNotACrash() async throws {
         let (spool, _) = try await open()
         let w = spool.begin()
@@ -322,5 +341,45 @@ enum FileManagerLite {
         }
         closedir(d)
         rmdir(path)
+    }
+}
+
+final class RecentContentTests: XCTestCase {
+    private let ids = QueueIDGenerator()
+
+    func testTakenOnceAndOnlyTheContent() {
+        var recent = RecentContent(budget: 1000)
+        let id = ids.next()
+        recent.insert(id, storage: Array("contentRECORD".utf8), size: 7)
+        XCTAssertEqual(recent.take(id).map { String(decoding: $0, as: UTF8.self) }, "content")
+        XCTAssertNil(recent.take(id), "the second attempt reads the disk")
+        XCTAssertEqual(recent.bytes, 0)
+    }
+
+    func testTheOldestGoPastTheBudgetAndLargeOnesAreNotKept() {
+        var recent = RecentContent(budget: 1000)
+        let made = (0..<5).map { _ in ids.next() }
+        for id in made { recent.insert(id, storage: [UInt8](repeating: 1, count: 240), size: 240) }
+        XCTAssertEqual(recent.count, 4)
+        XCTAssertLessThanOrEqual(recent.bytes, 1000)
+        XCTAssertNil(recent.take(made[0]))
+        XCTAssertNotNil(recent.take(made[4]))
+        let large = ids.next()
+        recent.insert(large, storage: [UInt8](repeating: 1, count: 251), size: 251)
+        XCTAssertNil(recent.take(large))
+    }
+
+    /// One message that is never taken (deferred before its first read, say) must not keep
+    /// every later id in the eviction order.
+    func testTheOrderStaysBoundedBehindOneLongLivedEntry() {
+        var recent = RecentContent(budget: 1 << 20)
+        recent.insert(ids.next(), storage: [1], size: 1)
+        for _ in 0..<100_000 {
+            let id = ids.next()
+            recent.insert(id, storage: [1, 2, 3], size: 3)
+            _ = recent.take(id)
+        }
+        XCTAssertEqual(recent.count, 1)
+        XCTAssertLessThan(recent.orderCount, 200)
     }
 }
