@@ -12,7 +12,8 @@
 # application clients send): end-to-end messages/s for each, the ratio, server CPU per
 # message (machine busy time minus smtp-source and smtp-sink), context switches per message
 # (Tern's own threads; and machine-wide, load generator included, for both) and peak RSS
-# (Tern: VmHWM; Postfix: the largest sum over its processes, sampled). Both
+# (Tern: VmHWM; Postfix: the largest sum over its processes, sampled), then accept-to-delivered
+# latency at 20 sessions of 1 KB (p50, p99, max; bench/latency.py). Both
 # servers fsync what they accept before answering 250. Must run as root (Postfix drops to
 # its own user). Binds only 127.0.0.1. Everything it starts it stops by PID.
 set -euo pipefail
@@ -144,6 +145,18 @@ if [ "$MESSAGES" -gt 0 ]; then
     echo "peak RSS: tern $(awk '/VmHWM/{print $2, $3}' /proc/$TERN_PID/status); postfix (all processes) $(cat "$WORK/pf_rss") kB"
     echo "left in queue: tern $(tern_queued "$WORK/tern/spool/queue"); postfix $(find "$PF/queue/deferred" "$PF/queue/active" "$PF/queue/incoming" -type f | wc -l)"
     kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true; TERN_PID=""
+    # Latency, in a pass of its own: Tern logs each message (level info) only here, so the
+    # throughput above is not paying for it.
+    sed -i "s/level: warning/level: info/" "$WORK/tern/tern.yaml"
+    : > "$WORK/tern/log"; : > "$PF/maillog"
+    start_tern
+    wait_port $TERN_PORT
+    run $TERN_PORT 20 1024 >/dev/null
+    run $POSTFIX_PORT 20 1024 >/dev/null
+    echo "accept to delivered, 20 sess, 1 KB: tern $(python3 bench/latency.py tern "$WORK/tern/log")"
+    echo "                                 postfix $(python3 bench/latency.py postfix "$PF/maillog") (its delay=)"
+    kill "$TERN_PID"; wait "$TERN_PID" 2>/dev/null || true; TERN_PID=""
+    sed -i "s/level: info/level: warning/" "$WORK/tern/tern.yaml"
 fi
 
 if [ "$QUEUE" -gt 0 ]; then
