@@ -64,6 +64,17 @@ public actor Scheduler {
     private var environment: LaneEnvironment
     /// Every task the queue manager starts runs in `run()`'s group.
     private let tasks = ChildTasks()
+    /// Messages the sessions have just queued, taken in by one task of `run()`'s group: a
+    /// session hands one over without starting a task of its own, and under load one wakeup
+    /// takes in many.
+    private let arrivals = AsyncStream.makeStream(of: Arrival.self)
+
+    struct Arrival: Sendable {
+        var id: QueueID
+        var envelope: Envelope
+        var size: Int
+        var held: Bool
+    }
     private let logger: Logger
     private var random = SystemRandomNumberGenerator()
     private let tick: Duration
@@ -137,6 +148,11 @@ public actor Scheduler {
     }
 
     /// A message the ingress just committed: try it now.
+    /// `queued`, for a session: returns at once; the message is taken in by `run()`.
+    public nonisolated func post(_ id: QueueID, envelope: Envelope, size: Int, held: Bool) {
+        arrivals.continuation.yield(Arrival(id: id, envelope: envelope, size: size, held: held))
+    }
+
     public func queued(_ id: QueueID, envelope: Envelope, size: Int, held: Bool = false) async {
         var meta = DeliveryMeta()
         meta.held = held
@@ -153,6 +169,9 @@ public actor Scheduler {
         await withDiscardingTaskGroup { group in
             group.addTask { await self.tasks.run() }
             group.addTask { await self.tick() }
+            group.addTask {
+                for await a in self.arrivals.stream { await self.queued(a.id, envelope: a.envelope, size: a.size, held: a.held) }
+            }
         }
     }
 
