@@ -1,6 +1,7 @@
 import NIOCore
 import NIOSSL
 import SMTPProtocol
+import TernCore
 
 /// What the framing layer hands to the session.
 enum SMTPFrame: Sendable, Equatable {
@@ -90,7 +91,7 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
     private var buffer: ByteBuffer?
     private let maxLineLength: Int
     private let timeouts: FramingTimeouts
-    private var timer: Scheduled<Void>?
+    private var deadline = MovingDeadline()
     private var timedOut = false
     private var readHeld = false
     /// While paused, a client that keeps sending fills the buffer; past this, reading stops
@@ -139,12 +140,12 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        timer?.cancel()
+        deadline.cancel()
         context.fireChannelInactive()
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
-        timer?.cancel()
+        deadline.cancel()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -240,7 +241,7 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
                 let pauses = Self.pausesFraming(line)
                 if pauses {
                     mode = .paused
-                    cancelTimer()
+                    deadline.clear()
                 } else {
                     armTimer(context: context)  // the next line's deadline starts now
                 }
@@ -297,28 +298,36 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
 
     // MARK: - Timeouts
 
-    private func cancelTimer() {
-        timer?.cancel()
-        timer = nil
-    }
-
     /// Starts the deadline for what the framing reads next.
     private func armTimer(context: ChannelHandlerContext) {
-        timer?.cancel()
         guard !timedOut else { return }
-        if case .paused = mode { return }
+        if case .paused = mode {
+            deadline.clear()
+            return
+        }
         let stress = timeouts.underStress()
         let timeout: TimeAmount
         switch mode {
         case .data, .chunk: timeout = stress ? timeouts.stressData : timeouts.data
         default: timeout = stress ? timeouts.stressCommand : timeouts.command
         }
+        deadline.set(.now() + timeout) { scheduleTimer(context: context, at: $0) }
+    }
+
+    private func scheduleTimer(context: ChannelHandlerContext, at due: NIODeadline) -> Scheduled<Void> {
         let loopBound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        timer = context.eventLoop.scheduleTask(in: timeout) {
+        return context.eventLoop.scheduleTask(deadline: due) {
             let (handler, context) = loopBound.value
-            handler.timedOut = true
-            context.fireChannelRead(handler.wrapInboundOut(.timeout))
-            context.fireChannelReadComplete()
+            switch handler.deadline.fired() {
+            case .expired:
+                handler.timedOut = true
+                context.fireChannelRead(handler.wrapInboundOut(.timeout))
+                context.fireChannelReadComplete()
+            case .later(let due):
+                handler.deadline.set(due) { handler.scheduleTimer(context: context, at: $0) }
+            case .none:
+                break
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 import NIOCore
 import SMTPProtocol
+import TernCore
 
 /// A reply line from the server, with the TLS generation it arrived in: lines that arrived
 /// before a STARTTLS handshake belong to generation 0 and are never read as replies after it.
@@ -34,7 +35,7 @@ final class ReplyFramer: ChannelDuplexHandler {
     struct SetTimeout: Sendable { var timeout: TimeAmount }
 
     private var timeout: TimeAmount
-    private var timer: Scheduled<Void>?
+    private var deadline = MovingDeadline()
     private var buffer: ByteBuffer?
     private var generation = 0
     private var failed = false
@@ -127,17 +128,23 @@ final class ReplyFramer: ChannelDuplexHandler {
     // MARK: - Deadline
 
     private func cancel() {
-        timer?.cancel()
-        timer = nil
+        deadline.cancel()
     }
 
     private func arm(_ context: ChannelHandlerContext) {
         guard !failed else { return }
-        timer?.cancel()
+        deadline.set(.now() + timeout) { schedule(context, at: $0) }
+    }
+
+    private func schedule(_ context: ChannelHandlerContext, at due: NIODeadline) -> Scheduled<Void> {
         let bound = NIOLoopBound((self, context), eventLoop: context.eventLoop)
-        timer = context.eventLoop.scheduleTask(in: timeout) {
+        return context.eventLoop.scheduleTask(deadline: due) {
             let (handler, context) = bound.value
-            handler.fail(context, Timeout())
+            switch handler.deadline.fired() {
+            case .expired: handler.fail(context, Timeout())
+            case .later(let due): handler.deadline.set(due) { handler.schedule(context, at: $0) }
+            case .none: break
+            }
         }
     }
 }
