@@ -86,16 +86,12 @@ public struct DataDecoder: Sendable {
                 state = .text
                 i -= 1
             case .text:
-                // Fast path: copy a run of ordinary bytes at once.
-                var j = i - 1
-                while j < n {
-                    let c = input[j]
-                    if c == Self.cr || c == Self.lf || c == 0 { break }
-                    j += 1
-                }
-                if j > i - 1 {
-                    output.append(contentsOf: UnsafeRawBufferPointer(rebasing: input[(i - 1)..<j]))
-                    i = j
+                // Fast path: the clean lines from here on are copied in one piece.
+                let start = i - 1
+                let end = Self.cleanRun(input, from: start)
+                if end > start {
+                    output.append(contentsOf: UnsafeRawBufferPointer(rebasing: input[start..<end]))
+                    i = end
                     continue
                 }
                 if b == Self.cr {
@@ -118,6 +114,33 @@ public struct DataDecoder: Sendable {
             }
         }
         return .needMoreData
+    }
+
+    /// Where the run of plain message text that starts at `start` ends: text without CR, LF
+    /// or NUL, and whole lines with it whose CRLF is followed by anything but a dot or the
+    /// end of the input. Everything up to the returned index is copied as it is and leaves the
+    /// decoder inside a line; the byte at the index (if any) is for the state machine. The
+    /// scanning is `memchr`'s (vectorised), not a loop over each byte.
+    static func cleanRun(_ input: UnsafeRawBufferPointer, from start: Int) -> Int {
+        guard let base = input.baseAddress else { return start }
+        let n = input.count
+        var j = start
+        while j < n {
+            let crAt = memchr(base + j, Int32(Self.cr), n - j).map { base.distance(to: UnsafeRawPointer($0)) } ?? n
+            // Up to the CR (or the end), the line must hold no LF and no NUL.
+            if let bad = firstLFOrNUL(base, j, crAt) { return bad }
+            guard crAt + 2 < n, input[crAt + 1] == Self.lf, input[crAt + 2] != Self.dotByte else { return crAt }
+            j = crAt + 2
+        }
+        return n
+    }
+
+    private static func firstLFOrNUL(_ base: UnsafeRawPointer, _ from: Int, _ to: Int) -> Int? {
+        guard to > from else { return nil }
+        let lfAt = memchr(base + from, Int32(Self.lf), to - from).map { base.distance(to: UnsafeRawPointer($0)) }
+        let limit = lfAt ?? to
+        let nulAt = limit > from ? memchr(base + from, 0, limit - from).map { base.distance(to: UnsafeRawPointer($0)) } : nil
+        return nulAt ?? lfAt
     }
 
     /// A bare CR or LF stays inside the line as far as the end of data is concerned: the

@@ -109,6 +109,69 @@ final class DataDecoderTests: XCTestCase {
         }
         XCTAssertEqual(String(decoding: expected, as: UTF8.self), "..a\r\n..\r\nb\r\n...c\r\nd.e\r\n..\r\n.\r\n")
     }
+
+    /// The decoder against the plain definition, one byte at a time: the stream's bytes from
+    /// an alphabet of the bytes that matter (CR, LF, dot, NUL) and text, cut at random
+    /// places. The decoder copies whole clean lines at once; nothing about the result may
+    /// depend on that.
+    func testTheSameAsAByteAtATimeReferenceAtRandomSplits() {
+        var rng = SystemRandomNumberGenerator()
+        let alphabet: [UInt8] = [0x0D, 0x0A, 0x2E, 0x00, 0x41, 0x42, 0x20, 0x0D, 0x0A, 0x41]
+        for _ in 0..<20_000 {
+            let length = Int.random(in: 0...60, using: &rng)
+            var input = (0..<length).map { _ in alphabet.randomElement(using: &rng)! }
+            if Bool.random(using: &rng) { input += [0x0D, 0x0A, 0x2E, 0x0D, 0x0A, 0x51] }
+            let normalize = Bool.random(using: &rng)
+            let expected = Self.reference(input, normalize: normalize)
+            let split = Int.random(in: 1...max(1, length + 6), using: &rng)
+            let got = decode(input, split: split, normalize: normalize)
+            XCTAssertEqual(got?.message, expected?.message, "\(input) split \(split)")
+            XCTAssertEqual(got?.rest, expected?.rest, "\(input) split \(split)")
+            XCTAssertEqual(got?.violations, expected?.violations, "\(input) split \(split)")
+        }
+    }
+
+    /// RFC 5321 §4.5.2 and the rules above, written out plainly.
+    private static func reference(_ input: [UInt8], normalize: Bool) -> (message: [UInt8], rest: [UInt8], violations: DataDecoder.Violations)? {
+        var out: [UInt8] = []
+        var violations: DataDecoder.Violations = []
+        var atLineStart = true
+        var i = 0
+        func bare(_ byte: UInt8, _ kind: DataDecoder.Violations) {
+            violations.insert(kind)
+            out += normalize ? [0x0D, 0x0A] : [byte]
+        }
+        while i < input.count {
+            if atLineStart, input[i] == 0x2E {
+                if i + 2 < input.count, input[i + 1] == 0x0D, input[i + 2] == 0x0A {
+                    return (out, Array(input[(i + 3)...]), violations)
+                }
+                i += 1  // stuffing
+                atLineStart = false
+                continue
+            }
+            atLineStart = false
+            let b = input[i]
+            if b == 0x0D, i + 1 < input.count, input[i + 1] == 0x0A {
+                out += [0x0D, 0x0A]
+                i += 2
+                atLineStart = true
+                continue
+            }
+            if b == 0x0D {
+                // A CR at the very end may yet be followed by LF: no end is found either way.
+                if i + 1 == input.count { return nil }
+                bare(b, .bareCR)
+            } else if b == 0x0A {
+                bare(b, .bareLF)
+            } else {
+                if b == 0 { violations.insert(.nul) }
+                out.append(b)
+            }
+            i += 1
+        }
+        return nil
+    }
 }
 
 final class LineEndingCheckerTests: XCTestCase {
