@@ -289,7 +289,7 @@ public final class SMTPServer: Service, Sendable {
         if let reply {
             logger.info("reject: connect from \(client) to \(listener.name): \(reply)")
             try? await connection.executeThenClose { _, outbound in
-                try await outbound.write(ByteBuffer(string: reply.encoded))
+                try await outbound.write(ByteBuffer(bytes: reply.encodedBytes))
             }
             return
         }

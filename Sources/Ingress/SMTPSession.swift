@@ -216,7 +216,7 @@ struct SMTPSession {
             channel.close(promise: nil)
         case .startTLS(let reply):
             guard framingPaused, let context = environment.tlsContext else { throw UnexpectedFrame() }
-            control(.startTLS(reply: ByteBuffer(string: reply.encoded), context: context))
+            control(.startTLS(reply: ByteBuffer(bytes: reply.encodedBytes), context: context))
             machine.tlsEstablished()
             logger.debug("STARTTLS from \(client)")
         case .beginData(let reply, let normalize):
@@ -591,7 +591,7 @@ struct SMTPSession {
     // MARK: - I/O
 
     private func send(_ reply: SMTPReply) async throws {
-        try await outbound.write(ByteBuffer(string: reply.encoded))
+        try await outbound.write(ByteBuffer(bytes: reply.encodedBytes))
     }
 
     /// Tells the framing how to read on. Not awaited: it reaches the event loop after every

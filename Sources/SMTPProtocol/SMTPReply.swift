@@ -33,16 +33,26 @@ public struct SMTPReply: Hashable, Sendable, CustomStringConvertible {
     // MARK: - Encoding
 
     /// The reply as it goes on the wire, CRLF after each line.
-    public var encoded: String {
-        var out = ""
+    public var encoded: String { String(decoding: encodedBytes, as: UTF8.self) }
+
+    /// `encoded`, as the bytes written to the socket (built as bytes: a reply is sent for
+    /// every command).
+    public var encodedBytes: [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(lines.reduce(0) { $0 + $1.utf8.count + 16 })
+        let code = Array(String(code).utf8)
+        let enhanced = enhanced.map { Array($0.description.utf8) }
         for (index, line) in lines.enumerated() {
-            out += String(code)
-            out += index == lines.count - 1 ? " " : "-"
-            if let enhanced { out += enhanced.description + (line.isEmpty ? "" : " ") }
+            out += code
+            out.append(index == lines.count - 1 ? UInt8(ascii: " ") : UInt8(ascii: "-"))
+            if let enhanced {
+                out += enhanced
+                if !line.isEmpty { out.append(UInt8(ascii: " ")) }
+            }
             // A reply text must not carry a line break: that would let text inject a reply.
-            // (Filter scalars, not Characters: "\r\n" is one Character.)
-            out.unicodeScalars.append(contentsOf: line.unicodeScalars.filter { $0 != "\r" && $0 != "\n" })
-            out += "\r\n"
+            // (CR and LF are never part of a longer UTF-8 sequence.)
+            for byte in line.utf8 where byte != 0x0D && byte != 0x0A { out.append(byte) }
+            out += [0x0D, 0x0A]
         }
         return out
     }

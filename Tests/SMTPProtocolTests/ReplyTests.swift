@@ -17,6 +17,10 @@ final class ReplyTests: XCTestCase {
 
     func testReplyTextCannotInjectLines() {
         XCTAssertEqual(SMTPReply(550, .deliveryNotAuthorized, "<a\r\n250 ok>").encoded, "550 5.7.1 <a250 ok>\r\n")
+        // A bare CR or LF alone, next to UTF-8 (a client's SMTPUTF8 address echoed back).
+        XCTAssertEqual(
+            SMTPReply(553, nil, ["<jö\rrg@exämple.org>", "\n250 x"]).encodedBytes,
+            Array("553-<jörg@exämple.org>\r\n553 250 x\r\n".utf8))
     }
 
     func testParserGathersMultiLineReplies() throws {
