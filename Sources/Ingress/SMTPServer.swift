@@ -34,7 +34,7 @@ public final class SMTPServer: Service, Sendable {
         config: TernConfig, spool: Spool, users: UserDatabase?, tlsContext: NIOSSLContext?,
         group: any EventLoopGroup, threadPool: NIOThreadPool, logger: Logger,
         filters: FilterChain = FilterChain([]),
-        onQueued: @escaping @Sendable (QueueID, Envelope, Int, _ held: Bool) -> Void = { _, _, _, _ in }
+        onQueued: @escaping @Sendable (QueueID, _ slot: UInt32, Envelope, Int, _ held: Bool) -> Void = { _, _, _, _, _ in }
     ) {
         self.config = config
         self.group = group

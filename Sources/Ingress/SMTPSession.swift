@@ -22,7 +22,7 @@ struct SessionEnvironment: Sendable {
     var authThrottle: AuthThrottle
     var logger: Logger
     /// Told of each committed message (the queue manager), after the commit.
-    var onQueued: @Sendable (QueueID, Envelope, Int, _ held: Bool) -> Void
+    var onQueued: @Sendable (QueueID, _ slot: UInt32, Envelope, Int, _ held: Bool) -> Void
     /// Pre-queue filters; a message for a listener they apply to is held in memory until
     /// they have run.
     var filters = FilterChain([])
@@ -397,7 +397,7 @@ struct SMTPSession {
                     metadata: [LogSink.serviceKey: "qmgr"])
                 environment.accepted.increment()
                 environment.acceptedBytes.increment(by: writer.size)
-                environment.onQueued(writer.id, envelope, writer.size, held)
+                environment.onQueued(writer.id, writer.slot, envelope, writer.size, held)
                 return .queued(writer.id.rawValue)
             } catch {
                 logger.error("\(writer.id): spool commit failed: \(error)")

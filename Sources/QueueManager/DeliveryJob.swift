@@ -5,6 +5,8 @@ import TernCore
 /// Some recipients of one message, all for the same next hop: one SMTP transaction.
 struct DeliveryJob: Sendable {
     var id: QueueID
+    /// The spool slot that holds it.
+    var slot: UInt32
     var envelope: Envelope
     var contentSize: Int
     /// Indexes into `envelope.recipients`.

@@ -282,7 +282,7 @@ struct LaneWorker: Sendable {
             // Getting the message there is the transport's business; the lane only lends it
             // its permits and hears how the connections went.
             let (done, kept) = await NextHopDelivery.deliver(
-                attempt, content: SpoolContent(spool: environment.spool, id: job.id, size: job.contentSize), held: held, permits: permits,
+                attempt, content: SpoolContent(spool: environment.spool, id: job.id, slot: job.slot, size: job.contentSize), held: held, permits: permits,
                 lane: lane, settings: settings)
             held = kept
             // Stopping: what this attempt did is not recorded; the message stays queued and
@@ -304,9 +304,10 @@ struct LaneWorker: Sendable {
 struct SpoolContent: MessageContent {
     let spool: Spool
     let id: QueueID
+    let slot: UInt32
     let size: Int
 
     func forEachChunk(_ body: ([UInt8]) async throws -> Void) async throws {
-        try await spool.readContent(id, size: size, body)
+        try await spool.readContent(id, slot: slot, size: size, body)
     }
 }

@@ -22,6 +22,8 @@ import Transports
 /// steps repeats a step (a duplicate), never skips one.
 public actor Scheduler {
     struct Entry {
+        /// The spool slot that holds it.
+        var slot: UInt32
         var envelope: Envelope
         var contentSize: Int
         var states: [RecipientState]
@@ -71,6 +73,7 @@ public actor Scheduler {
 
     struct Arrival: Sendable {
         var id: QueueID
+        var slot: UInt32
         var envelope: Envelope
         var size: Int
         var held: Bool
@@ -135,7 +138,7 @@ public actor Scheduler {
     /// Loads what the spool holds (after a restart: deferred mail keeps its schedule).
     public func load() async throws {
         let loaded = try await spool.load { m in
-            (m.id, Entry(envelope: m.envelope, contentSize: m.contentSize, states: m.states, meta: m.meta))
+            (m.id, Entry(slot: m.slotNumber, envelope: m.envelope, contentSize: m.contentSize, states: m.states, meta: m.meta))
         }
         loadSuspensions()
         entries.reserveCapacity(loaded.count)
@@ -149,15 +152,15 @@ public actor Scheduler {
 
     /// A message the ingress just committed: try it now.
     /// `queued`, for a session: returns at once; the message is taken in by `run()`.
-    public nonisolated func post(_ id: QueueID, envelope: Envelope, size: Int, held: Bool) {
-        arrivals.continuation.yield(Arrival(id: id, envelope: envelope, size: size, held: held))
+    public nonisolated func post(_ id: QueueID, slot: UInt32, envelope: Envelope, size: Int, held: Bool) {
+        arrivals.continuation.yield(Arrival(id: id, slot: slot, envelope: envelope, size: size, held: held))
     }
 
-    public func queued(_ id: QueueID, envelope: Envelope, size: Int, held: Bool = false) async {
+    public func queued(_ id: QueueID, slot: UInt32, envelope: Envelope, size: Int, held: Bool = false) async {
         var meta = DeliveryMeta()
         meta.held = held
         entries[id] = Entry(
-            envelope: envelope, contentSize: size, states: Array(repeating: .pending, count: envelope.recipients.count), meta: meta)
+            slot: slot, envelope: envelope, contentSize: size, states: Array(repeating: .pending, count: envelope.recipients.count), meta: meta)
         depth.record(entries.count)
         await dispatch(id)
     }
@@ -170,7 +173,9 @@ public actor Scheduler {
             group.addTask { await self.tasks.run() }
             group.addTask { await self.tick() }
             group.addTask {
-                for await a in self.arrivals.stream { await self.queued(a.id, envelope: a.envelope, size: a.size, held: a.held) }
+                for await a in self.arrivals.stream {
+                    await self.queued(a.id, slot: a.slot, envelope: a.envelope, size: a.size, held: a.held)
+                }
             }
         }
     }
@@ -265,7 +270,7 @@ public actor Scheduler {
         let lane = lane(for: route)
         for part in parts {
             await lane.submit(
-                DeliveryJob(id: id, envelope: entry.envelope, contentSize: entry.contentSize, recipients: part, route: route, dispatchedMillis: now))
+                DeliveryJob(id: id, slot: entry.slot, envelope: entry.envelope, contentSize: entry.contentSize, recipients: part, route: route, dispatchedMillis: now))
         }
     }
 
@@ -480,7 +485,7 @@ public actor Scheduler {
         let lastOne = current.allFinal && current.busy == 1 && current.inFlight.isEmpty
         if !lastOne {
             do {
-                if !settlement.marks.isEmpty { try await spool.mark(id, settlement.marks) }
+                if !settlement.marks.isEmpty { try await spool.mark(id, slot: current.slot, settlement.marks) }
             } catch {
                 logger.error("\(id): cannot record delivery state: \(error)")
             }
@@ -493,7 +498,7 @@ public actor Scheduler {
             entries[id] = nil
             retryQueue.remove(id)
             depth.record(entries.count)
-            spool.remove(id, hasMeta: after.meta != DeliveryMeta())
+            spool.remove(id, slot: after.slot, hasMeta: after.meta != DeliveryMeta())
             return
         }
         if settlement.deferred, let next = after.meta.recipients.values.map(\.nextAttemptMillis).min() {
@@ -532,7 +537,7 @@ public actor Scheduler {
         }
         let returnLimit = 50_000
         do {
-            let original = try await spool.readContent(id, size: entry.contentSize, limit: returnLimit + 1)
+            let original = try await spool.readContent(id, slot: entry.slot, size: entry.contentSize, limit: returnLimit + 1)
             let now = environment.now()
             let dsn = DeliveryStatusNotification(
                 reportingMTA: config.hostname, queueID: id.rawValue, envelopeSender: entry.envelope.sender, envid: entry.envelope.envid,
@@ -552,7 +557,7 @@ public actor Scheduler {
                 ? "non-delivery" : recipients.contains(where: { $0.action == .delayed }) ? "delay" : "success"
             logger.info("\(id): sender \(kind) notification: \(writer.id)", metadata: [LogSink.serviceKey: "bounce"])
             logger.info("\(writer.id): from=<>, size=\(writer.size), nrcpt=1 (queue active)", metadata: [LogSink.serviceKey: "qmgr"])
-            await queued(writer.id, envelope: envelope, size: writer.size)
+            await queued(writer.id, slot: writer.slot, envelope: envelope, size: writer.size)
         } catch {
             // The recipients stay as they are in the spool; a restart tries again.
             logger.error("\(id): cannot queue the notification: \(error)")
@@ -684,9 +689,9 @@ public actor Scheduler {
             if e.allFinal, e.inFlight.isEmpty, e.busy == 0 {
                 entries[id] = nil
                 retryQueue.remove(id)
-                do { try await spool.removeNow(id) } catch { logger.error("\(id): cannot remove: \(error)") }
+                do { try await spool.removeNow(id, slot: e.slot) } catch { logger.error("\(id): cannot remove: \(error)") }
             } else {
-                try? await spool.mark(id, changes)
+                try? await spool.mark(id, slot: e.slot, changes)
             }
         }
         depth.record(entries.count)

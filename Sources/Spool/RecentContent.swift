@@ -13,24 +13,23 @@ struct RecentContent {
     private(set) var bytes = 0
 
     struct Entry {
-        /// Content first; what follows it (the spool's records) is not part of it.
-        var storage: [UInt8]
-        var size: Int
+        var content: [UInt8]
     }
 
     init(budget: Int) { self.budget = budget }
 
     var count: Int { entries.count }
 
-    /// Keeps the first `size` bytes of `storage` as the content of `id`. A message larger
-    /// than a quarter of the budget is not kept.
+    /// Keeps a copy of the first `size` bytes of `storage` as the content of `id` (a copy of
+    /// its own size: the writer's buffer has room for a whole chunk). A message larger than
+    /// a quarter of the budget is not kept.
     mutating func insert(_ id: QueueID, storage: [UInt8], size: Int) {
         guard size <= budget / 4, size <= storage.count, entries[id] == nil else { return }
-        entries[id] = Entry(storage: storage, size: size)
-        bytes += storage.count
+        entries[id] = Entry(content: Array(storage[..<size]))
+        bytes += size
         order.append(id)
         while bytes > budget, let oldest = order.popFirst() {
-            if let gone = entries.removeValue(forKey: oldest) { bytes -= gone.storage.count }
+            if let gone = entries.removeValue(forKey: oldest) { bytes -= gone.content.count }
         }
         if order.count > 2 * entries.count + 64 {
             order = CircularBuffer(order.filter { entries[$0] != nil })
@@ -40,13 +39,12 @@ struct RecentContent {
     /// The content, once: it is dropped as it is handed out.
     mutating func take(_ id: QueueID) -> [UInt8]? {
         guard let entry = entries.removeValue(forKey: id) else { return nil }
-        bytes -= entry.storage.count
-        if entry.storage.count == entry.size { return entry.storage }
-        return Array(entry.storage[..<entry.size])
+        bytes -= entry.content.count
+        return entry.content
     }
 
     mutating func remove(_ id: QueueID) {
-        if let gone = entries.removeValue(forKey: id) { bytes -= gone.storage.count }
+        if let gone = entries.removeValue(forKey: id) { bytes -= gone.content.count }
     }
 
     /// Ids still waiting in the order buffer (for tests: it must not grow without bound).

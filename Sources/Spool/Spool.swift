@@ -34,22 +34,22 @@ public final class Spool: Sendable {
     let removals = NIOLockedValueBox(Removals())
     let slots = NIOLockedValueBox(Slots())
     /// Small messages just committed, for their first attempt.
-    let recent = NIOLockedValueBox(RecentContent(budget: 4 << 20))
+    let recent = NIOLockedValueBox(RecentContent(budget: 1 << 20))
     /// More free slots than this are deleted, not kept.
     static let freeLimit = 4096
 
     struct Removals {
-        var pending: [(QueueID, Bool)] = []
+        var pending: [(QueueID, UInt32, Bool)] = []
         var running = false
     }
 
+    /// Slots by number (`s000000042` is 42). Which slot holds which message is the
+    /// scheduler's to know (4 bytes in its entry for the message), not a second index here.
     struct Slots {
         /// Empty slots, ready for a new message.
-        var free: [String] = []
-        /// The slot of every message the daemon holds.
-        var byID: [QueueID: String] = [:]
+        var free: [UInt32] = []
         /// The number of the next slot to make.
-        var next = 0
+        var next: UInt32 = 0
     }
 
     /// Data is written to disk in pieces of this size while a message streams in.
@@ -86,16 +86,18 @@ public final class Spool: Sendable {
         }
     }
 
-    /// `s` and nine digits: never a queue id, so a spool of the layout before slots (files
-    /// named by their queue id) reads as slots too.
-    static func slotName(_ number: Int) -> String {
+    /// `s` and (at least) nine digits: never a queue id, so the files of the layout before
+    /// slots, named by their queue id, are told apart (recovery renames them into slots).
+    static func slotName(_ number: UInt32) -> String {
         let digits = String(number)
         return "s" + String(repeating: "0", count: max(0, 9 - digits.count)) + digits
     }
 
-    static func slotNumber(_ name: String) -> Int? {
-        guard name.utf8.count == 10, name.hasPrefix("s") else { return nil }
-        return Int(name.dropFirst())
+    static func slotNumber(_ name: String) -> UInt32? {
+        guard name.utf8.count >= 10, name.hasPrefix("s"), name.utf8.dropFirst().allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else {
+            return nil
+        }
+        return UInt32(name.dropFirst())
     }
 
     static func isSlot(_ name: String) -> Bool { slotNumber(name) != nil || QueueID(name) != nil }
@@ -103,19 +105,35 @@ public final class Spool: Sendable {
     private func recoverSync() throws -> RecoveryReport {
         var report = RecoveryReport(queued: 0, removedIncomplete: 0, corrupt: 0)
         var held = Set<String>()
-        var highest = -1
-        for name in try SpoolFiles.list(queue) {
+        let names = try SpoolFiles.list(queue)
+        let highest = names.compactMap(Self.slotNumber).max()
+        slots.withLockedValue { $0.next = highest.map { $0 &+ 1 } ?? 0 }
+        var renamed = false
+        for name in names {
             let path = queue + "/" + name
-            if let number = Self.slotNumber(name) { highest = max(highest, number) }
+            let number = Self.slotNumber(name)
             switch Self.isSlot(name) ? SpoolFiles.check(path) : .corrupt {
             case .complete(let id):
                 report.queued += 1
                 held.insert(id.rawValue)
+                if number == nil {
+                    // A file of the layout before slots: it becomes one.
+                    // (The lock keeps everyone else out of queue/, so a free name stays free.)
+                    var target: String
+                    repeat {
+                        target = queue + "/" + Self.slotName(slots.withLockedValue { slots -> UInt32 in
+                            defer { slots.next &+= 1 }
+                            return slots.next
+                        })
+                    } while access(target, F_OK) == 0
+                    guard rename(path, target) == 0 else { throw SpoolError("rename", path, errno: errno) }
+                    renamed = true
+                }
             case .empty:
-                release(name)
+                if let number { release(number) } else { unlink(path) }
             case .incomplete:
                 // No trailer: the commit never finished, so the client never heard 250.
-                release(name)
+                if let number { release(number) } else { unlink(path) }
                 report.removedIncomplete += 1
                 logger.notice("\(name): removed half-written message")
             case .corrupt:
@@ -124,7 +142,6 @@ public final class Spool: Sendable {
                 logger.error("\(name): not a valid spool file, moved to corrupt/")
             }
         }
-        slots.withLockedValue { $0.next = highest + 1 }
         // Notes of messages that are gone, and replacements a crash interrupted.
         for name in try SpoolFiles.list(metaDirectory) where !held.contains(name) {
             unlink(metaDirectory + "/" + name)
@@ -134,28 +151,26 @@ public final class Spool: Sendable {
             for name in names { unlink(root + "/free/" + name) }
             rmdir(root + "/free")
         }
-        if report.corrupt > 0 {
-            try SpoolFiles.syncDirectory(queue)
-            try SpoolFiles.syncDirectory(root + "/corrupt")
-        }
+        if report.corrupt > 0 || renamed { try SpoolFiles.syncDirectory(queue) }
+        if report.corrupt > 0 { try SpoolFiles.syncDirectory(root + "/corrupt") }
         return report
     }
 
     /// A slot for a new message: a free one when there is one, else a new one (`made`: its
     /// name must be made durable by a directory sync before a message in it is).
     func openSlot() throws -> SpoolWriter.OpenSlot {
-        while let name = slots.withLockedValue({ $0.free.popLast() }) {
-            let fd = Glibc.open(queue + "/" + name, O_WRONLY | O_CLOEXEC)
-            if fd >= 0 { return SpoolWriter.OpenSlot(fd: fd, name: name, made: false) }
+        while let number = slots.withLockedValue({ $0.free.popLast() }) {
+            let fd = Glibc.open(queue + "/" + Self.slotName(number), O_WRONLY | O_CLOEXEC)
+            if fd >= 0 { return SpoolWriter.OpenSlot(fd: fd, number: number, made: false) }
             // Gone from under us (an operator's hand): the next one.
         }
         while true {
-            let name = slots.withLockedValue { slots -> String in
-                defer { slots.next += 1 }
-                return Self.slotName(slots.next)
+            let number = slots.withLockedValue { slots -> UInt32 in
+                defer { slots.next &+= 1 }
+                return slots.next
             }
             do {
-                return SpoolWriter.OpenSlot(fd: try SpoolFiles.create(queue + "/" + name), name: name, made: true)
+                return SpoolWriter.OpenSlot(fd: try SpoolFiles.create(queue + "/" + Self.slotName(number)), number: number, made: true)
             } catch let error as SpoolError where error.errno == EEXIST {
                 continue
             }
@@ -166,21 +181,17 @@ public final class Spool: Sendable {
     /// kept). Delivered, bounced and deleted mail gives its blocks back at once and leaves
     /// nothing readable behind. Not synced: if a crash undoes the truncation, the message
     /// is there again and is delivered again (a duplicate, never a loss).
-    func release(_ name: String) {
-        let path = queue + "/" + name
+    func release(_ number: UInt32) {
+        let path = queue + "/" + Self.slotName(number)
         let keep = slots.withLockedValue { $0.free.count < Self.freeLimit }
         if keep, truncate(path, 0) == 0 {
-            slots.withLockedValue { $0.free.append(name) }
+            slots.withLockedValue { $0.free.append(number) }
         } else {
             unlink(path)
         }
     }
 
-    /// The file that holds a message the daemon knows.
-    func path(of id: QueueID) throws -> String {
-        guard let name = slots.withLockedValue({ $0.byID[id] }) else { throw SpoolError("no slot holds", id.rawValue) }
-        return queue + "/" + name
-    }
+    func path(of slot: UInt32) -> String { queue + "/" + Self.slotName(slot) }
 
     /// Bytes free for Tern on the spool's file system (what an unprivileged user may use).
     public func freeBytes() -> Int {
@@ -244,10 +255,13 @@ public final class SpoolWriter: @unchecked Sendable {
     private var file: OpenSlot?
     private var pending: [UInt8] = []
     public private(set) var size = 0
+    /// The slot the message is in, once committed.
+    public private(set) var slot: UInt32 = 0
 
     struct OpenSlot {
         var fd: CInt
-        var name: String
+        var number: UInt32
+        var name: String { Spool.slotName(number) }
         /// Made for this message: its name is not durable until the directory is synced.
         var made: Bool
     }
@@ -287,7 +301,7 @@ public final class SpoolWriter: @unchecked Sendable {
             } catch {
                 // A full disk mid-message: no descriptor and no partial file stay behind.
                 close(slot.fd)
-                spool.release(slot.name)
+                spool.release(slot.number)
                 throw error
             }
             return slot
@@ -306,7 +320,7 @@ public final class SpoolWriter: @unchecked Sendable {
         file = nil
         let spool = self.spool
         let id = self.id
-        try await spool.pool.runIfActive {
+        slot = try await spool.pool.runIfActive {
             let slot = try current ?? spool.openSlot()
             let path = spool.queue + "/" + slot.name
             do {
@@ -320,9 +334,9 @@ public final class SpoolWriter: @unchecked Sendable {
                 unlink(path)
                 throw error
             }
-            spool.slots.withLockedValue { $0.byID[id] = slot.name }
             // All of it is in `data` only when no chunk went to the disk before.
             if current == nil { spool.recent.withLockedValue { $0.insert(id, storage: data, size: contentSize) } }
+            return slot.number
         }
     }
 
@@ -334,7 +348,7 @@ public final class SpoolWriter: @unchecked Sendable {
         let spool = self.spool
         _ = try? await spool.pool.runIfActive {
             close(slot.fd)
-            spool.release(slot.name)
+            spool.release(slot.number)
         }
     }
 }

@@ -57,6 +57,9 @@ public struct SpooledMessage: Sendable {
     public var meta: DeliveryMeta
     /// The file in `queue/` that holds it.
     public var slot: String
+
+    /// The slot's number, for the daemon's calls (`mark`, `remove`, `readContent`).
+    public var slotNumber: UInt32 { Spool.slotNumber(slot) ?? UInt32.max }
 }
 
 extension Spool {
@@ -89,12 +92,9 @@ extension Spool {
     /// a second copy of the whole queue in memory.
     public func load<T: Sendable>(_ transform: @escaping @Sendable (SpooledMessage) -> T) async throws -> [T] {
         let root = self.root
-        return try await pool.runIfActive { [slots] in
+        return try await pool.runIfActive {
             var out: [T] = []
-            try Self.forEach(root: root) { message in
-                slots.withLockedValue { $0.byID[message.id] = message.slot }
-                out.append(transform(message))
-            }
+            try Self.forEach(root: root) { out.append(transform($0)) }
             return out
         }
     }
@@ -104,8 +104,8 @@ extension Spool {
     /// marks are not synced, as Postfix does not sync its done-recipient marks: a crash may
     /// lose one, and that recipient is sent again (a duplicate, never a loss; a bounce is
     /// in the spool before its mark). An operator's delete is synced.
-    public func mark(_ id: QueueID, _ states: [Int: RecipientState]) async throws {
-        let path = try self.path(of: id)
+    public func mark(_ id: QueueID, slot: UInt32, _ states: [Int: RecipientState]) async throws {
+        let path = self.path(of: slot)
         let sync = states.values.contains(.deleted)
         try await pool.runIfActive { try SpoolFiles.writeStates(path, states, sync: sync) }
     }
@@ -114,9 +114,9 @@ extension Spool {
     /// done by one job on the spool's threads, so a busy queue pays one thread trip for many.
     /// No directory sync: if a crash brings a name back, its recipients are sent again (a
     /// duplicate, never a loss). Logs `<id>: removed` when done.
-    public func remove(_ id: QueueID, hasMeta: Bool) {
+    public func remove(_ id: QueueID, slot: UInt32, hasMeta: Bool) {
         let start = removals.withLockedValue { state -> Bool in
-            state.pending.append((id, hasMeta))
+            state.pending.append((id, slot, hasMeta))
             if state.running { return false }
             state.running = true
             return true
@@ -124,16 +124,16 @@ extension Spool {
         guard start else { return }
         pool.submit { [self] _ in
             while true {
-                let batch = removals.withLockedValue { state -> [(QueueID, Bool)] in
+                let batch = removals.withLockedValue { state -> [(QueueID, UInt32, Bool)] in
                     let batch = state.pending
                     state.pending.removeAll(keepingCapacity: true)
                     if batch.isEmpty { state.running = false }
                     return batch
                 }
                 if batch.isEmpty { return }
-                for (id, hasMeta) in batch {
+                for (id, slot, hasMeta) in batch {
                     recent.withLockedValue { $0.remove(id) }
-                    if let slot = slots.withLockedValue({ $0.byID.removeValue(forKey: id) }) { release(slot) }
+                    release(slot)
                     if hasMeta { unlink(metaDirectory + "/" + id.rawValue) }
                     logger.info("\(id): removed", metadata: [LogSink.serviceKey: "qmgr"])
                 }
@@ -142,11 +142,11 @@ extension Spool {
     }
 
     /// Removes a message now (an operator's delete: the command returns after it).
-    public func removeNow(_ id: QueueID) async throws {
+    public func removeNow(_ id: QueueID, slot: UInt32) async throws {
         let meta = metaDirectory + "/" + id.rawValue
         recent.withLockedValue { $0.remove(id) }
         try await pool.runIfActive { [self] in
-            if let slot = slots.withLockedValue({ $0.byID.removeValue(forKey: id) }) { release(slot) }
+            release(slot)
             unlink(meta)
         }
         logger.info("\(id): removed", metadata: [LogSink.serviceKey: "qmgr"])
@@ -162,12 +162,12 @@ extension Spool {
     /// endings) in pieces of `writeChunk` on the spool's threads; a message of one piece
     /// costs one trip there (open, read, close), and a small one just committed none (its
     /// first read comes from `RecentContent`).
-    public func readContent(_ id: QueueID, size: Int, _ body: ([UInt8]) async throws -> Void) async throws {
+    public func readContent(_ id: QueueID, slot: UInt32, size: Int, _ body: ([UInt8]) async throws -> Void) async throws {
         if let content = recent.withLockedValue({ $0.take(id) }), content.count == size {
             try await body(content)
             return
         }
-        let path = try self.path(of: id)
+        let path = self.path(of: slot)
         let first = min(size, Spool.writeChunk)
         let (fd, chunk) = try await pool.runIfActive { () throws -> (CInt, [UInt8]) in
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
@@ -196,8 +196,8 @@ extension Spool {
     }
 
     /// The whole content in memory (for a bounce that returns it).
-    public func readContent(_ id: QueueID, size: Int, limit: Int) async throws -> [UInt8] {
-        let path = try self.path(of: id)
+    public func readContent(_ id: QueueID, slot: UInt32, size: Int, limit: Int) async throws -> [UInt8] {
+        let path = self.path(of: slot)
         return try await pool.runIfActive {
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { throw SpoolError("open", path, errno: errno) }

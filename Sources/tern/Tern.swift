@@ -251,7 +251,7 @@ struct Serve: AsyncParsableCommand {
             config: config, spool: spool, users: resources.users, tlsContext: resources.tls,
             group: MultiThreadedEventLoopGroup.singleton, threadPool: threadPool, logger: logger,
             filters: filters,
-            onQueued: { id, envelope, size, held in scheduler.post(id, envelope: envelope, size: size, held: held) })
+            onQueued: { id, slot, envelope, size, held in scheduler.post(id, slot: slot, envelope: envelope, size: size, held: held) })
         let path = options.config
         let queueManager = QueueManagerService(
             scheduler: scheduler, spoolRoot: config.spool, logger: logger, running: config,

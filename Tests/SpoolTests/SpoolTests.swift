@@ -142,7 +142,7 @@ final class SpoolTests: XCTestCase {
         try await long.append([UInt8](repeating: UInt8(ascii: "L"), count: 90_000))
         try await long.commit(envelope(["a@example.org", "b@example.org"]))
         XCTAssertEqual(spool.queueSync.count, 1, "a slot made for a message: its name is synced")
-        try await spool.removeNow(long.id)
+        try await spool.removeNow(long.id, slot: long.slot)
         XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"])
         XCTAssertEqual(slotSize("s000000000"), 0, "a finished message leaves nothing readable")
 
@@ -157,7 +157,7 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(listed[0].size, 22)
         XCTAssertEqual(listed[0].envelope.recipients.map(\.address), ["u@example.org"])
         var content: [UInt8] = []
-        try await spool.readContent(short.id, size: 22) { content += $0 }
+        try await spool.readContent(short.id, slot: short.slot, size: 22) { content += $0 }
         XCTAssertEqual(String(decoding: content, as: UTF8.self), "Subject: short\r\n\r\nhi\r\n")
 
         // Two at once: the second makes a new slot.
@@ -170,6 +170,17 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(spool.queueSync.count, 3)
     }
 
+    func testSlotNames() {
+        XCTAssertEqual(Spool.slotName(42), "s000000042")
+        XCTAssertEqual(Spool.slotNumber("s000000042"), 42)
+        XCTAssertEqual(Spool.slotNumber(Spool.slotName(4_000_000_000)), 4_000_000_000, "past nine digits too")
+        XCTAssertNil(Spool.slotNumber("s00000004x"))
+        XCTAssertNil(Spool.slotNumber("s42"))
+        XCTAssertNil(Spool.slotNumber("1K0W8MTXPC400000"))
+        XCTAssertTrue(Spool.isSlot("1K0W8MTXPC400000"), "a file of the layout before slots")
+        XCTAssertFalse(Spool.isSlot("notes.txt"))
+    }
+
     func testRecoveryKeepsEmptySlotsQuietlyAndNumbersNewOnesAfterThem() async throws {
         do {
             let (spool, _) = try await open()
@@ -178,8 +189,9 @@ final class SpoolTests: XCTestCase {
                 try await w.append(Array("x\r\n".utf8))
                 try await w.commit(envelope())
             }
-            let first = try spool.list()[0].id
-            try await spool.removeNow(first)
+            let loaded = try await spool.load { $0 }
+            let first = try XCTUnwrap(loaded.min { $0.id < $1.id })
+            try await spool.removeNow(first.id, slot: first.slotNumber)
         }
         let (spool, report) = try await open()
         XCTAssertEqual(report, .init(queued: 2, removedIncomplete: 0, corrupt: 0), "an empty slot is not a half-written message")
@@ -205,13 +217,15 @@ final class SpoolTests: XCTestCase {
         FileManagerLite.write(root + "/free/1K0W8MTXPC400001", "")
         let (spool, report) = try await open()
         XCTAssertEqual(report, .init(queued: 1, removedIncomplete: 0, corrupt: 0))
-        let loaded = try await spool.load { $0.id }
-        XCTAssertEqual(loaded, [id])
+        let loaded = try await spool.load { $0 }
+        XCTAssertEqual(loaded.map(\.id), [id])
+        let slot = loaded[0].slotNumber
         var read: [UInt8] = []
-        try await spool.readContent(id, size: content.count) { read += $0 }
+        try await spool.readContent(id, slot: slot, size: content.count) { read += $0 }
         XCTAssertEqual(read, content)
         XCTAssertEqual(access(root + "/free", F_OK), -1, "free/ is gone")
-        try await spool.removeNow(id)
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"], "the message's file became a slot")
+        try await spool.removeNow(id, slot: slot)
         XCTAssertEqual(try spool.list().count, 0)
     }
 
@@ -275,15 +289,15 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(after1, [[.pending, .pending]])
         do {
             let (spool, _) = try await open()
-            _ = try await spool.load { $0.id }
-            try await spool.mark(id, [1: .delivered])
+            let slot = try await spool.load { $0.slotNumber }[0]
+            try await spool.mark(id, slot: slot, [1: .delivered])
         }
         let after2 = try await pending()
         XCTAssertEqual(after2, [[.pending, .delivered]])
         do {
             let (spool, _) = try await open()
-            _ = try await spool.load { $0.id }
-            try await spool.removeNow(id)
+            let slot = try await spool.load { $0.slotNumber }[0]
+            try await spool.removeNow(id, slot: slot)
         }
         let after3 = try await pending()
         XCTAssertEqual(after3, [])
@@ -301,10 +315,10 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(pwrite(fd, "X", 1, 0), 1)
         close(fd)
         var first: [UInt8] = []
-        try await spool.readContent(w.id, size: content.count) { first += $0 }
+        try await spool.readContent(w.id, slot: w.slot, size: content.count) { first += $0 }
         XCTAssertEqual(first, content)
         var second: [UInt8] = []
-        try await spool.readContent(w.id, size: content.count) { second += $0 }
+        try await spool.readContent(w.id, slot: w.slot, size: content.count) { second += $0 }
         XCTAssertEqual(second.first, UInt8(ascii: "X"))
         XCTAssertEqual(spool.recent.withLockedValue { $0.bytes }, 0)
     }
@@ -315,7 +329,7 @@ final class SpoolTests: XCTestCase {
         try await w.append(Array("x\r\n".utf8))
         try await w.commit(envelope())
         do {
-            try await spool.mark(w.id, [5: .delivered])
+            try await spool.mark(w.id, slot: w.slot, [5: .delivered])
             XCTFail("marked a recipient that is not there")
         } catch {}
     }
