@@ -112,8 +112,8 @@ extension Spool {
 
     /// Removes a message whose recipients are all final, soon: removals are gathered and
     /// done by one job on the spool's threads, so a busy queue pays one thread trip for many.
-    /// No directory sync: if a crash brings a name back, its recipients are sent again (a
-    /// duplicate, never a loss). Logs `<id>: removed` when done.
+    /// Nothing is synced: if a crash undoes the slot's truncation, its recipients are sent
+    /// again (a duplicate, never a loss). Logs `<id>: removed` when done.
     public func remove(_ id: QueueID, slot: UInt32, hasMeta: Bool) {
         let start = removals.withLockedValue { state -> Bool in
             state.pending.append((id, slot, hasMeta))
