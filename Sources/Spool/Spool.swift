@@ -120,12 +120,7 @@ public final class Spool: Sendable {
                     // A file of the layout before slots: it becomes one.
                     // (The lock keeps everyone else out of queue/, so a free name stays free.)
                     var target: String
-                    repeat {
-                        target = queue + "/" + Self.slotName(slots.withLockedValue { slots -> UInt32 in
-                            defer { slots.next &+= 1 }
-                            return slots.next
-                        })
-                    } while access(target, F_OK) == 0
+                    repeat { target = self.path(of: newSlotNumber()) } while access(target, F_OK) == 0
                     guard rename(path, target) == 0 else { throw SpoolError("rename", path, errno: errno) }
                     renamed = true
                 }
@@ -160,17 +155,14 @@ public final class Spool: Sendable {
     /// name must be made durable by a directory sync before a message in it is).
     func openSlot() throws -> SpoolWriter.OpenSlot {
         while let number = slots.withLockedValue({ $0.free.popLast() }) {
-            let fd = Glibc.open(queue + "/" + Self.slotName(number), O_WRONLY | O_CLOEXEC)
+            let fd = Glibc.open(path(of: number), O_WRONLY | O_CLOEXEC)
             if fd >= 0 { return SpoolWriter.OpenSlot(fd: fd, number: number, made: false) }
             // Gone from under us (an operator's hand): the next one.
         }
         while true {
-            let number = slots.withLockedValue { slots -> UInt32 in
-                defer { slots.next &+= 1 }
-                return slots.next
-            }
+            let number = newSlotNumber()
             do {
-                return SpoolWriter.OpenSlot(fd: try SpoolFiles.create(queue + "/" + Self.slotName(number)), number: number, made: true)
+                return SpoolWriter.OpenSlot(fd: try SpoolFiles.create(path(of: number)), number: number, made: true)
             } catch let error as SpoolError where error.errno == EEXIST {
                 continue
             }
@@ -182,7 +174,7 @@ public final class Spool: Sendable {
     /// nothing readable behind. Not synced: if a crash undoes the truncation, the message
     /// is there again and is delivered again (a duplicate, never a loss).
     func release(_ number: UInt32) {
-        let path = queue + "/" + Self.slotName(number)
+        let path = self.path(of: number)
         let keep = slots.withLockedValue { $0.free.count < Self.freeLimit }
         if keep, truncate(path, 0) == 0 {
             slots.withLockedValue { $0.free.append(number) }
@@ -192,6 +184,14 @@ public final class Spool: Sendable {
     }
 
     func path(of slot: UInt32) -> String { queue + "/" + Self.slotName(slot) }
+
+    /// A number no slot had when the spool was opened, nor since.
+    private func newSlotNumber() -> UInt32 {
+        slots.withLockedValue { slots in
+            defer { slots.next &+= 1 }
+            return slots.next
+        }
+    }
 
     /// Bytes free for Tern on the spool's file system (what an unprivileged user may use).
     public func freeBytes() -> Int {
@@ -261,7 +261,6 @@ public final class SpoolWriter: @unchecked Sendable {
     struct OpenSlot {
         var fd: CInt
         var number: UInt32
-        var name: String { Spool.slotName(number) }
         /// Made for this message: its name is not durable until the directory is synced.
         var made: Bool
     }
@@ -297,7 +296,7 @@ public final class SpoolWriter: @unchecked Sendable {
         file = try await spool.pool.runIfActive { () throws -> OpenSlot in
             let slot = try current ?? spool.openSlot()
             do {
-                try SpoolFiles.writeAll(slot.fd, data, path: spool.queue + "/" + slot.name)
+                try SpoolFiles.writeAll(slot.fd, data, path: spool.path(of: slot.number))
             } catch {
                 // A full disk mid-message: no descriptor and no partial file stay behind.
                 close(slot.fd)
@@ -322,7 +321,7 @@ public final class SpoolWriter: @unchecked Sendable {
         let id = self.id
         slot = try await spool.pool.runIfActive {
             let slot = try current ?? spool.openSlot()
-            let path = spool.queue + "/" + slot.name
+            let path = spool.path(of: slot.number)
             do {
                 defer { close(slot.fd) }
                 try SpoolFiles.writeAll(slot.fd, data, path: path)
