@@ -191,6 +191,7 @@ let package = Package(
                 "Ingress", "SMTPProtocol", "TernCore", "Spool",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOTestUtils", package: "swift-nio"),
             ]
         ),

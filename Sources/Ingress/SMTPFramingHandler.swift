@@ -186,8 +186,8 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
         armTimer(context: context)
         if case .chunk(0) = mode { finishChunk(context: context) }
         decode(context: context)
-        // Frames produced here, outside channelRead, reach the session only with a
-        // channelReadComplete: NIOAsyncChannel hands reads over in batches at that event.
+        // Frames produced here, outside channelRead, still end a read batch for whatever
+        // follows in the pipeline.
         context.fireChannelReadComplete()
     }
 

@@ -50,7 +50,7 @@ public final class SMTPServer: Service, Sendable {
     /// The address each listener is bound to, by name, once `run` has bound them.
     public var bound: [String: SocketAddress] { boundAddresses.withLockedValue { $0 } }
 
-    private typealias BoundListener = (ListenerConfig, NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>)
+    private typealias BoundListener = (ListenerConfig, NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never>)
     private let preBound = NIOLockedValueBox<[BoundListener]?>(nil)
     /// The listeners accepting now, by name, and how `run` learns of ones a reload opens.
     private let active = NIOLockedValueBox(ActiveListeners())
@@ -72,7 +72,7 @@ public final class SMTPServer: Service, Sendable {
             bound.append((local, try await bind(local, socket: localSocket, unix: true)))
         }
         for listener in config.listeners {
-            let server: NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>
+            let server: NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never>
             do {
                 server = try await bind(listener, socket: sockets[listener.name])
             } catch {
@@ -191,7 +191,7 @@ public final class SMTPServer: Service, Sendable {
 
     private func bind(
         _ listener: ListenerConfig, socket: CInt?, unix: Bool = false
-    ) async throws -> NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never> {
+    ) async throws -> NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never> {
         let implicitTLS = listener.kind == .smtps ? environment.tlsContext : nil
         let limiter = self.limiter
         let timeouts = FramingTimeouts(
@@ -199,14 +199,16 @@ public final class SMTPServer: Service, Sendable {
             stressCommand: TimeAmount(config.limits.stressCommandTimeout.duration),
             stressData: TimeAmount(config.limits.stressDataTimeout.duration),
             underStress: { limiter.underPressure })
-        let initializer: @Sendable (any Channel) -> EventLoopFuture<NIOAsyncChannel<SMTPFrame, ByteBuffer>> = { channel in
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<ChannelInbox<SMTPFrame>> = { channel in
             channel.eventLoop.makeCompletedFuture {
                 let sync = channel.pipeline.syncOperations
                 if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
                 let remote = channel.remoteAddress
                 try sync.addHandler(
                     SMTPFramingHandler(timeouts: timeouts) { [weak self] error in self?.tlsFailed(listener, remote: remote, error) })
-                return try NIOAsyncChannel<SMTPFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
+                let inbox = ChannelInbox<SMTPFrame>(channel: channel)
+                try sync.addHandler(inbox)
+                return inbox
             }
         }
         if unix, let socket {
@@ -240,7 +242,7 @@ public final class SMTPServer: Service, Sendable {
     }
 
     private func accept(
-        on server: NIOAsyncChannel<NIOAsyncChannel<SMTPFrame, ByteBuffer>, Never>, listener: ListenerConfig
+        on server: NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never>, listener: ListenerConfig
     ) async throws {
         try await withThrowingDiscardingTaskGroup { group in
             try await server.executeThenClose { connections in
@@ -254,7 +256,9 @@ public final class SMTPServer: Service, Sendable {
         }
     }
 
-    private func handle(_ connection: NIOAsyncChannel<SMTPFrame, ByteBuffer>, listener: ListenerConfig) async {
+    private func handle(_ connection: ChannelInbox<SMTPFrame>, listener: ListenerConfig) async {
+        // Whatever ends the session, its connection closes with it.
+        defer { connection.channel.close(promise: nil) }
         var logger = environment.logger
         logger[metadataKey: LogSink.serviceKey] = "smtpd"
         let local = listener.name == ListenerConfig.localName && listener.address.port == 0
@@ -288,9 +292,7 @@ public final class SMTPServer: Service, Sendable {
         }
         if let reply {
             logger.info("reject: connect from \(client) to \(listener.name): \(reply)")
-            try? await connection.executeThenClose { _, outbound in
-                try await outbound.write(ByteBuffer(bytes: reply.encodedBytes))
-            }
+            try? await connection.channel.writeAndFlush(ByteBuffer(bytes: reply.encodedBytes))
             return
         }
         defer { limiter.release(local ? "local" : address) }
@@ -307,14 +309,12 @@ public final class SMTPServer: Service, Sendable {
             }, rejectSenders: config.access.rejectSenders,
             allowedSenders: config.access.allowedSenders, bareLineEndings: config.access.bareLineEndings)
         do {
-            try await connection.executeThenClose { inbound, outbound in
-                var session = SMTPSession(
-                    channel: connection.channel, outbound: outbound, frames: inbound.makeAsyncIterator(),
-                    machine: SessionStateMachine(policy: policy, trusted: trusted, tlsActive: listener.kind == .smtps),
-                    environment: environment, listener: listener, clientAddress: address, clientPort: port, logger: logger,
-                    localUID: localUID, completeHeaders: local || (trusted && config.access.addMissingHeaders))
-                try await session.run()
-            }
+            var session = SMTPSession(
+                channel: connection.channel, inbox: connection,
+                machine: SessionStateMachine(policy: policy, trusted: trusted, tlsActive: listener.kind == .smtps),
+                environment: environment, listener: listener, clientAddress: address, clientPort: port, logger: logger,
+                localUID: localUID, completeHeaders: local || (trusted && config.access.addMissingHeaders))
+            try await session.run()
         } catch is CancellationError {
         } catch is NIOSSLError {
             // Logged and counted where the TLS handler reported it (`tlsFailed`).

@@ -37,8 +37,8 @@ struct SessionEnvironment: Sendable {
 /// actions. Protocol decisions live in `SessionStateMachine`; this type does only I/O.
 struct SMTPSession {
     let channel: any Channel
-    let outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>
-    var frames: NIOAsyncChannelInboundStream<SMTPFrame>.AsyncIterator
+    /// The end of the channel's pipeline: frames in, replies out.
+    let inbox: ChannelInbox<SMTPFrame>
     var machine: SessionStateMachine
     let environment: SessionEnvironment
     let listener: ListenerConfig
@@ -156,7 +156,7 @@ struct SMTPSession {
             }
         }
         try await send(machine.greeting())
-        while !machine.isClosed, let frame = try await frames.next() {
+        while !machine.isClosed, let frame = try await inbox.next() {
             let action: SessionStateMachine.Action?
             switch frame {
             case .line(let line, let paused):
@@ -479,7 +479,7 @@ struct SMTPSession {
         var intake = try await startMessage()
         var violations: DataDecoder.Violations = []
         var ended = false
-        loop: while let frame = try await frames.next() {
+        loop: while let frame = try await inbox.next() {
             switch frame {
             case .data(let chunk):
                 await append(chunk, to: &intake)
@@ -510,7 +510,7 @@ struct SMTPSession {
     /// Reads one BDAT chunk into the message under way (or into nowhere, when `discard`).
     /// Returns false when the connection ended or timed out inside the chunk.
     private mutating func readChunk(into intake: inout Intake?, checker: inout LineEndingChecker) async throws -> Bool {
-        while let frame = try await frames.next() {
+        while let frame = try await inbox.next() {
             switch frame {
             case .data(let bytes):
                 guard intake != nil else { continue }
@@ -591,7 +591,7 @@ struct SMTPSession {
     // MARK: - I/O
 
     private func send(_ reply: SMTPReply) async throws {
-        try await outbound.write(ByteBuffer(bytes: reply.encodedBytes))
+        try await inbox.write(ByteBuffer(bytes: reply.encodedBytes))
     }
 
     /// Tells the framing how to read on. Not awaited: it reaches the event loop after every

@@ -8,6 +8,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import SMTPProtocol
+import TernCore
 
 /// How to reach and talk to one next hop.
 public struct SMTPClientConfiguration: Sendable {
@@ -78,8 +79,8 @@ public struct ConnectionFailure: Error, Sendable, Equatable {
 /// `isReady`.
 public final class SMTPClientConnection: @unchecked Sendable {
     private let channel: any Channel
-    private let outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>
-    private var replies: NIOAsyncChannelInboundStream<ReplyLine>.AsyncIterator
+    /// The end of the channel's pipeline: reply lines in, commands and content out.
+    private let replies: ChannelInbox<ReplyLine>
     private var machine: SMTPClientStateMachine
     private let configuration: SMTPClientConfiguration
     private var parser = SMTPReplyParser()
@@ -89,13 +90,9 @@ public final class SMTPClientConnection: @unchecked Sendable {
     /// Who answered: `host[ip]:port`, for logs and Remote-MTA.
     public let peer: String
 
-    private init(
-        channel: NIOAsyncChannel<ReplyLine, ByteBuffer>, configuration: SMTPClientConfiguration, peer: String,
-        outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, inbound: NIOAsyncChannelInboundStream<ReplyLine>
-    ) {
-        self.channel = channel.channel
-        self.outbound = outbound
-        self.replies = inbound.makeAsyncIterator()
+    private init(inbox: ChannelInbox<ReplyLine>, configuration: SMTPClientConfiguration, peer: String) {
+        self.channel = inbox.channel
+        self.replies = inbox
         self.configuration = configuration
         self.machine = SMTPClientStateMachine(
             heloName: configuration.heloName, tlsPolicy: configuration.tlsPolicy, credentials: configuration.credentials,
@@ -126,27 +123,29 @@ public final class SMTPClientConnection: @unchecked Sendable {
     private static func connectOnce(
         host: String, port: Int, configuration: SMTPClientConfiguration, group: any EventLoopGroup
     ) async throws(ConnectionFailure) -> SMTPClientConnection {
-        let channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
+        let inbox: ChannelInbox<ReplyLine>
         do {
             var bootstrap = ClientBootstrap(group: group)
             if let source = configuration.sourceAddress {
                 bootstrap = bootstrap.bind(to: try SocketAddress(ipAddress: source, port: 0))
             }
-            channel = try await bootstrap
+            inbox = try await bootstrap
                 .connectTimeout(TimeAmount(configuration.connectTimeout))
                 .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .connect(host: host, port: port) { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(ReplyFramer(timeout: TimeAmount(configuration.commandTimeout)))
-                        return try NIOAsyncChannel<ReplyLine, ByteBuffer>(wrappingChannelSynchronously: channel)
+                        let sync = channel.pipeline.syncOperations
+                        try sync.addHandler(ReplyFramer(timeout: TimeAmount(configuration.commandTimeout)))
+                        let inbox = ChannelInbox<ReplyLine>(channel: channel)
+                        try sync.addHandler(inbox)
+                        return inbox
                     }
                 }
         } catch {
             throw ConnectionFailure(stage: .connect, outcome: Self.connectOutcome(error, target: "\(host):\(port)"))
         }
         let peer = "\(configuration.serverName)[\(host)]:\(port)"
-        let (inbound, outbound) = Self.streams(of: channel)
-        let connection = SMTPClientConnection(channel: channel, configuration: configuration, peer: peer, outbound: outbound, inbound: inbound)
+        let connection = SMTPClientConnection(inbox: inbox, configuration: configuration, peer: peer)
         connection.stage = .greeting
         var action = SMTPClientStateMachine.Action.wait
         do {
@@ -182,8 +181,8 @@ public final class SMTPClientConnection: @unchecked Sendable {
                 }
             }
         } catch let failure as ConnectionFailure {
-            // A bad reply (unparseable, too long, too many lines): the channel and its writer
-            // still have to be closed, or the writer's deinit traps.
+            // A bad reply (unparseable, too long, too many lines): the channel still has to
+            // be closed.
             await connection.close(quit: false)
             throw failure
         } catch {
@@ -240,14 +239,6 @@ public final class SMTPClientConnection: @unchecked Sendable {
         }
     }
 
-    /// A connection outlives one call here (a lane reuses it for the next message), which
-    /// the scoped `executeThenClose` cannot express; `close` finishes the writer instead.
-    private static func streams(
-        of channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
-    ) -> (NIOAsyncChannelInboundStream<ReplyLine>, NIOAsyncChannelOutboundWriter<ByteBuffer>) {
-        (UnscopedStreams.self as any UnscopedStreamsProvider.Type).make(channel)
-    }
-
     public func quit() async {
         _ = machine.quit()
         await close(quit: true)
@@ -276,21 +267,21 @@ public final class SMTPClientConnection: @unchecked Sendable {
     }
 
     private func write(_ text: String) async throws {
-        try await outbound.write(ByteBuffer(string: text))
+        try await replies.write(ByteBuffer(string: text))
     }
 
     private func sendContent(_ content: some MessageContent) async throws {
         var stuffer = DotStuffer()
         var last: [UInt8]?
         try await content.forEachChunk { chunk in
-            if let previous = last { try await outbound.write(ByteBuffer(bytes: previous)) }
+            if let previous = last { try await replies.write(ByteBuffer(bytes: previous)) }
             var out: [UInt8] = []
             out.reserveCapacity(chunk.count + chunk.count / 64 + 5)
             chunk.withUnsafeBytes { stuffer.stuff($0, into: &out) }
             last = out
         }
         // The final dot goes out in the same write as the last piece.
-        try await outbound.write(ByteBuffer(bytes: (last ?? []) + stuffer.terminator))
+        try await replies.write(ByteBuffer(bytes: (last ?? []) + stuffer.terminator))
     }
 
     private func startTLS() async throws {
@@ -333,7 +324,6 @@ public final class SMTPClientConnection: @unchecked Sendable {
             try? await write(SMTPCommand.quit.encoded)
             _ = try? await readReply()
         }
-        outbound.finish()
         try? await channel.close().get()
     }
 
@@ -384,21 +374,4 @@ public final class SMTPClientConnection: @unchecked Sendable {
 
 extension String {
     public var isIPAddress: Bool { contains(":") || allSatisfy { $0.isNumber || $0 == "." } }
-}
-
-/// The unscoped stream accessors are deprecated in favour of `executeThenClose`; reaching
-/// them through a protocol witness keeps the one intended use from warning on every build.
-private protocol UnscopedStreamsProvider {
-    static func make(
-        _ channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
-    ) -> (NIOAsyncChannelInboundStream<ReplyLine>, NIOAsyncChannelOutboundWriter<ByteBuffer>)
-}
-
-private enum UnscopedStreams: UnscopedStreamsProvider {
-    @available(*, deprecated)
-    static func make(
-        _ channel: NIOAsyncChannel<ReplyLine, ByteBuffer>
-    ) -> (NIOAsyncChannelInboundStream<ReplyLine>, NIOAsyncChannelOutboundWriter<ByteBuffer>) {
-        (channel.inbound, channel.outbound)
-    }
 }

@@ -180,3 +180,46 @@ def test_stress_mode_shortens_the_command_deadline(make_tern):
         h.close()
     calm.close()
     good_transaction(port)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_its_replies_is_held_back(make_tern):
+    """A client pipelines commands without ever reading a reply. The replies fill its receive
+    window; the session then waits for the connection to drain and stops reading, so the
+    client's sends block in turn: Tern buffers a bounded amount, not one reply per line sent.
+    Without the wait, every reply to what the client sends queues in the daemon."""
+    tern = make_tern()
+    # A receive window of a few KB, set before the handshake so the window is small from the start.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(2)
+    sock.connect(("127.0.0.1", tern.port("mx")))
+    c = RawClient.__new__(RawClient)
+    c.sock, c.buf = sock, b""
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.test")[0] == 250
+    before = rss_kib(tern.proc.pid)
+    # EHLO: a short command with a long reply, so the daemon's socket buffer fills soon.
+    chunk = b"EHLO client.test\r\n" * 4_000
+    sent = 0
+    stop = time.monotonic() + 10
+    try:
+        while sent < 32 << 20 and time.monotonic() < stop:
+            c.sock.sendall(chunk)
+            sent += len(chunk)
+    except (socket.timeout, BlockingIOError):
+        pass
+    grown = rss_kib(tern.proc.pid) - before
+    print(f"sent {sent} bytes, RSS +{grown} KiB")
+    assert grown < 16 << 10, f"RSS grew by {grown} KiB after {sent} bytes of commands"
+    # The daemon still serves others, and this session still answers once read.
+    good_transaction(tern.port("mx"))
+    assert tern.proc.poll() is None
+    c.close()
