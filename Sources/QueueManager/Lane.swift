@@ -44,6 +44,8 @@ actor Lane: AttemptLane {
     private var machine: LaneStateMachine<DeliveryJob>
     /// Idle workers waiting for a job, by the machine's waiter number.
     private var waiters: [Int: CheckedContinuation<DeliveryJob?, Never>] = [:]
+    /// Each waiting worker's idle timer, by waiter number.
+    private var idleTimers: [Int: Scheduled<Void>] = [:]
     private var environment: LaneEnvironment
     private let report: @Sendable (JobOutcome) async -> Void
     private let connectionGauge: Gauge
@@ -81,6 +83,7 @@ actor Lane: AttemptLane {
                     environment.tasks.start(on: EventLoopExecutor(loop)) { await worker.run(messageTokenTaken: tokenTaken) }
                 }
             case .resume(let waiter, let job):
+                idleTimers.removeValue(forKey: waiter)?.cancel()
                 waiters.removeValue(forKey: waiter)?.resume(returning: job)
             case .deferJobs(let jobs, let reason, let note):
                 let report = self.report
@@ -129,13 +132,13 @@ actor Lane: AttemptLane {
         case .job(let job): return job
         case .close: return nil
         case .wait(let waiter):
-            // Once a job came, the expiry finds the waiter gone and does nothing. The job
-            // does not wait for the timer: a worker waits often, and a join there cost a
-            // tenth of the throughput with many lanes.
-            let idleTime = environment.idleTime
-            environment.tasks.start {
-                try? await Task.sleep(for: idleTime)
-                await self.idleExpired(waiter)
+            // The idle timer is an event loop's: a job that comes cancels it (`resume`),
+            // so a busy lane keeps no timers, and no task exists until one goes off. A
+            // worker waits often: a sleeping task per wait, left to run out, cost a tenth of
+            // the throughput with many lanes, and a join there cost as much.
+            let tasks = environment.tasks
+            idleTimers[waiter] = MultiThreadedEventLoopGroup.singleton.any().scheduleTask(in: TimeAmount(environment.idleTime)) {
+                tasks.start { await self.idleExpired(waiter) }
             }
             return await withTaskCancellationHandler {
                 await withCheckedContinuation { continuation in waiters[waiter] = continuation }
