@@ -214,9 +214,9 @@ public final class SMTPClientConnection: @unchecked Sendable {
                 case .sendContent:
                     stage = .endOfData
                     try await sendContent(content)
-                    try await setReadTimeout(configuration.dataTimeout)
+                    setReadTimeout(configuration.dataTimeout)
                     let reply = try await readReply()
-                    try await setReadTimeout(configuration.commandTimeout)
+                    setReadTimeout(configuration.commandTimeout)
                     action = machine.reply(reply)
                 case .messageDone(let verdicts, let reset):
                     if reset {
@@ -308,8 +308,10 @@ public final class SMTPClientConnection: @unchecked Sendable {
         parser = SMTPReplyParser()
     }
 
-    private func setReadTimeout(_ timeout: Duration) async throws {
-        try await channel.triggerUserOutboundEvent(ReplyFramer.SetTimeout(timeout: TimeAmount(timeout))).get()
+    /// Not awaited: the event reaches the framer on the event loop before any write or read
+    /// that follows it, as the channel runs its operations in order.
+    private func setReadTimeout(_ timeout: Duration) {
+        channel.triggerUserOutboundEvent(ReplyFramer.SetTimeout(timeout: TimeAmount(timeout)), promise: nil)
     }
 
     private var closed = false
@@ -320,7 +322,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
         closed = true
         if quit, channel.isActive {
             // A server that does not answer QUIT promptly is not waited for.
-            try? await setReadTimeout(.seconds(min(10, configuration.commandTimeout.components.seconds)))
+            setReadTimeout(.seconds(min(10, configuration.commandTimeout.components.seconds)))
             try? await write(SMTPCommand.quit.encoded)
             _ = try? await readReply()
         }
