@@ -231,12 +231,13 @@ public actor Scheduler {
                 continue
             }
             let route = route(entry.envelope, i)
-            lanes[route.laneKey, default: LaneRecord()].domains.insert(Router.domain(of: entry.envelope.recipients[i].address))
-            if groups[route.laneKey] == nil {
-                groups[route.laneKey] = (route, [])
-                order.append(route.laneKey)
+            let key = route.laneKey  // built from strings each time: once per recipient
+            lanes[key, default: LaneRecord()].domains.insert(Router.domain(of: entry.envelope.recipients[i].address))
+            if groups[key] == nil {
+                groups[key] = (route, [])
+                order.append(key)
             }
-            groups[route.laneKey]!.1.append(i)
+            groups[key]!.1.append(i)
         }
         if let later { retryQueue.schedule(id, at: later) }
         // Take what the lanes have room for; the rest waits for its lane. All counted before
@@ -359,16 +360,17 @@ public actor Scheduler {
     }
 
     private func lane(for route: Route) -> Lane {
-        if let lane = lanes[route.laneKey]?.lane { return lane }
-        let lane = Lane(key: route.laneKey, limits: route.limits, environment: environment) { [weak self] outcome in
+        let key = route.laneKey
+        if let lane = lanes[key]?.lane { return lane }
+        let lane = Lane(key: key, limits: route.limits, environment: environment) { [weak self] outcome in
             await self?.completed(outcome)
         }
-        lanes[route.laneKey, default: LaneRecord()].lane = lane
-        lanes[route.laneKey, default: LaneRecord()].route = route
+        lanes[key, default: LaneRecord()].lane = lane
+        lanes[key, default: LaneRecord()].route = route
         // Being made is news: the sweep leaves a new lane alone for `lane_idle_time`, time
         // for a suspension from before a restart to reach it.
-        lanes[route.laneKey, default: LaneRecord()].activity = environment.now()
-        if let s = suspensions[route.laneKey], s.untilMillis > environment.now() {
+        lanes[key, default: LaneRecord()].activity = environment.now()
+        if let s = suspensions[key], s.untilMillis > environment.now() {
             // A suspension from before a restart holds for the lane made again.
             tasks.start { await lane.suspend(until: s.untilMillis, reason: s.reason) }
         }
