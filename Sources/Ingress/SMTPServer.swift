@@ -109,12 +109,18 @@ public final class SMTPServer: Service, Sendable {
         }
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
+                // Each accept loop runs on its listener's event loop, where the connections
+                // arrive: taking one does not wake a thread of Swift's pool.
                 for (listener, server) in servers {
-                    group.addTask { try await self.accept(on: server, listener: listener) }
+                    group.addTask(executorPreference: EventLoopExecutor(server.channel.eventLoop)) {
+                        try await self.accept(on: server, listener: listener)
+                    }
                 }
                 // Listeners a reload opens join here; the stream ends at shutdown.
                 for await (listener, server) in added {
-                    group.addTask { try await self.accept(on: server, listener: listener) }
+                    group.addTask(executorPreference: EventLoopExecutor(server.channel.eventLoop)) {
+                        try await self.accept(on: server, listener: listener)
+                    }
                 }
             }
         } onGracefulShutdown: {
