@@ -95,10 +95,16 @@ public struct SMTPReplyParser: Sendable {
 
     /// Feeds one line, without its CRLF.
     public mutating func feed(line: Substring) throws(SMTPParseError) -> SMTPReply? {
-        let bytes = Array(line.utf8)
-        guard bytes.count >= 3, bytes[0...2].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }),
-            let code = Int(String(decoding: bytes[0...2], as: UTF8.self)), (200...599).contains(code)
-        else { throw SMTPParseError(.badReply, "not a reply line") }
+        try feed(bytes: Array(line.utf8))
+    }
+
+    /// Feeds one line as it came off the wire, without its CRLF.
+    public mutating func feed(bytes: [UInt8]) throws(SMTPParseError) -> SMTPReply? {
+        guard bytes.count >= 3, bytes[0...2].allSatisfy({ $0 >= 0x30 && $0 <= 0x39 }) else {
+            throw SMTPParseError(.badReply, "not a reply line")
+        }
+        let code = Int(bytes[0] - 0x30) * 100 + Int(bytes[1] - 0x30) * 10 + Int(bytes[2] - 0x30)
+        guard (200...599).contains(code) else { throw SMTPParseError(.badReply, "not a reply line") }
         if let current = self.code, current != code {
             throw SMTPParseError(.badReply, "code changed inside a multi-line reply")
         }

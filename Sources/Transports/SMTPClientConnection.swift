@@ -254,13 +254,13 @@ public final class SMTPClientConnection: @unchecked Sendable {
                 throw ConnectionFailure(stage: stage, outcome: .connection("connection closed by the server"))
             }
             guard line.generation == generation else { continue }  // plaintext sent before TLS
-            let text = String(decoding: line.bytes, as: UTF8.self)
             do {
-                if let reply = try parser.feed(line: Substring(text)) {
+                if let reply = try parser.feed(bytes: line.bytes) {
                     if !reply.isPositive { lastFailure = .reply(reply) }
                     return reply
                 }
             } catch {
+                let text = String(decoding: line.bytes, as: UTF8.self)
                 throw ConnectionFailure(stage: stage, outcome: .protocolError("bad reply: \(error.detail): \(text.prefix(100))"))
             }
         }
