@@ -18,6 +18,13 @@ public struct HopCounter: Sendable {
 
     public mutating func feed(_ bytes: some Collection<UInt8>) {
         guard inHeaders else { return }
+        feed(Array(bytes))
+    }
+
+    /// The same for an array: not generic, so a caller in another module does not go
+    /// through the collection's witness table for each byte.
+    public mutating func feed(_ bytes: [UInt8]) {
+        guard inHeaders else { return }
         for byte in bytes {
             if byte == 0x0A {
                 guard hasContent else {

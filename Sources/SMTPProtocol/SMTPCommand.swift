@@ -70,7 +70,13 @@ public enum SMTPCommand: Hashable, Sendable {
 /// this parser checks the grammar only.
 public enum SMTPCommandParser {
     public static func parse(_ line: some Collection<UInt8>) throws(SMTPParseError) -> SMTPCommand {
-        let bytes = Array(line)
+        try parse(Array(line))
+    }
+
+    /// The same for a line already in an array: what the session hands over. Not generic,
+    /// so a caller in another module does not go through the collection's witness table
+    /// for each byte.
+    public static func parse(_ bytes: [UInt8]) throws(SMTPParseError) -> SMTPCommand {
         // Controls other than TAB have no place in a command (RFC 5321 §4.1.1: printable text).
         if bytes.contains(where: { ($0 < 0x20 && $0 != ASCII.tab) || $0 == 0x7F }) {
             throw SMTPParseError(.syntax, "control character in command")

@@ -203,3 +203,13 @@ final class CommandParserTests: XCTestCase {
         XCTAssertEqual(SMTPLimits.minimumRecipients, 100)
     }
 }
+
+final class CommandParserEntryPointTests: XCTestCase {
+    /// The array entry point and the generic one read a line the same way.
+    func testArrayAndSliceParseAlike() throws {
+        let line = Array("xxMAIL FROM:<a@b.example> SIZE=10".utf8)
+        let fromSlice = try SMTPCommandParser.parse(line[2...])
+        let fromArray = try SMTPCommandParser.parse(Array(line[2...]))
+        XCTAssertEqual(fromSlice, fromArray)
+    }
+}
