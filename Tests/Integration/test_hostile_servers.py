@@ -205,3 +205,33 @@ def test_control_characters_in_replies_are_escaped(make_tern, dns, mx_port, host
     assert "\\x1B[31mred" in listing
     shown = tern.run("queue", "list", "--json").stdout
     assert "\x1b" not in shown
+
+
+def test_server_that_stops_reading_the_message_is_cut_off(make_tern, dns, mx_port, hostile):
+    """The server answers 354, then never reads: its window closes, Tern's writes wait for the
+    connection to drain, and the reply deadline still ends the attempt (the wait is not
+    forever), with the message deferred and the connection closed."""
+    def script(c):
+        greet_and_ehlo(c, ())
+        for reply in (b"250 2.1.0 ok\r\n", b"250 2.1.5 ok\r\n", b"354 go on\r\n"):
+            c.line()
+            c.send(reply)
+        while c.server.running:  # reads nothing more; the client going away ends this
+            time.sleep(0.1)
+
+    server = hostile(script)
+    import socket
+    server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window from the first byte
+    tern = make_tern(delivery=delivery(dns, mx_port, ", command_timeout: 2s, data_timeout: 3s")
+                     .replace("retry_first: 1s, retry_maximum: 2s", "retry_first: 1h, retry_maximum: 2h"))
+    dns.add("hostile.example", ("A", "127.0.0.11"))
+    body = ("x" * 76 + "\r\n") * 80_000  # 6.2 MB: more than the kernel's buffers on both sides hold
+    started = time.time()
+    send(tern, "app@client.example", ["u@hostile.example"], body=body)
+    line = wait_log(tern, r"to=<u@hostile\.example>, .*status=(\w+) \((.*)\)", timeout=40)
+    assert line.group(1) == "deferred", line.group(0)
+    assert "timeout" in line.group(2) or "timed out" in line.group(2), line.group(0)
+    assert time.time() - started < 25, "the attempt outlived its deadline"
+    assert server.received == []
+    assert len(tern.queue()) == 1
+    assert tern.proc.poll() is None
