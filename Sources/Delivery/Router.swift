@@ -11,21 +11,41 @@ public struct Route: Sendable, Equatable {
 
     /// The route's name from the config; `default` when no line matched.
     public var name: String
-    public var nextHop: NextHop
+    public var nextHop: NextHop { didSet { laneKey = makeLaneKey() } }
     public var tls: TLSPolicyName
     public var caFile: String?
     /// The smarthost user, when the route authenticates.
-    public var authUser: String?
-    public var limits: LaneLimits
+    public var authUser: String? { didSet { laneKey = makeLaneKey() } }
+    public var limits: LaneLimits {
+        didSet { if limits.sourceAddress != oldValue.sourceAddress { laneKey = makeLaneKey() } }
+    }
     /// The provider whose MX hosts serve the domain, when one matched: its domains share a lane.
-    public var provider: String?
+    public var provider: String? { didSet { laneKey = makeLaneKey() } }
 
     /// One lane per destination. Connections are reused only within a lane, so a lane is
     /// also everything a connection was set up with: two routes that log in to the same
     /// smarthost as different users get two lanes, and mail that leaves from another source
     /// address gets its own lane (`provider:gmail/192.0.2.7`), as providers count
-    /// connections and rates per sending IP.
-    public var laneKey: LaneKey {
+    /// connections and rates per sending IP. Kept up to date as the fields it is made of
+    /// change: it is built from strings, and the scheduler asks for it several times per
+    /// message.
+    public private(set) var laneKey = LaneKey("")
+
+    public init(
+        name: String, nextHop: NextHop, tls: TLSPolicyName, caFile: String? = nil, authUser: String? = nil,
+        limits: LaneLimits, provider: String? = nil
+    ) {
+        self.name = name
+        self.nextHop = nextHop
+        self.tls = tls
+        self.caFile = caFile
+        self.authUser = authUser
+        self.limits = limits
+        self.provider = provider
+        self.laneKey = makeLaneKey()
+    }
+
+    private func makeLaneKey() -> LaneKey {
         let destination: String
         switch nextHop {
         case .mx(let domain): destination = provider.map { LaneKey.provider($0).rawValue } ?? domain

@@ -322,4 +322,22 @@ final class LaneKeyTests: XCTestCase {
         XCTAssertFalse(LaneKey("smtp.example.net:587").isDomain)
         XCTAssertFalse(LaneKey("localhost").isDomain)
     }
+
+    /// The lane key is kept, not built on each use: it must follow every field it is made of.
+    func testTheLaneKeyFollowsTheFieldsItIsMadeOf() {
+        var route = Route(name: "r", nextHop: .mx(domain: "example.org"), tls: .may, limits: LaneLimits())
+        XCTAssertEqual(route.laneKey, "example.org")
+        route.provider = "google"
+        XCTAssertEqual(route.laneKey, "provider:google")
+        route.limits.sourceAddress = "192.0.2.7"
+        XCTAssertEqual(route.laneKey, "provider:google/192.0.2.7")
+        route.limits.maxConnections = 3
+        XCTAssertEqual(route.laneKey, "provider:google/192.0.2.7")
+        route.nextHop = .smarthost(host: "::1", port: 2525)
+        XCTAssertEqual(route.laneKey, "[::1]:2525/192.0.2.7")
+        route.authUser = "relay"
+        XCTAssertEqual(route.laneKey, "relay@[::1]:2525/192.0.2.7")
+        route.limits.sourceAddress = nil
+        XCTAssertEqual(route.laneKey, "relay@[::1]:2525")
+    }
 }
