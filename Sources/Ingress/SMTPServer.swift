@@ -211,7 +211,10 @@ public final class SMTPServer: Service, Sendable {
                 if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
                 let remote = channel.remoteAddress
                 try sync.addHandler(
-                    SMTPFramingHandler(timeouts: timeouts) { [weak self] error in self?.tlsFailed(listener, remote: remote, error) })
+                    SMTPFramingHandler(
+                        timeouts: timeouts,
+                        onTLSFailure: { [weak self] error in self?.tlsFailed(listener, remote: remote, error) },
+                        onDeadlineClose: { [weak self] in self?.deadlineClosed(listener, remote: remote) }))
                 let inbox = ChannelInbox<SMTPFrame>(channel: channel)
                 try sync.addHandler(inbox)
                 return inbox
@@ -330,6 +333,13 @@ public final class SMTPServer: Service, Sendable {
             logger.info("lost connection from \(client): \(error)")
         }
         logger.info("disconnect from \(client)")
+    }
+
+    private func deadlineClosed(_ listener: ListenerConfig, remote: SocketAddress?) {
+        let client = remote.map { "[\($0.ipAddress ?? "unknown")]:\($0.port ?? 0)" } ?? "unknown"
+        var logger = environment.logger
+        logger[metadataKey: LogSink.serviceKey] = "smtpd"
+        logger.info("timeout from \(client): it reads no replies; connection closed")
     }
 
     private func tlsFailed(_ listener: ListenerConfig, remote: SocketAddress?, _ error: any Error) {

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from conftest import RawClient, good_transaction, open_transaction, tls_client_context
+from peers import wait_log
 
 
 def b64(text: str) -> str:
@@ -190,13 +191,10 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_client_that_never_reads_its_replies_is_held_back(make_tern):
-    """A client pipelines commands without ever reading a reply. The replies fill its receive
-    window; the session then waits for the connection to drain and stops reading, so the
-    client's sends block in turn: Tern buffers a bounded amount, not one reply per line sent.
-    Without the wait, every reply to what the client sends queues in the daemon."""
-    tern = make_tern()
-    # A receive window of a few KB, set before the handshake so the window is small from the start.
+def flood_without_reading(tern, seconds=10):
+    """A client with a receive window of a few KB (set before the handshake, so it is small
+    from the start) that pipelines EHLO, a short command with a long reply, until its sends
+    block or `seconds` pass, and never reads. Returns the client and the bytes it sent."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(2)
@@ -205,21 +203,48 @@ def test_client_that_never_reads_its_replies_is_held_back(make_tern):
     c.sock, c.buf = sock, b""
     assert c.reply()[0] == 220
     assert c.cmd("EHLO client.test")[0] == 250
-    before = rss_kib(tern.proc.pid)
-    # EHLO: a short command with a long reply, so the daemon's socket buffer fills soon.
     chunk = b"EHLO client.test\r\n" * 4_000
     sent = 0
-    stop = time.monotonic() + 10
+    stop = time.monotonic() + seconds
     try:
         while sent < 32 << 20 and time.monotonic() < stop:
             c.sock.sendall(chunk)
             sent += len(chunk)
     except (socket.timeout, BlockingIOError):
         pass
+    except (ConnectionResetError, BrokenPipeError):
+        pass  # the server closed it (its deadline passed while this client flooded)
+    return c, sent
+
+
+def test_client_that_never_reads_its_replies_is_held_back(make_tern):
+    """A client pipelines commands without ever reading a reply. The replies fill its receive
+    window; the session then waits for the connection to drain and stops reading, so the
+    client's sends block in turn: Tern buffers a bounded amount, not one reply per line sent.
+    Without the wait, every reply to what the client sends queues in the daemon."""
+    tern = make_tern()
+    before = rss_kib(tern.proc.pid)
+    c, sent = flood_without_reading(tern)
     grown = rss_kib(tern.proc.pid) - before
-    print(f"sent {sent} bytes, RSS +{grown} KiB")
     assert grown < 16 << 10, f"RSS grew by {grown} KiB after {sent} bytes of commands"
-    # The daemon still serves others, and this session still answers once read.
+    # The daemon still serves others.
     good_transaction(tern.port("mx"))
     assert tern.proc.poll() is None
     c.close()
+
+
+def test_client_that_stops_reading_is_cut_off_at_the_command_deadline(make_tern):
+    """The same client, then silent and still connected: the session waits for its replies
+    to drain, which they never do. The command deadline still ends the session, by closing
+    the connection (no 421 could reach a client that reads nothing), and frees its slot."""
+    tern = make_tern(limits="{ command_timeout: 2s, data_timeout: 3s }")
+    started = time.monotonic()
+    c, _ = flood_without_reading(tern, seconds=10)
+    port = c.sock.getsockname()[1]
+    wait_log(tern, rf"timeout from \[127\.0\.0\.1\]:{port}: it reads no replies", timeout=15)
+    wait_log(tern, rf"disconnect from \[127\.0\.0\.1\]:{port}\b", timeout=5)
+    assert time.monotonic() - started < 12, "the session outlived its deadline"
+    good_transaction(tern.port("mx"))
+    assert tern.proc.poll() is None
+    c.close()
+
