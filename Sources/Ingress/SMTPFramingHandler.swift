@@ -103,18 +103,14 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
     /// session is still reading when the connection closes.
     private let onTLSFailure: ((any Error) -> Void)?
     private var tlsFailed = false
-    /// Told when a deadline passes while the client reads nothing, just before the
-    /// connection is closed (the session cannot log it: it is waiting to write).
-    private let onDeadlineClose: (() -> Void)?
 
     init(
         maxLineLength: Int = SMTPLimits.commandLineWithExtensions, timeouts: FramingTimeouts,
-        onTLSFailure: ((any Error) -> Void)? = nil, onDeadlineClose: (() -> Void)? = nil
+        onTLSFailure: ((any Error) -> Void)? = nil
     ) {
         self.maxLineLength = maxLineLength
         self.timeouts = timeouts
         self.onTLSFailure = onTLSFailure
-        self.onDeadlineClose = onDeadlineClose
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -325,14 +321,6 @@ final class SMTPFramingHandler: ChannelDuplexHandler {
             switch handler.deadline.fired() {
             case .expired:
                 handler.timedOut = true
-                guard context.channel.isWritable else {
-                    // The client reads none of the replies either: the session waits for
-                    // them to drain and would never see the timeout, and no 421 could reach
-                    // the client. The deadline ends the connection itself.
-                    handler.onDeadlineClose?()
-                    context.close(promise: nil)
-                    return
-                }
                 context.fireChannelRead(handler.wrapInboundOut(.timeout))
                 context.fireChannelReadComplete()
             case .later(let due):

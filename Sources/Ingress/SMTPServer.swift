@@ -211,11 +211,10 @@ public final class SMTPServer: Service, Sendable {
                 if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
                 let remote = channel.remoteAddress
                 try sync.addHandler(
-                    SMTPFramingHandler(
-                        timeouts: timeouts,
-                        onTLSFailure: { [weak self] error in self?.tlsFailed(listener, remote: remote, error) },
-                        onDeadlineClose: { [weak self] in self?.deadlineClosed(listener, remote: remote) }))
-                let inbox = ChannelInbox<SMTPFrame>(channel: channel)
+                    SMTPFramingHandler(timeouts: timeouts) { [weak self] error in self?.tlsFailed(listener, remote: remote, error) })
+                // A client that reads none of its replies holds the session in a write; the
+                // command timeout bounds that wait as it bounds the client's own lines.
+                let inbox = ChannelInbox<SMTPFrame>(channel: channel, drainTimeout: timeouts.command)
                 try sync.addHandler(inbox)
                 return inbox
             }
@@ -325,6 +324,8 @@ public final class SMTPServer: Service, Sendable {
                 localUID: localUID, completeHeaders: local || (trusted && config.access.addMissingHeaders))
             try await session.run()
         } catch is CancellationError {
+        } catch is WriteDrainTimeout {
+            logger.info("timeout from \(client): it reads no replies; connection closed")
         } catch is NIOSSLError {
             // Logged and counted where the TLS handler reported it (`tlsFailed`).
         } catch is BoringSSLError {
@@ -333,13 +334,6 @@ public final class SMTPServer: Service, Sendable {
             logger.info("lost connection from \(client): \(error)")
         }
         logger.info("disconnect from \(client)")
-    }
-
-    private func deadlineClosed(_ listener: ListenerConfig, remote: SocketAddress?) {
-        let client = remote.map { "[\($0.ipAddress ?? "unknown")]:\($0.port ?? 0)" } ?? "unknown"
-        var logger = environment.logger
-        logger[metadataKey: LogSink.serviceKey] = "smtpd"
-        logger.info("timeout from \(client): it reads no replies; connection closed")
     }
 
     private func tlsFailed(_ listener: ListenerConfig, remote: SocketAddress?, _ error: any Error) {

@@ -11,7 +11,8 @@ import NIOCore
 ///
 /// Backpressure: once `limit` frames wait, the inbox stops asking the channel to read, and
 /// asks again when the task has taken one. A write that leaves the channel unwritable (the
-/// peer does not read) suspends the writer until the channel drains.
+/// peer does not read) suspends the writer until the channel drains, and no longer than
+/// `drainTimeout`: that wait is a deadline too.
 ///
 /// After `errorCaught` the frames already buffered are still read, then `next` throws the
 /// error once, then returns nil, as it does after the channel closes. The owner closes the
@@ -28,23 +29,30 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
     public let channel: any Channel
     @usableFromInline let eventLoop: any EventLoop
     @usableFromInline let limit: Int
+    /// How long a write may wait for a peer that does not read, at most.
+    @usableFromInline let drainTimeout: TimeAmount?
 
     // Event-loop state below: touched only on `eventLoop`.
     @usableFromInline var context: ChannelHandlerContext?
     @usableFromInline var frames = CircularBuffer<Frame>(initialCapacity: 4)
     @usableFromInline var reader: UnsafeContinuation<Frame?, any Error>?
     @usableFromInline var drainWaiter: UnsafeContinuation<Void, any Error>?
+    @usableFromInline var drainTimer: Scheduled<Void>?
     @usableFromInline var ended = false
     @usableFromInline var failure: (any Error)?
     @usableFromInline var readHeld = false
     @usableFromInline var cancelled = false
 
-    /// - Parameter limit: frames buffered before the inbox stops reading from the socket.
+    /// - Parameters:
+    ///   - limit: frames buffered before the inbox stops reading from the socket.
+    ///   - drainTimeout: how long a write may wait for the channel to become writable again
+    ///     before the channel is closed; nil when another deadline covers it.
     @inlinable
-    public init(channel: any Channel, limit: Int = 8) {
+    public init(channel: any Channel, limit: Int = 8, drainTimeout: TimeAmount? = nil) {
         self.channel = channel
         self.eventLoop = channel.eventLoop
         self.limit = max(1, limit)
+        self.drainTimeout = drainTimeout
     }
 
     // MARK: - The task's side
@@ -68,27 +76,61 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
     }
 
     /// Writes and flushes `buffer`. Returns once it is handed to the channel, or, when the
-    /// channel has stopped being writable, once it is writable again. Throws when the channel
-    /// is closed.
+    /// channel has stopped being writable (the peer does not read), once it is writable
+    /// again. Throws when the channel is closed, and `WriteDrainTimeout` (closing the channel)
+    /// when it stays unwritable for `drainTimeout`.
     @inlinable
     public func write(_ buffer: ByteBuffer) async throws {
-        guard eventLoop.inEventLoop else {
-            try await eventLoop.flatSubmit { self.writeOnLoop(buffer) }.get()
+        if eventLoop.inEventLoop {
+            if try writeNow(buffer) { return }
+            // Still on the loop: nothing can have changed since the write.
+            try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<Void, any Error>) in
+                waitForDrain(continuation)
+            }
             return
         }
-        guard let context, context.channel.isActive else { throw ChannelError.ioOnClosedChannel }
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
-        guard !context.channel.isWritable else { return }
         try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<Void, any Error>) in
-            // Still on the loop: nothing can have changed since the check above.
-            drainWaiter = continuation
+            eventLoop.execute {
+                do {
+                    if try self.writeNow(buffer) { continuation.resume() } else { self.waitForDrain(continuation) }
+                } catch {
+                    continuation.resume(throwing: error)
+                }
+            }
         }
     }
 
+    /// Writes on the loop; true when the channel is still writable after it.
     @inlinable
-    func writeOnLoop(_ buffer: ByteBuffer) -> EventLoopFuture<Void> {
-        guard let context, context.channel.isActive else { return eventLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
-        return context.writeAndFlush(wrapOutboundOut(buffer))
+    func writeNow(_ buffer: ByteBuffer) throws -> Bool {
+        guard let context, context.channel.isActive else { throw ChannelError.ioOnClosedChannel }
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        return context.channel.isWritable
+    }
+
+    @inlinable
+    func waitForDrain(_ continuation: UnsafeContinuation<Void, any Error>) {
+        drainWaiter = continuation
+        guard let drainTimeout else { return }
+        drainTimer = eventLoop.scheduleTask(in: drainTimeout) { self.drainTimedOut() }
+    }
+
+    @inlinable
+    func drainTimedOut() {
+        guard let drainWaiter else { return }
+        self.drainWaiter = nil
+        drainTimer = nil
+        drainWaiter.resume(throwing: WriteDrainTimeout())
+        context?.close(promise: nil)
+    }
+
+    @inlinable
+    func resumeDrainWaiter(_ error: (any Error)?) {
+        drainTimer?.cancel()
+        drainTimer = nil
+        guard let drainWaiter else { return }
+        self.drainWaiter = nil
+        if let error { drainWaiter.resume(throwing: error) } else { drainWaiter.resume() }
     }
 
     @inlinable
@@ -134,10 +176,7 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
             self.reader = nil
             wait(reader)
         }
-        if let drainWaiter {
-            self.drainWaiter = nil
-            drainWaiter.resume(throwing: error ?? ChannelError.ioOnClosedChannel)
-        }
+        resumeDrainWaiter(error ?? ChannelError.ioOnClosedChannel)
     }
 
     // MARK: - The channel's side
@@ -178,10 +217,7 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
 
     @inlinable
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable, let drainWaiter {
-            self.drainWaiter = nil
-            drainWaiter.resume()
-        }
+        if context.channel.isWritable { resumeDrainWaiter(nil) }
         context.fireChannelWritabilityChanged()
     }
 
@@ -194,3 +230,11 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
         }
     }
 }
+
+/// A write waited longer than its `drainTimeout` for a peer that reads nothing; the channel
+/// was closed.
+public struct WriteDrainTimeout: Error, CustomStringConvertible {
+    public init() {}
+    public var description: String { "the peer read nothing for the write timeout" }
+}
+

@@ -19,7 +19,7 @@ final class ChannelInboxTests: XCTestCase {
         server = try await ServerBootstrap(group: group)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let inbox = ChannelInbox<ByteBuffer>(channel: channel, limit: 2)
+                    let inbox = ChannelInbox<ByteBuffer>(channel: channel, limit: 2, drainTimeout: .milliseconds(300))
                     try channel.pipeline.syncOperations.addHandler(inbox)
                     continuation.yield(inbox)
                 }
@@ -104,6 +104,30 @@ final class ChannelInboxTests: XCTestCase {
             XCTFail("the cancelled read returned")
         } catch is CancellationError {}
         try await client.close()
+    }
+
+    /// A peer that reads nothing: writes go on until the channel is unwritable, then one
+    /// waits, and the drain timeout ends that wait and closes the channel.
+    func testAWriteToAPeerThatReadsNothingEndsAtTheDrainTimeout() async throws {
+        let client = try await ClientBootstrap(group: group)
+            .channelOption(.socketOption(.so_rcvbuf), value: 4096)
+            .channelOption(.autoRead, value: false)
+            .connect(to: server.localAddress!).get()
+        var inboxes = accepted.stream.makeAsyncIterator()
+        let next = await inboxes.next()
+        let inbox = try XCTUnwrap(next)
+        let chunk = ByteBuffer(repeating: 0x78, count: 64 * 1024)
+        var written = 0
+        do {
+            while written < 1 << 30 {
+                try await inbox.write(chunk)
+                written += chunk.readableBytes
+            }
+            XCTFail("a gigabyte went to a peer that reads nothing")
+        } catch is WriteDrainTimeout {}
+        XCTAssertLessThan(written, 256 << 20, "the writes were held back once the peer's window was full")
+        try await inbox.channel.closeFuture.get()
+        try? await client.close()
     }
 
     /// Reads stop while `limit` frames wait, and start again when one is taken.
