@@ -110,6 +110,12 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
 
     @inlinable
     func waitForDrain(_ continuation: UnsafeContinuation<Void, any Error>) {
+        // A write that fails at once (the peer reset the connection) closes the channel
+        // before it returns: then nothing is left to wait for.
+        guard !ended else {
+            continuation.resume(throwing: failure ?? ChannelError.ioOnClosedChannel)
+            return
+        }
         drainWaiter = continuation
         guard let drainTimeout else { return }
         drainTimer = eventLoop.scheduleTask(in: drainTimeout) { self.drainTimedOut() }
