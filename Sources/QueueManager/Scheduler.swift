@@ -231,7 +231,7 @@ public actor Scheduler {
                 continue
             }
             let route = route(entry.envelope, i)
-            let key = route.laneKey  // built from strings each time: once per recipient
+            let key = route.laneKey
             lanes[key, default: LaneRecord()].domains.insert(Router.domain(of: entry.envelope.recipients[i].address))
             if groups[key] == nil {
                 groups[key] = (route, [])
