@@ -16,13 +16,8 @@ public struct HopCounter: Sendable {
 
     public init() {}
 
-    public mutating func feed(_ bytes: some Collection<UInt8>) {
-        guard inHeaders else { return }
-        feed(Array(bytes))
-    }
-
-    /// The same for an array: not generic, so a caller in another module does not go
-    /// through the collection's witness table for each byte.
+    /// Takes an array, not any collection: a generic entry point is not specialised across
+    /// the module boundary, and went through the collection's witness table for each byte.
     public mutating func feed(_ bytes: [UInt8]) {
         guard inHeaders else { return }
         for byte in bytes {

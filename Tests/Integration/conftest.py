@@ -176,8 +176,16 @@ def make_tern(tmp_path):
 class RawClient:
     """A line-level SMTP client for what smtplib refuses to send."""
 
-    def __init__(self, port, host="127.0.0.1", source=None, timeout=10):
-        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
+    def __init__(self, port, host="127.0.0.1", source=None, timeout=10, rcvbuf=None):
+        """`rcvbuf`: the receive buffer, set before the handshake so the window is that small
+        from the first byte (a client that reads slowly or not at all)."""
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        if source:
+            self.sock.bind((source, 0))
+        self.sock.connect((host, port))
         self.buf = b""
         self.greeting = self.reply()
 

@@ -195,13 +195,8 @@ def flood_without_reading(tern, seconds=10):
     """A client with a receive window of a few KB (set before the handshake, so it is small
     from the start) that pipelines EHLO, a short command with a long reply, until its sends
     block or `seconds` pass, and never reads. Returns the client and the bytes it sent."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(2)
-    sock.connect(("127.0.0.1", tern.port("mx")))
-    c = RawClient.__new__(RawClient)
-    c.sock, c.buf = sock, b""
-    assert c.reply()[0] == 220
+    c = RawClient(tern.port("mx"), timeout=2, rcvbuf=4096)
+    assert c.greeting[0] == 220
     assert c.cmd("EHLO client.test")[0] == 250
     chunk = b"EHLO client.test\r\n" * 4_000
     sent = 0

@@ -3,6 +3,7 @@ that the server did not take after a real 354 and final dot, never grows without
 never lets a slow server hold a connection past its deadline."""
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -220,7 +221,6 @@ def test_server_that_stops_reading_the_message_is_cut_off(make_tern, dns, mx_por
             time.sleep(0.1)
 
     server = hostile(script)
-    import socket
     server.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window from the first byte
     tern = make_tern(delivery=delivery(dns, mx_port, ", command_timeout: 2s, data_timeout: 3s")
                      .replace("retry_first: 1s, retry_maximum: 2s", "retry_first: 1h, retry_maximum: 2h"))
