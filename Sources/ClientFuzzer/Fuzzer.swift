@@ -60,7 +60,7 @@ private func check(
             if case .delivered = verdict { precondition(contentSent, "delivered without sending the content") }
         }
         offered = false
-    case .send, .sendSASL, .wait:
+    case .send, .sendSASL, .wait, .sendEmptyContent:
         break
     }
 }

@@ -176,7 +176,7 @@ public final class SMTPClientConnection: @unchecked Sendable {
                     let outcome = connection.machine.closingOutcome ?? connection.lastFailure ?? .protocolError("connection closed")
                     await connection.close(quit: quit)
                     throw ConnectionFailure(stage: connection.machine.closingStage ?? connection.stage, outcome: outcome)
-                case .messageDone, .sendContent:
+                case .messageDone, .sendContent, .sendEmptyContent:
                     preconditionFailure("a message step while connecting")
                 }
             }
@@ -206,10 +206,15 @@ public final class SMTPClientConnection: @unchecked Sendable {
             while true {
                 switch action {
                 case .send(let commands):
-                    stage = Self.stage(of: commands[0])
+                    stage = machine.currentStage
                     try await write(commands.map(\.encoded).joined())
                     action = machine.reply(try await readReply())
                 case .wait:
+                    stage = machine.currentStage
+                    action = machine.reply(try await readReply())
+                case .sendEmptyContent:
+                    stage = .endOfData
+                    try await write(".\r\n")
                     action = machine.reply(try await readReply())
                 case .sendContent:
                     stage = .endOfData

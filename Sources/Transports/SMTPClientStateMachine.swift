@@ -89,6 +89,9 @@ public struct SMTPClientStateMachine: Sendable {
         case startTLS
         /// Send the message content, dot-stuffed, and `.`; then feed the reply.
         case sendContent
+        /// Send `.` alone and feed its reply: the server took a pipelined DATA although it
+        /// accepted no recipient, and must not get the content (RFC 2920 §3.1).
+        case sendEmptyContent
         /// The message is done: each recipient's verdict, in the message's order. With
         /// `reset`, send RSET first and feed its reply: the transaction ended without content.
         case messageDone([RecipientVerdict], reset: Bool)
@@ -113,6 +116,8 @@ public struct SMTPClientStateMachine: Sendable {
         case envelope(pending: Int)
         case data
         case content
+        /// `.` sent after a DATA that was taken with no recipient accepted.
+        case emptyContent
         /// RSET sent after a transaction without content.
         case resetting
         case closed
@@ -134,6 +139,8 @@ public struct SMTPClientStateMachine: Sendable {
     public private(set) var lastReplies: [SMTPReply?] = []
     private var acceptedRecipients = 0
     private var sentRecipients: [Int] = []
+    /// DATA went out with MAIL and the RCPTs, so its reply follows theirs.
+    private var dataPipelined = false
 
     /// This relay's own hostname, when the greeting and EHLO reply must be checked against it.
     public let ownHostname: String?
@@ -201,10 +208,19 @@ public struct SMTPClientStateMachine: Sendable {
             return envelopeReply(reply, pending: pending)
         case .data:
             guard reply.code == 354 else { return finishMessage(stage: .data, outcome: .reply(reply)) }
+            guard acceptedRecipients > 0 else {
+                // Every recipient was refused, yet the pipelined DATA was taken.
+                state = .emptyContent
+                return .sendEmptyContent
+            }
             state = .content
             return .sendContent
         case .content:
             return finishMessage(stage: .endOfData, outcome: .reply(reply))
+        case .emptyContent:
+            // Whatever the server says to an empty message for nobody, the transaction is
+            // over, and every recipient already has its verdict.
+            return report()
         case .resetting:
             guard reply.isPositive else { return failConnection(.mail, reply) }
             state = .ready
@@ -262,13 +278,15 @@ public struct SMTPClientStateMachine: Sendable {
             commands.append(.rcpt(.mailbox(Self.mailbox(r.address)), rp))
             sentRecipients.append(index)
         }
+        state = .envelope(pending: commands.count)
+        dataPipelined = extensions.pipelining
         if extensions.pipelining {
-            state = .envelope(pending: commands.count)
-            return .send(commands)
+            // DATA ends the group (RFC 2920 §3.1): one write and one round trip for the
+            // whole envelope. Its reply is read even when every recipient is refused.
+            return .send(commands + [.data])
         }
         // Without PIPELINING, one command at a time: keep the rest for later replies.
         queued = Array(commands.dropFirst())
-        state = .envelope(pending: commands.count)
         return .send([commands[0]])
     }
 
@@ -303,7 +321,7 @@ public struct SMTPClientStateMachine: Sendable {
     private func expectedPositiveCodes() -> Set<Int>? {
         switch state {
         case .greeting, .startTLS: return [220]
-        case .ehlo, .ehloAfterTLS, .helo, .resetting, .content: return [250]
+        case .ehlo, .ehloAfterTLS, .helo, .resetting, .content, .emptyContent: return [250]
         case .auth(let step): return step == 1 || step == 2 ? [334] : [235]
         case .envelope(let pending):
             let total = (message?.recipients.count ?? 0) + 1
@@ -313,8 +331,8 @@ public struct SMTPClientStateMachine: Sendable {
         }
     }
 
-    /// The stage a reply in the current state answers.
-    private var currentStage: DeliveryStage {
+    /// The stage the next reply answers.
+    public var currentStage: DeliveryStage {
         switch state {
         case .greeting: return .greeting
         case .ehlo, .ehloAfterTLS, .helo: return .hello
@@ -322,7 +340,7 @@ public struct SMTPClientStateMachine: Sendable {
         case .auth: return .auth
         case .envelope(let pending): return (message?.recipients.count ?? 0) + 1 - pending == 0 ? .mail : .rcpt
         case .data: return .data
-        case .content: return .endOfData
+        case .content, .emptyContent: return .endOfData
         case .resetting, .ready, .closed: return .mail
         }
     }
@@ -449,6 +467,10 @@ public struct SMTPClientStateMachine: Sendable {
             }
             return .wait
         }
+        if dataPipelined {
+            state = .data
+            return .wait
+        }
         guard acceptedRecipients > 0 else {
             // Nothing to send: end the transaction and report.
             return resetAndReport()
@@ -481,7 +503,7 @@ public struct SMTPClientStateMachine: Sendable {
         }
         state = .resetting
         lastReplies = replies
-        let done = verdicts.map { $0! }
+        let done = verdicts.map { $0 ?? Self.unanswered }
         message = nil
         return .messageDone(done, reset: true)
     }
@@ -489,10 +511,14 @@ public struct SMTPClientStateMachine: Sendable {
     private mutating func report() -> Action {
         state = .ready
         lastReplies = replies
-        let done = verdicts.map { $0! }
+        let done = verdicts.map { $0 ?? Self.unanswered }
         message = nil
         return .messageDone(done, reset: false)
     }
+
+    /// A recipient that no reply decided by the end of its transaction (none should be).
+    private static let unanswered = RecipientVerdict.deferred(
+        status: EnhancedStatusCode(4, 0, 0), diagnostic: "X-Tern; no verdict for this recipient")
 
     private mutating func finishAll(_ verdict: RecipientVerdict) -> Action {
         for i in verdicts.indices { verdicts[i] = verdict }

@@ -87,6 +87,68 @@ def test_250_to_data_is_a_protocol_error_not_a_delivery(make_tern, dns, mx_port,
     assert queued["recipients"][0]["state"] == "deferred"
 
 
+def test_data_goes_out_with_the_envelope_to_a_pipelining_server(make_tern, dns, mx_port, hostile):
+    """RFC 2920 §3.1: MAIL, the RCPTs and DATA in one group, one round trip. The server reads
+    all three before it answers any: a client that waits for the RCPT replies before DATA
+    leaves it waiting, and the test fails."""
+    seen = []
+
+    def script(c):
+        greet_and_ehlo(c, (b"PIPELINING",))
+        c.sock.settimeout(5)
+        group = [c.line(), c.line(), c.line()]
+        seen.append(group)
+        c.send(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n354 go ahead\r\n")
+        while c.line() != b".":
+            pass
+        c.send(b"250 2.0.0 accepted\r\n")
+        c.honest_session()
+
+    hostile(script)
+    tern = world(make_tern, dns, mx_port)
+    send(tern, "app@client.example", ["u@hostile.example"])
+    line = wait_log(tern, r"to=<u@hostile\.example>, .*status=(\w+)")
+    assert line.group(1) == "sent", line.group(0)
+    [group] = seen
+    assert [l.split(b":")[0].upper() for l in group] == [b"MAIL FROM", b"RCPT TO", b"DATA"], group
+
+
+def test_data_taken_after_every_recipient_was_refused_gets_only_the_dot(make_tern, dns, mx_port, hostile):
+    """A server that refuses every recipient and still answers the pipelined DATA with 354
+    gets `.` alone (RFC 2920 §3.1), never the content, and nothing counts as delivered."""
+    after_354 = []
+
+    def script(c):
+        greet_and_ehlo(c, (b"PIPELINING",))
+        while True:
+            line = c.line()
+            verb = line[:4].upper()
+            if verb == b"MAIL" or verb == b"RSET":
+                c.send(b"250 2.0.0 ok\r\n")
+            elif verb == b"RCPT":
+                c.send(b"550 5.1.1 no such user\r\n")
+            elif verb == b"DATA":
+                c.send(b"354 go ahead anyway\r\n")
+                lines = []
+                while (l := c.line()) != b".":
+                    lines.append(l)
+                after_354.append(lines)
+                c.send(b"250 2.0.0 queued for nobody\r\n")
+            elif verb == b"QUIT":
+                c.send(b"221 bye\r\n")
+                return
+            else:
+                c.send(b"502 5.5.2 what\r\n")
+
+    hostile(script)
+    tern = world(make_tern, dns, mx_port)
+    send(tern, "app@client.example", ["u@hostile.example"], subject="must not leak")
+    line = wait_log(tern, r"to=<u@hostile\.example>, .*dsn=(\S+), status=(\w+)")
+    assert (line.group(1), line.group(2)) == ("5.1.1", "bounced"), line.group(0)
+    assert after_354 == [[]], after_354
+    assert tern.proc.poll() is None
+
+
 @pytest.mark.parametrize("final", [b"354 more please\r\n", b"220 hello again\r\n"])
 def test_only_a_250_after_the_dot_delivers(make_tern, dns, mx_port, hostile, final):
     def script(c):

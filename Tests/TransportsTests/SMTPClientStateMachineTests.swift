@@ -39,10 +39,14 @@ final class SMTPClientStateMachineTests: XCTestCase {
             .mail(.mailbox(Mailbox(localPart: "app", domain: "client.test")), mail),
             .rcpt(.mailbox(Mailbox(localPart: "a", domain: "example.org")), rcpt),
             .rcpt(.mailbox(Mailbox(localPart: "b", domain: "example.org")), rcpt),
-        ]))
+            .data,
+        ]), "DATA ends the pipelined group")
+        XCTAssertEqual(m.currentStage, .mail)
         XCTAssertEqual(m.reply(r(250, "ok")), .wait)
+        XCTAssertEqual(m.currentStage, .rcpt)
         XCTAssertEqual(m.reply(r(250, "ok")), .wait)
-        XCTAssertEqual(m.reply(SMTPReply(550, EnhancedStatusCode(5, 1, 1), "no such user")), .send([.data]))
+        XCTAssertEqual(m.reply(SMTPReply(550, EnhancedStatusCode(5, 1, 1), "no such user")), .wait, "DATA's reply is on its way")
+        XCTAssertEqual(m.currentStage, .data)
         XCTAssertEqual(m.reply(r(354, "go")), .sendContent)
         let delivered = SMTPReply(250, .ok, "queued as X")
         XCTAssertEqual(m.reply(delivered), .messageDone([
@@ -140,7 +144,53 @@ final class SMTPClientStateMachineTests: XCTestCase {
         _ = m.reply(r(250, "x", "PIPELINING"))
         _ = m.send(message(["a@example.org"]))
         _ = m.reply(r(250, "ok"))
-        XCTAssertEqual(m.reply(r(451, "try later")), .messageDone([.tryNextHost(.reply(r(451, "try later")))], reset: true))
+        XCTAssertEqual(m.reply(r(451, "try later")), .wait)
+        XCTAssertEqual(
+            m.reply(SMTPReply(554, EnhancedStatusCode(5, 5, 1), "no valid recipients")),
+            .messageDone([.tryNextHost(.reply(r(451, "try later")))], reset: true),
+            "the refused DATA decides nothing: the RCPT's 451 does")
+    }
+
+    // MARK: - DATA pipelined with the envelope (RFC 2920 §3.1)
+
+    func testEveryRecipientRefusedAndDataRefusedEndsWithRSET() {
+        var m = readyMachine()
+        _ = m.send(message())
+        _ = m.reply(r(250, "ok"))
+        _ = m.reply(SMTPReply(550, EnhancedStatusCode(5, 1, 1), "no such user"))
+        XCTAssertEqual(m.reply(SMTPReply(550, EnhancedStatusCode(5, 1, 1), "no such user")), .wait)
+        let bounce = RecipientVerdict.bounced(status: EnhancedStatusCode(5, 1, 1), diagnostic: "smtp; 550 5.1.1 no such user")
+        XCTAssertEqual(m.reply(SMTPReply(554, EnhancedStatusCode(5, 5, 1), "no valid recipients")), .messageDone([bounce, bounce], reset: true))
+        XCTAssertEqual(m.reply(r(250, "reset")), .wait)
+        XCTAssertTrue(m.isReady)
+    }
+
+    /// A server that takes DATA although it refused every recipient gets `.` alone, never the
+    /// content, and the connection carries the next message.
+    func testEveryRecipientRefusedButDataTakenSendsOnlyTheDot() {
+        var m = readyMachine()
+        _ = m.send(message())
+        _ = m.reply(r(250, "ok"))
+        _ = m.reply(SMTPReply(550, EnhancedStatusCode(5, 1, 1), "no such user"))
+        _ = m.reply(SMTPReply(450, EnhancedStatusCode(4, 2, 1), "mailbox busy"))
+        XCTAssertEqual(m.reply(r(354, "go ahead")), .sendEmptyContent)
+        XCTAssertEqual(m.currentStage, .endOfData)
+        XCTAssertEqual(m.reply(r(250, "ok")), .messageDone([
+            .bounced(status: EnhancedStatusCode(5, 1, 1), diagnostic: "smtp; 550 5.1.1 no such user"),
+            .tryNextHost(.reply(SMTPReply(450, EnhancedStatusCode(4, 2, 1), "mailbox busy"))),
+        ], reset: false), "a 250 to the empty message delivers nothing")
+        XCTAssertTrue(m.isReady)
+    }
+
+    func testRefusedSenderWithPipeliningReadsEveryReplyThenResets() {
+        var m = readyMachine()
+        _ = m.send(message())
+        let refused = SMTPReply(553, EnhancedStatusCode(5, 7, 1), "sender rejected")
+        XCTAssertEqual(m.reply(refused), .wait)
+        XCTAssertEqual(m.reply(SMTPReply(503, EnhancedStatusCode(5, 5, 1), "need MAIL")), .wait)
+        XCTAssertEqual(m.reply(SMTPReply(250, nil, "odd but ignored")), .wait, "the sender's verdict stands for every recipient")
+        let bounce = RecipientVerdict.bounced(status: EnhancedStatusCode(5, 7, 1), diagnostic: "smtp; 553 5.7.1 sender rejected")
+        XCTAssertEqual(m.reply(SMTPReply(503, EnhancedStatusCode(5, 5, 1), "need RCPT")), .messageDone([bounce, bounce], reset: true))
     }
 
     func testGreetingFailureAndLostConnection() {
@@ -191,7 +241,7 @@ final class SMTPClientStateMachineTests: XCTestCase {
         _ = m.send(message())
         XCTAssertEqual(m.reply(r(250, "ok")), .wait)
         XCTAssertEqual(m.reply(r(250, "ok")), .wait)
-        XCTAssertEqual(m.reply(r(250, "ok")), .send([.data]))
+        XCTAssertEqual(m.reply(r(250, "ok")), .wait)
         assertDeferredAsProtocolError(m.reply(r(250, "got it")))
         XCTAssertFalse(m.isReady)
     }
@@ -220,7 +270,8 @@ final class SMTPClientStateMachineTests: XCTestCase {
         var rcpt = readyMachine()
         _ = rcpt.send(message(["a@example.org"]))
         _ = rcpt.reply(r(250, "ok"))
-        XCTAssertEqual(rcpt.reply(r(251, "will forward")), .send([.data]), "251 is a success for RCPT")
+        XCTAssertEqual(rcpt.reply(r(251, "will forward")), .wait, "251 is a success for RCPT")
+        XCTAssertEqual(rcpt.reply(r(354, "go")), .sendContent)
     }
 }
 
