@@ -54,6 +54,27 @@ public final class Spool: Sendable {
 
     /// Data is written to disk in pieces of this size while a message streams in.
     public static let writeChunk = 64 * 1024
+    /// A message up to this size is held in memory and written at its commit, in one trip
+    /// to the spool's threads, while `holdBudget` has room; past it, or without room, it
+    /// goes to the disk in `writeChunk` pieces as it arrives.
+    public static let holdLimit = 256 * 1024
+    /// What every writer holding a message in memory beyond `writeChunk` may hold together.
+    static let holdBudget = 16 << 20
+    /// Bytes reserved from `holdBudget` now.
+    let held = NIOLockedValueBox(0)
+
+    /// Takes a writer's share of the hold budget (`holdLimit - writeChunk`), if there is room.
+    func reserveHold() -> Bool {
+        held.withLockedValue { held in
+            guard held + Self.holdLimit - Self.writeChunk <= Self.holdBudget else { return false }
+            held += Self.holdLimit - Self.writeChunk
+            return true
+        }
+    }
+
+    func releaseHold() {
+        held.withLockedValue { $0 -= Self.holdLimit - Self.writeChunk }
+    }
 
     private init(root: String, pool: NIOThreadPool, queueFD: CInt, logger: Logger) {
         self.root = root
@@ -257,6 +278,8 @@ public final class SpoolWriter: @unchecked Sendable {
     public private(set) var size = 0
     /// The slot the message is in, once committed.
     public private(set) var slot: UInt32 = 0
+    /// This writer holds a share of the spool's hold budget.
+    private var holding = false
 
     struct OpenSlot {
         var fd: CInt
@@ -273,25 +296,50 @@ public final class SpoolWriter: @unchecked Sendable {
         // the profile).
     }
 
-    /// Adds message bytes; they reach the disk in chunks of `Spool.writeChunk`. A large
-    /// piece goes to the disk as it is, not copied into the pending buffer first.
+    deinit {
+        if holding { spool.releaseHold() }
+    }
+
+    /// Adds message bytes. A message up to `Spool.holdLimit` stays in memory until its commit
+    /// while the spool's hold budget allows; otherwise the bytes reach the disk in chunks of
+    /// `Spool.writeChunk`. A large piece goes to the disk as it is, not copied into the
+    /// pending buffer first.
     public func append(_ bytes: [UInt8]) async throws {
         size += bytes.count
-        if pending.isEmpty, bytes.count >= Spool.writeChunk {
+        let limit = pendingLimit(adding: bytes.count)
+        if pending.isEmpty, bytes.count >= limit {
             try await write(bytes)
             return
         }
         pending.append(contentsOf: bytes)
-        if pending.count >= Spool.writeChunk { try await flush() }
+        if pending.count >= limit { try await flush() }
+    }
+
+    /// How many bytes may wait in memory before they go to the disk.
+    private func pendingLimit(adding count: Int) -> Int {
+        if holding { return Spool.holdLimit }
+        // Only a message that has not touched the disk yet, and only once it needs more
+        // than a chunk.
+        guard file == nil, pending.count + count >= Spool.writeChunk, size < Spool.holdLimit else { return Spool.writeChunk }
+        holding = spool.reserveHold()
+        return holding ? Spool.holdLimit : Spool.writeChunk
+    }
+
+    private func stopHolding() {
+        guard holding else { return }
+        holding = false
+        spool.releaseHold()
     }
 
     private func flush() async throws {
         let data = pending
-        pending.removeAll(keepingCapacity: true)
+        pending.removeAll(keepingCapacity: !holding)
         try await write(data)
     }
 
     private func write(_ data: [UInt8]) async throws {
+        // The message is on its way to the disk: the rest of it goes in chunks.
+        stopHolding()
         let current = file
         let spool = self.spool
         file = nil
@@ -312,6 +360,7 @@ public final class SpoolWriter: @unchecked Sendable {
     /// Writes the envelope and the trailer and syncs the slot (and `queue/`, only when the
     /// slot was made for this message). When this returns the message survives a crash.
     public func commit(_ envelope: Envelope) async throws {
+        defer { stopHolding() }
         let contentSize = size
         let record = SpoolFiles.envelopeRecord(envelope, contentSize: contentSize, id: id)
         pending.append(contentsOf: record)
@@ -344,6 +393,7 @@ public final class SpoolWriter: @unchecked Sendable {
     /// Drops the message: nothing of it stays on disk.
     public func abort() async {
         pending = []
+        stopHolding()
         guard let slot = file else { return }
         file = nil
         let spool = self.spool

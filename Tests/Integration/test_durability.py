@@ -18,7 +18,7 @@ def test_kill9_loses_nothing_accepted(make_tern):
     c.cmd("MAIL FROM:<a@client.test>")
     c.cmd("RCPT TO:<u@example.org>")
     c.cmd("DATA")
-    c.send(b"Subject: half\r\n\r\n" + b"y" * 200_000)  # past the 64 KB write chunk: on disk
+    c.send(b"Subject: half\r\n\r\n" + b"y" * 400_000)  # past the 256 KB hold limit: on disk
     time.sleep(0.3)
     assert len(tern.spool_files()) == 41, "the half-written message is on disk, without its trailer"
     tern.kill9()

@@ -47,20 +47,56 @@ final class SpoolTests: XCTestCase {
     func testLargeMessageStreamsToDiskBeforeCommit() async throws {
         let (spool, _) = try await open()
         let writer = spool.begin()
-        let chunk = [UInt8](repeating: UInt8(ascii: "x"), count: 50_000)
+        let chunk = [UInt8](repeating: UInt8(ascii: "x"), count: 100_000)
         try await writer.append(chunk)
-        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [], "below one chunk nothing is on disk yet")
         try await writer.append(chunk)
-        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"])
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [], "below the hold limit nothing is on disk yet")
+        XCTAssertEqual(spool.held.withLockedValue { $0 }, Spool.holdLimit - Spool.writeChunk)
+        try await writer.append(chunk)
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"], "past it, the message streams to the disk")
+        XCTAssertEqual(spool.held.withLockedValue { $0 }, 0, "and gives its share of the budget back")
         XCTAssertEqual(try spool.list().count, 0, "without its trailer the file is not a queued message")
         try await writer.commit(envelope())
-        XCTAssertEqual(try spool.list().first?.size, 100_000)
+        XCTAssertEqual(try spool.list().first?.size, 300_000)
+    }
+
+    /// A message below the hold limit goes to the disk in one write at its commit, and its
+    /// first attempt reads it from memory; with the hold budget spent it streams in chunks.
+    func testAMessageBelowTheHoldLimitWaitsInMemoryWhileTheBudgetAllows() async throws {
+        let (spool, _) = try await open()
+        let piece = [UInt8](repeating: UInt8(ascii: "y"), count: 10_000)
+        let held = spool.begin()
+        for _ in 0..<15 { try await held.append(piece) }
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue"), [])
+        try await held.commit(envelope())
+        XCTAssertEqual(spool.held.withLockedValue { $0 }, 0)
+        XCTAssertEqual(spool.recent.withLockedValue { $0.count }, 1, "kept for the first attempt")
+        var read: [UInt8] = []
+        try await spool.readContent(held.id, slot: held.slot, size: 150_000) { read += $0 }
+        XCTAssertEqual(read.count, 150_000)
+
+        // The budget spent by others: the next message goes to the disk at the first chunk.
+        spool.held.withLockedValue { $0 = Spool.holdBudget }
+        let streamed = spool.begin()
+        for _ in 0..<7 { try await streamed.append(piece) }
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue").count, 2, "on disk past one chunk")
+        await streamed.abort()
+        XCTAssertEqual(spool.held.withLockedValue { $0 }, Spool.holdBudget, "it never took a share")
+        spool.held.withLockedValue { $0 = 0 }
+
+        // An aborted held message gives its share back.
+        let aborted = spool.begin()
+        for _ in 0..<7 { try await aborted.append(piece) }
+        XCTAssertEqual(spool.held.withLockedValue { $0 }, Spool.holdLimit - Spool.writeChunk)
+        await aborted.abort()
+        XCTAssertEqual(spool.held.withLockedValue { $0 }, 0)
     }
 
     func testAbortLeavesNothing() async throws {
         let (spool, _) = try await open()
         let writer = spool.begin()
-        try await writer.append([UInt8](repeating: 0x41, count: 100_000))
+        try await writer.append([UInt8](repeating: 0x41, count: 300_000))
+        XCTAssertEqual(try SpoolFiles.list(root + "/queue").count, 1, "past the hold limit it is on disk")
         await writer.abort()
         XCTAssertEqual(try filesWithContent(), [], "the slot is emptied")
         XCTAssertEqual(try spool.list().count, 0)
@@ -73,7 +109,7 @@ final class SpoolTests: XCTestCase {
             try await good.append(Array("x\r\n".utf8))
             try await good.commit(envelope())
             let half = spool.begin()
-            try await half.append([UInt8](repeating: 0x41, count: 70_000))
+            try await half.append([UInt8](repeating: 0x41, count: 300_000))
             // the process "dies" here: `half` is never committed nor aborted
         }
         // A complete-looking file whose envelope is damaged.
