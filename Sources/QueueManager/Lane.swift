@@ -6,6 +6,7 @@ import Darwin
 import Delivery
 import Logging
 import Metrics
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import SMTPProtocol
@@ -53,6 +54,10 @@ actor Lane: AttemptLane {
     private let inFlightGauge: Gauge
     /// 1 while the lane is slowed or stopped (backing off, reduced, suspended, dead).
     private let throttledGauge: Gauge
+    /// The lane has a message rate (`rate:`), so a message must take a token before it goes.
+    /// Read without a trip onto the lane: most lanes have no rate, and a worker asks before
+    /// every message.
+    private nonisolated let hasMessageRate: NIOLockedValueBox<Bool>
 
     init(key: LaneKey, limits: LaneLimits, environment: LaneEnvironment, report: @escaping @Sendable (JobOutcome) async -> Void) {
         self.key = key
@@ -63,6 +68,7 @@ actor Lane: AttemptLane {
         self.queuedGauge = Gauge(label: "tern_lane_queued", dimensions: [("lane", key.rawValue)])
         self.inFlightGauge = Gauge(label: "tern_lane_in_flight", dimensions: [("lane", key.rawValue)])
         self.throttledGauge = Gauge(label: "tern_lane_throttled", dimensions: [("lane", key.rawValue)])
+        self.hasMessageRate = NIOLockedValueBox(limits.rate != nil)
     }
 
     var queued: Int { machine.queued }
@@ -197,6 +203,7 @@ actor Lane: AttemptLane {
     /// mail stay as they are (new connections take the new settings).
     func update(limits: LaneLimits, environment: LaneEnvironment) {
         self.environment = environment
+        hasMessageRate.withLockedValue { $0 = limits.rate != nil }
         perform(machine.update(limits: limits, idleMillis: Scheduler.millis(environment.idleTime), now: environment.now()))
     }
 
@@ -215,10 +222,13 @@ actor Lane: AttemptLane {
     }
 
     /// Waits, if the lane has a rate, until the next message may go.
-    func permit() async {
-        let wait = machine.permitMessage(now: environment.now())
+    nonisolated func permit() async {
+        guard hasMessageRate.withLockedValue({ $0 }) else { return }
+        let wait = await takeMessageToken()
         if wait > 0 { try? await Task.sleep(for: .milliseconds(wait)) }
     }
+
+    private func takeMessageToken() -> Int64 { machine.permitMessage(now: environment.now()) }
 
     // MARK: - Reading
 
