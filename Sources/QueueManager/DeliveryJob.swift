@@ -29,11 +29,6 @@ struct JobOutcome: Sendable {
     var job: DeliveryJob
     var results: [RecipientResult]
     var times: AttemptTimes
-
-    /// Every recipient was delivered: nothing in the outcome can slow or stop the lane.
-    var allDelivered: Bool {
-        !results.isEmpty && results.allSatisfy { if case .delivered = $0.verdict { return true } else { return false } }
-    }
 }
 
 /// One lane as `tern lanes` shows it.

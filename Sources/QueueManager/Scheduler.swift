@@ -6,7 +6,6 @@ import Darwin
 import Delivery
 import Logging
 import Metrics
-import NIOConcurrencyHelpers
 import SMTPProtocol
 import Spool
 import TernCore
@@ -66,7 +65,7 @@ public actor Scheduler {
     private var config: TernConfig
     private var environment: LaneEnvironment
     /// Every task the queue manager starts runs in `run()`'s group.
-    private nonisolated let tasks = ChildTasks()
+    private let tasks = ChildTasks()
     /// Messages the sessions have just queued, taken in by one task of `run()`'s group: a
     /// session hands one over without starting a task of its own, and under load one wakeup
     /// takes in many.
@@ -364,15 +363,7 @@ public actor Scheduler {
         let key = route.laneKey
         if let lane = lanes[key]?.lane { return lane }
         let lane = Lane(key: key, limits: route.limits, environment: environment) { [weak self] outcome in
-            guard let self else { return }
-            // A worker waits for a failure's outcome to be settled, since it may suspend or
-            // slow the lane before the worker takes its next job. A delivery cannot, so the
-            // worker goes on at once, and deliveries are settled in batches (below).
-            if outcome.allDelivered {
-                self.settleLater(outcome)
-            } else {
-                await self.completed(outcome)
-            }
+            await self?.completed(outcome)
         }
         lanes[key, default: LaneRecord()].lane = lane
         lanes[key, default: LaneRecord()].route = route
@@ -430,36 +421,6 @@ public actor Scheduler {
     }
 
     // MARK: - Outcomes
-
-    /// Deliveries waiting to be settled, and whether a task settles them now.
-    private nonisolated let unsettled = NIOLockedValueBox((outcomes: [JobOutcome](), settling: false))
-
-    /// Settles a delivery soon, without the caller waiting: outcomes that come while one
-    /// task settles are taken by that task, so a busy relay pays one trip onto the
-    /// scheduler for many messages rather than a round trip per message. At shutdown what is
-    /// left unsettled is sent again after the restart (a duplicate, never a loss).
-    nonisolated func settleLater(_ outcome: JobOutcome) {
-        let start = unsettled.withLockedValue { state -> Bool in
-            state.outcomes.append(outcome)
-            if state.settling { return false }
-            state.settling = true
-            return true
-        }
-        if start { tasks.start { await self.settleWaiting() } }
-    }
-
-    private func settleWaiting() async {
-        while true {
-            let batch = unsettled.withLockedValue { state -> [JobOutcome] in
-                let batch = state.outcomes
-                state.outcomes.removeAll(keepingCapacity: true)
-                if batch.isEmpty { state.settling = false }
-                return batch
-            }
-            if batch.isEmpty { return }
-            for outcome in batch { await completed(outcome) }
-        }
-    }
 
     func completed(_ outcome: JobOutcome) async {
         let id = outcome.job.id
