@@ -206,7 +206,8 @@ struct SMTPSession {
         if case .startTLS = action {} else { try resumeFraming(after: action) }
         switch action {
         case .reply(let reply):
-            try await send(reply)
+            // More commands already in: their replies go out together (RFC 2920 §3.2).
+            try await send(reply, flush: !inbox.framesWaiting)
         case .close(let reply):
             try await send(reply)
             channel.close(promise: nil)
@@ -590,8 +591,8 @@ struct SMTPSession {
 
     // MARK: - I/O
 
-    private func send(_ reply: SMTPReply) async throws {
-        try await inbox.write(ByteBuffer(bytes: reply.encodedBytes))
+    private func send(_ reply: SMTPReply, flush: Bool = true) async throws {
+        try await inbox.write(ByteBuffer(bytes: reply.encodedBytes), flush: flush)
     }
 
     /// Tells the framing how to read on. Not awaited: it reaches the event loop after every

@@ -42,6 +42,9 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
     @usableFromInline var failure: (any Error)?
     @usableFromInline var readHeld = false
     @usableFromInline var cancelled = false
+    /// Bytes were written without a flush (more frames waited): flushed before the task
+    /// waits for a frame, or with the next flushed write.
+    @usableFromInline var unflushed = false
 
     /// - Parameters:
     ///   - limit: frames buffered before the inbox stops reading from the socket.
@@ -75,14 +78,22 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
         }
     }
 
-    /// Writes and flushes `buffer`. Returns once it is handed to the channel, or, when the
-    /// channel has stopped being writable (the peer does not read), once it is writable
-    /// again. Throws when the channel is closed, and `WriteDrainTimeout` (closing the channel)
-    /// when it stays unwritable for `drainTimeout`.
+    /// Frames wait to be read: the peer sent more before this task caught up (it pipelines).
+    /// Meaningful on the channel's loop only; false elsewhere.
     @inlinable
-    public func write(_ buffer: ByteBuffer) async throws {
+    public var framesWaiting: Bool { eventLoop.inEventLoop && !frames.isEmpty }
+
+    /// Writes `buffer`, and flushes it unless `flush` is false: then it goes out with the next
+    /// flushed write, or before the task next waits for a frame, whichever comes first (a
+    /// server answering pipelined commands sends their replies together, RFC 2920 §3.2).
+    /// Returns once it is handed to the channel, or, when the channel has stopped being
+    /// writable (the peer does not read), once it is writable again. Throws when the channel
+    /// is closed, and `WriteDrainTimeout` (closing the channel) when it stays unwritable for
+    /// `drainTimeout`.
+    @inlinable
+    public func write(_ buffer: ByteBuffer, flush: Bool = true) async throws {
         if eventLoop.inEventLoop {
-            if try writeNow(buffer) { return }
+            if try writeNow(buffer, flush: flush) { return }
             // Still on the loop: nothing can have changed since the write.
             try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<Void, any Error>) in
                 waitForDrain(continuation)
@@ -92,7 +103,7 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
         try await withUnsafeThrowingContinuation { (continuation: UnsafeContinuation<Void, any Error>) in
             eventLoop.execute {
                 do {
-                    if try self.writeNow(buffer) { continuation.resume() } else { self.waitForDrain(continuation) }
+                    if try self.writeNow(buffer, flush: flush) { continuation.resume() } else { self.waitForDrain(continuation) }
                 } catch {
                     continuation.resume(throwing: error)
                 }
@@ -102,10 +113,29 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
 
     /// Writes on the loop; true when the channel is still writable after it.
     @inlinable
-    func writeNow(_ buffer: ByteBuffer) throws -> Bool {
+    func writeNow(_ buffer: ByteBuffer, flush: Bool) throws -> Bool {
         guard let context, context.channel.isActive else { throw ChannelError.ioOnClosedChannel }
-        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
-        return context.channel.isWritable
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+            unflushed = false
+        } else {
+            context.write(wrapOutboundOut(buffer), promise: nil)
+            unflushed = true
+        }
+        guard context.channel.isWritable else {
+            // Held bytes alone can fill the buffer: they must go out before anything can drain.
+            flushHeld()
+            return false
+        }
+        return true
+    }
+
+    /// Sends what writes left unflushed.
+    @inlinable
+    func flushHeld() {
+        guard unflushed else { return }
+        unflushed = false
+        context?.flush()
     }
 
     @inlinable
@@ -153,7 +183,11 @@ public final class ChannelInbox<Frame: Sendable>: ChannelDuplexHandler, @uncheck
     func wait(_ continuation: UnsafeContinuation<Frame?, any Error>) {
         if let frame = take() {
             continuation.resume(returning: frame)
-        } else if cancelled {
+            return
+        }
+        // Nothing more to answer now: held replies go out before the wait.
+        flushHeld()
+        if cancelled {
             continuation.resume(throwing: CancellationError())
         } else if ended {
             let error = failure

@@ -130,6 +130,31 @@ final class ChannelInboxTests: XCTestCase {
         try? await client.close()
     }
 
+    /// Writes made while more frames wait are held, and go out together before the reader
+    /// waits for the next frame (a pipelined group's replies in one write).
+    func testHeldWritesGoOutBeforeTheReaderWaits() async throws {
+        let channel = EmbeddedChannel()
+        let inbox = ChannelInbox<ByteBuffer>(channel: channel)
+        try channel.pipeline.syncOperations.addHandler(inbox)
+        try await channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 25)).get()
+        XCTAssertTrue(try inbox.writeNow(ByteBuffer(string: "250 a\r\n"), flush: false))
+        XCTAssertTrue(try inbox.writeNow(ByteBuffer(string: "250 b\r\n"), flush: false))
+        XCTAssertNil(try channel.readOutbound(as: ByteBuffer.self), "held while more frames wait")
+        let frame: ByteBuffer? = try await withUnsafeThrowingContinuation { continuation in
+            inbox.wait(continuation)
+            XCTAssertEqual(try? channel.readOutbound(as: ByteBuffer.self), ByteBuffer(string: "250 a\r\n"))
+            XCTAssertEqual(try? channel.readOutbound(as: ByteBuffer.self), ByteBuffer(string: "250 b\r\n"))
+            try? channel.writeInbound(ByteBuffer(string: "QUIT"))
+        }
+        XCTAssertEqual(frame, ByteBuffer(string: "QUIT"))
+        // A held write that fills the channel's buffer is flushed at once: a writer that
+        // then waits for the channel to drain must not wait on bytes never sent.
+        channel.isWritable = false
+        XCTAssertFalse(try inbox.writeNow(ByteBuffer(string: "250 c\r\n"), flush: false))
+        XCTAssertEqual(try channel.readOutbound(as: ByteBuffer.self), ByteBuffer(string: "250 c\r\n"))
+        _ = try? channel.finish()
+    }
+
     /// Reads stop while `limit` frames wait, and start again when one is taken.
     func testReadsStopAtTheLimitAndResumeWhenTaken() throws {
         let channel = EmbeddedChannel()

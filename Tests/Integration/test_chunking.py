@@ -1,5 +1,36 @@
-"""BDAT (RFC 3030) on the wire: chunks are counted, never parsed; refusals still read them."""
+"""BDAT (RFC 3030) on the wire: chunks are counted, never parsed; refusals still read them.
+And pipelining (RFC 2920): replies to a group of commands go out together."""
+import socket
+import struct
+
 from conftest import RawClient, authenticated_outsider, good_transaction, open_transaction
+
+
+def data_segments_in(sock):
+    """Segments carrying data this socket has received (Linux TCP_INFO tcpi_data_segs_in)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("I", info, 152)[0]
+
+
+def test_replies_to_a_pipelined_group_go_out_together(make_tern):
+    """RFC 2920 §3.2: the server sends the replies to a group in one write, not one segment
+    per command. Without batching the four replies below come as four segments."""
+    tern = make_tern()
+    c = RawClient(tern.port("mx"))
+    assert c.cmd("EHLO client.test")[0] == 250
+    before = data_segments_in(c.sock)
+    c.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<u@example.org>\r\nRCPT TO:<v@example.org>\r\nDATA\r\n")
+    assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+    assert data_segments_in(c.sock) - before == 1
+    # A refusal inside the group is batched too, and the group after it still works.
+    c.send(b".\r\n")
+    assert c.reply()[0] == 250
+    before = data_segments_in(c.sock)
+    c.send(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bad address>\r\nRCPT TO:<u@example.org>\r\nNOOP\r\n")
+    codes = [c.reply()[0] for _ in range(4)]
+    assert codes[0] == 250 and codes[1] >= 500 and codes[2:] == [250, 250], codes
+    assert data_segments_in(c.sock) - before == 1
+    assert c.cmd("QUIT")[0] == 221
 
 
 def bdat(c, data: bytes, last=False):
