@@ -301,8 +301,9 @@ class HostileConnection:
         self.buf = b""
         self.sock = self.server.context.wrap_socket(self.sock, server_side=True)
 
-    def honest_session(self, ehlo_extra=(), data_reply=b"250 2.0.0 accepted\r\n"):
-        """Behaves as a plain receiving server from here on; records what it receives."""
+    def honest_session(self, ehlo_extra=(), data_reply=b"250 2.0.0 accepted\r\n", rcpt_reply=b"250 2.1.5 ok\r\n"):
+        """Behaves as a plain receiving server from here on (answering every RCPT with
+        `rcpt_reply`, and DATA with 354 whatever came before); records what it receives."""
         mail_from, rcpts = None, []
         while True:
             line = self.line()
@@ -315,7 +316,7 @@ class HostileConnection:
                 self.send(b"250 2.1.0 ok\r\n")
             elif verb == b"RCPT":
                 rcpts.append(line)
-                self.send(b"250 2.1.5 ok\r\n")
+                self.send(rcpt_reply)
             elif verb == b"DATA":
                 self.send(b"354 go ahead\r\n")
                 content = b""

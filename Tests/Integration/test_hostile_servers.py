@@ -116,36 +116,16 @@ def test_data_goes_out_with_the_envelope_to_a_pipelining_server(make_tern, dns, 
 def test_data_taken_after_every_recipient_was_refused_gets_only_the_dot(make_tern, dns, mx_port, hostile):
     """A server that refuses every recipient and still answers the pipelined DATA with 354
     gets `.` alone (RFC 2920 §3.1), never the content, and nothing counts as delivered."""
-    after_354 = []
-
     def script(c):
         greet_and_ehlo(c, (b"PIPELINING",))
-        while True:
-            line = c.line()
-            verb = line[:4].upper()
-            if verb == b"MAIL" or verb == b"RSET":
-                c.send(b"250 2.0.0 ok\r\n")
-            elif verb == b"RCPT":
-                c.send(b"550 5.1.1 no such user\r\n")
-            elif verb == b"DATA":
-                c.send(b"354 go ahead anyway\r\n")
-                lines = []
-                while (l := c.line()) != b".":
-                    lines.append(l)
-                after_354.append(lines)
-                c.send(b"250 2.0.0 queued for nobody\r\n")
-            elif verb == b"QUIT":
-                c.send(b"221 bye\r\n")
-                return
-            else:
-                c.send(b"502 5.5.2 what\r\n")
+        c.honest_session(rcpt_reply=b"550 5.1.1 no such user\r\n", data_reply=b"250 2.0.0 queued for nobody\r\n")
 
-    hostile(script)
+    server = hostile(script)
     tern = world(make_tern, dns, mx_port)
     send(tern, "app@client.example", ["u@hostile.example"], subject="must not leak")
     line = wait_log(tern, r"to=<u@hostile\.example>, .*dsn=(\S+), status=(\w+)")
     assert (line.group(1), line.group(2)) == ("5.1.1", "bounced"), line.group(0)
-    assert after_354 == [[]], after_354
+    assert [content for _, _, content in server.received] == [b""], server.received
     assert tern.proc.poll() is None
 
 
