@@ -1,6 +1,7 @@
 # Sourced by the benchmarks: helpers, and a Postfix instance of their own (never
 # /etc/postfix).
 #
+#   PIDS+=($!)            after starting a peer: stop_started ends it, by its PID
 #   wait_port PORT        until 127.0.0.1:PORT accepts connections (10 s at most)
 #   busy_ticks            the machine's busy CPU time so far, in clock ticks (HZ per second)
 #
@@ -38,6 +39,8 @@ CF
 }
 pf() { script -qec "postfix -c $PF_CONF $*" /dev/null; }
 
+PIDS=()
+stop_started() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 did not open" >&2; exit 1; }
 busy_ticks() { awk '/^cpu /{print $2+$3+$4+$7+$8}' /proc/stat; }
 HZ=$(getconf CLK_TCK)

@@ -16,13 +16,12 @@ SESSIONS="${2:-20}"
 SIZE="${3:-1024}"
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/tern-cpu.XXXXXX")
 chmod 755 "$WORK"
-PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
+    stop_started
     rm -rf "$WORK"
 }
-trap cleanup EXIT
 . bench/common.sh
+trap cleanup EXIT
 TERN_BIN=$(tern_binary)
 cat > "$WORK/tern.yaml" <<YAML
 hostname: bench.tern

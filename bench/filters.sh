@@ -13,16 +13,14 @@ MESSAGES="${1:-3000}"
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/tern-filters.XXXXXX")
 chmod 755 "$WORK"
 PLAIN_PORT=22555; FILTERED_PORT=22556; POSTFIX_PORT=22557; MILTER_PORT=22558
-PIDS=()
 PF="$WORK/postfix"
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
+    stop_started
     [ -f "$PF/conf/main.cf" ] && script -qec "postfix -c $PF/conf stop" /dev/null >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
-trap cleanup EXIT
-
 . bench/common.sh
+trap cleanup EXIT
 TERN_BIN=$(tern_binary)
 "$TERN_BIN" dkim keygen --domain client.test --selector bench --out "$WORK/dkim.key" >/dev/null
 

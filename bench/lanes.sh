@@ -23,13 +23,12 @@ MESSAGES="${1:-10000}"
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/tern-lanes.XXXXXX")
 chmod 755 "$WORK"
 TERN_PORT=22565; SINK_PORT=22566; DNS_PORT=22567
-PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
+    stop_started
     rm -rf "$WORK"
 }
-trap cleanup EXIT
 . bench/common.sh
+trap cleanup EXIT
 
 TERN_BIN=$(tern_binary)
 python3 bench/dns_sites.py $DNS_PORT > "$WORK/dns.log" 2>&1 &
