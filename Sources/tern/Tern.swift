@@ -197,6 +197,7 @@ struct Serve: AsyncParsableCommand {
         // kernel merge concurrent fsyncs into one journal commit.
         let threadPool = NIOThreadPool(numberOfThreads: 16)
         threadPool.start()
+        await HelperThreads.yieldWakeups(of: threadPool, threads: 16, name: "spool", logger: logger)
         // One daemon per spool, before anything in it is touched: recovery, the control
         // socket. The lock lives as long as this process.
         let spoolLock: SpoolLock
@@ -225,6 +226,7 @@ struct Serve: AsyncParsableCommand {
         // down); they get threads of their own so that they never hold up the spool.
         let dnsThreads = NIOThreadPool(numberOfThreads: 8)
         dnsThreads.start()
+        await HelperThreads.yieldWakeups(of: dnsThreads, threads: 8, name: "resolver", logger: logger)
         let resolver: MXResolver
         do {
             resolver = try MXResolver(server: config.delivery.resolver.map { ($0.host, $0.port) }, threadPool: dnsThreads)

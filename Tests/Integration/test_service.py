@@ -229,3 +229,31 @@ def test_reload_says_what_it_could_not_open(home):
             assert s.noop()[0] == 250
     finally:
         tern.stop()
+
+
+def thread_policies(pid):
+    """(name, scheduling policy) of each thread of the process: 0 SCHED_OTHER, 3 SCHED_BATCH."""
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            # The policy is field 41; the name in field 2 may hold spaces, so count from its end.
+            policy = int((task / "stat").read_text().rsplit(")", 1)[1].split()[38])
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        threads.append((name, policy))
+    return threads
+
+
+def test_the_disk_and_dns_threads_yield_their_wakeups_to_the_event_loops(make_tern):
+    """The spool's 16 threads and the resolver's 8 run as SCHED_BATCH, so that a returning
+    fdatasync does not preempt the event loop on its core; the event loops keep the default."""
+    tern = make_tern()
+    good = smtplib.SMTP("127.0.0.1", tern.port("mx"), timeout=10)
+    good.sendmail("a@client.test", ["u@example.org"], b"Subject: x\r\n\r\nbody\r\n")
+    good.quit()
+    threads = thread_policies(tern.proc.pid)
+    batch = [name for name, policy in threads if policy == 3]
+    assert len(batch) == 24, threads
+    loops = [(name, policy) for name, policy in threads if name.startswith("NIO-")]
+    assert loops and all(policy == 0 for _, policy in loops), threads
