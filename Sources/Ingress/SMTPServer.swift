@@ -50,7 +50,9 @@ public final class SMTPServer: Service, Sendable {
     /// The address each listener is bound to, by name, once `run` has bound them.
     public var bound: [String: SocketAddress] { boundAddresses.withLockedValue { $0 } }
 
-    private typealias BoundListener = (ListenerConfig, NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never>)
+    private typealias ServerChannel = NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never>
+    /// A listener and its acceptors: one per event loop, all on the same listening socket.
+    private typealias BoundListener = (ListenerConfig, [ServerChannel])
     private let preBound = NIOLockedValueBox<[BoundListener]?>(nil)
     /// The listeners accepting now, by name, and how `run` learns of ones a reload opens.
     private let active = NIOLockedValueBox(ActiveListeners())
@@ -64,26 +66,27 @@ public final class SMTPServer: Service, Sendable {
     /// Binds every listener now; `run` then serves them. `sockets` are listening sockets
     /// bound earlier by name (by root, before a privilege drop), adopted as they are. An
     /// address that cannot be bound is named in the error.
-    public func bindListeners(sockets: [String: CInt] = [:], localSocket: CInt? = nil) async throws {
+    public func bindListeners(sockets: [String: [CInt]] = [:], localSocket: CInt? = nil) async throws {
         var bound: [BoundListener] = []
         if let localSocket {
             let local = ListenerConfig(
                 name: ListenerConfig.localName, kind: .smtp, address: ListenAddress(host: "127.0.0.1", port: 0))
-            bound.append((local, try await bind(local, socket: localSocket, unix: true)))
+            bound.append((local, try await bind(local, sockets: [localSocket], unix: true)))
         }
         for listener in config.listeners {
-            let server: NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never>
+            let servers: [ServerChannel]
             do {
-                server = try await bind(listener, socket: sockets[listener.name])
+                servers = try await bind(listener, sockets: sockets[listener.name])
             } catch {
-                for (_, s) in bound { try? await s.channel.close() }
+                for (_, channels) in bound { for s in channels { try? await s.channel.close() } }
+                if let error = error as? ListenError { throw error }
                 throw ListenError(address: "\(listener.address)", name: listener.name, cause: error)
             }
-            let address = server.channel.localAddress
+            let address = servers.first?.channel.localAddress
             if let address { boundAddresses.withLockedValue { $0[listener.name] = address } }
             environment.logger.info(
                 "listening on \(address.map(Self.describe) ?? "\(listener.address)") (\(listener.kind.rawValue), name=\(listener.name))")
-            bound.append((listener, server))
+            bound.append((listener, servers))
         }
         preBound.withLockedValue { $0 = bound }
     }
@@ -109,17 +112,21 @@ public final class SMTPServer: Service, Sendable {
         }
         try await withGracefulShutdownHandler {
             try await withThrowingDiscardingTaskGroup { group in
-                // Each accept loop runs on its listener's event loop, where the connections
-                // arrive: taking one does not wake a thread of Swift's pool.
-                for (listener, server) in servers {
-                    group.addTask(executorPreference: EventLoopExecutor(server.channel.eventLoop)) {
-                        try await self.accept(on: server, listener: listener)
+                // Each accept loop runs on its acceptor's event loop, where its connections
+                // arrive and stay: taking one does not wake another thread.
+                for (listener, acceptors) in servers {
+                    for server in acceptors {
+                        group.addTask(executorPreference: EventLoopExecutor(server.channel.eventLoop)) {
+                            try await self.accept(on: server, listener: listener)
+                        }
                     }
                 }
                 // Listeners a reload opens join here; the stream ends at shutdown.
-                for await (listener, server) in added {
-                    group.addTask(executorPreference: EventLoopExecutor(server.channel.eventLoop)) {
-                        try await self.accept(on: server, listener: listener)
+                for await (listener, acceptors) in added {
+                    for server in acceptors {
+                        group.addTask(executorPreference: EventLoopExecutor(server.channel.eventLoop)) {
+                            try await self.accept(on: server, listener: listener)
+                        }
                     }
                 }
             }
@@ -130,7 +137,7 @@ public final class SMTPServer: Service, Sendable {
                 active.added?.finish()
                 return Array(active.byName.values)
             }
-            for (_, server) in current { server.channel.close(promise: nil) }
+            for (_, acceptors) in current { for server in acceptors { server.channel.close(promise: nil) } }
             let channels = self.openSessions.withLockedValue { sessions in
                 sessions.shuttingDown = true
                 return Array(sessions.channels.values)
@@ -151,11 +158,11 @@ public final class SMTPServer: Service, Sendable {
         func same(_ a: ListenerConfig, _ b: ListenerConfig) -> Bool { a.kind == b.kind && a.address == b.address }
         let wanted = Dictionary(listeners.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
         // Gone or changed: stop accepting (sessions under way finish).
-        for (name, (old, server)) in current where name != ListenerConfig.localName {
+        for (name, (old, acceptors)) in current where name != ListenerConfig.localName {
             if let new = wanted[name], same(old, new) { continue }
             active.withLockedValue { _ = $0.byName.removeValue(forKey: name) }
             boundAddresses.withLockedValue { _ = $0.removeValue(forKey: name) }
-            try? await server.channel.close()
+            for server in acceptors { try? await server.channel.close() }
             environment.logger.info("reload: no longer listening on \(old.address) (name=\(name))")
         }
         for listener in listeners {
@@ -169,23 +176,23 @@ public final class SMTPServer: Service, Sendable {
                 continue
             }
             do {
-                let server = try await bind(listener, socket: nil)
-                let address = server.channel.localAddress
+                let acceptors = try await bind(listener, sockets: nil)
+                let address = acceptors.first?.channel.localAddress
                 if let address { boundAddresses.withLockedValue { $0[listener.name] = address } }
                 let accepted = active.withLockedValue { active -> Bool in
                     guard !active.stopped, let added = active.added else { return false }
-                    active.byName[listener.name] = (listener, server)
-                    added.yield((listener, server))
+                    active.byName[listener.name] = (listener, acceptors)
+                    added.yield((listener, acceptors))
                     return true
                 }
                 guard accepted else {
-                    try? await server.channel.close()
+                    for server in acceptors { try? await server.channel.close() }
                     continue
                 }
                 environment.logger.info(
                     "listening on \(address.map(Self.describe) ?? "\(listener.address)") (\(listener.kind.rawValue), name=\(listener.name))")
             } catch {
-                let failure = ListenError(address: "\(listener.address)", name: listener.name, cause: error)
+                let failure = error as? ListenError ?? ListenError(address: "\(listener.address)", name: listener.name, cause: error)
                 var text = "\(failure)"
                 if listener.address.port < 1024, geteuid() != 0 { text += " (a port below 1024 takes a restart once root is dropped)" }
                 problems.append(text)
@@ -195,9 +202,37 @@ public final class SMTPServer: Service, Sendable {
         return problems
     }
 
-    private func bind(
-        _ listener: ListenerConfig, socket: CInt?, unix: Bool = false
-    ) async throws -> NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never> {
+    /// The acceptors of `listener`, one per listening socket (`sockets`, bound earlier, or
+    /// one per event loop bound now), each on its own event loop, and each connection stays
+    /// on the loop that accepted it. With a single acceptor, NIO hands each new connection
+    /// between the acceptor's loop and the child's loop four times before the session starts
+    /// (initialiser, registration, and back each time), every hop a wake-up of the other
+    /// thread; a loop that accepts for itself makes none.
+    private func bind(_ listener: ListenerConfig, sockets: [CInt]?, unix: Bool = false) async throws -> [ServerChannel] {
+        let initializer = childInitializer(listener)
+        let loops = Array(group.makeIterator())
+        let handles = try sockets ?? Self.listeningSockets(listener, count: loops.count)
+        var acceptors: [ServerChannel] = []
+        for (index, handle) in handles.enumerated() {
+            do {
+                let loop = loops[index % loops.count]
+                var bootstrap = ServerBootstrap(group: loop, childGroup: loop).serverChannelOption(.backlog, value: 512)
+                // TCP_NODELAY is a TCP-level option: at the socket level its number is
+                // SO_DEBUG, which needs CAP_NET_ADMIN and leaves Nagle's algorithm on.
+                if !unix { bootstrap = bootstrap.childChannelOption(.tcpOption(.tcp_nodelay), value: 1) }
+                acceptors.append(try await bootstrap.bind(handle, childChannelInitializer: initializer))
+            } catch {
+                // The acceptors made so far own their sockets and close them with their
+                // channels; the sockets not yet handed to a channel are still ours.
+                for acceptor in acceptors { try? await acceptor.channel.close() }
+                for rest in handles.dropFirst(index + 1) { close(rest) }
+                throw error
+            }
+        }
+        return acceptors
+    }
+
+    private func childInitializer(_ listener: ListenerConfig) -> @Sendable (any Channel) -> EventLoopFuture<ChannelInbox<SMTPFrame>> {
         let implicitTLS = listener.kind == .smtps ? environment.tlsContext : nil
         let limiter = self.limiter
         let timeouts = FramingTimeouts(
@@ -205,7 +240,7 @@ public final class SMTPServer: Service, Sendable {
             stressCommand: TimeAmount(config.limits.stressCommandTimeout.duration),
             stressData: TimeAmount(config.limits.stressDataTimeout.duration),
             underStress: { limiter.underPressure })
-        let initializer: @Sendable (any Channel) -> EventLoopFuture<ChannelInbox<SMTPFrame>> = { channel in
+        return { channel in
             channel.eventLoop.makeCompletedFuture {
                 let sync = channel.pipeline.syncOperations
                 if let implicitTLS { try sync.addHandler(NIOSSLServerHandler(context: implicitTLS)) }
@@ -219,38 +254,55 @@ public final class SMTPServer: Service, Sendable {
                 return inbox
             }
         }
-        if unix, let socket {
-            return try await ServerBootstrap(group: group).bind(socket, childChannelInitializer: initializer)
-        }
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .serverChannelOption(.backlog, value: 512)
-            // TCP_NODELAY is a TCP-level option: at the socket level its number is SO_DEBUG,
-            // which needs CAP_NET_ADMIN and leaves Nagle's algorithm on.
-            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
-        if let socket { return try await bootstrap.bind(socket, childChannelInitializer: initializer) }
-        return try await bootstrap.bind(host: listener.address.host, port: listener.address.port, childChannelInitializer: initializer)
     }
 
-    /// A listening socket for `listener`, bound now with plain system calls: for the part of
-    /// `tern serve` that runs as root before the async runtime starts.
-    public static func listeningSocket(_ listener: ListenerConfig) throws -> CInt {
+    /// Listening sockets for `listener`, one per acceptor (`count`, one per event loop),
+    /// bound now with plain system calls: also for the part of `tern serve` that runs as root
+    /// before the async runtime starts. They form one `SO_REUSEPORT` group, so the kernel
+    /// spreads new connections over them. The first is bound before it joins the group: a
+    /// port that anything else holds, another Tern included, fails with "address already in
+    /// use" as a plain socket would, and nothing bound later without that option can join.
+    public static func listeningSockets(_ listener: ListenerConfig, count: Int = System.coreCount) throws -> [CInt] {
         let address = try SocketAddress.makeAddressResolvingHost(listener.address.host, port: listener.address.port)
-        let fd = Glibc.socket(Int32(address.protocol.rawValue), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
-        var one: CInt = 1
-        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<CInt>.size))
-        let bound = address.withSockAddr { Glibc.bind(fd, $0, socklen_t($1)) }
-        guard bound == 0, listen(fd, 512) == 0 else {
+        func fail(_ fd: CInt, _ call: String) -> ListenError {
             let code = errno
             close(fd)
-            throw ListenError(address: "\(listener.address)", name: listener.name, cause: IOError(errnoCode: code, reason: "bind"))
+            return ListenError(address: "\(listener.address)", name: listener.name, cause: IOError(errnoCode: code, reason: call))
         }
-        return fd
+        var one: CInt = 1
+        let size = socklen_t(MemoryLayout<CInt>.size)
+        func open(joinFirst: Bool, bind: (CInt) -> CInt) throws -> CInt {
+            let fd = Glibc.socket(Int32(address.protocol.rawValue), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+            _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, size)
+            if joinFirst { _ = setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, size) }
+            guard bind(fd) == 0 else { throw fail(fd, "bind") }
+            if !joinFirst { _ = setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, size) }
+            guard listen(fd, 512) == 0 else { throw fail(fd, "listen") }
+            return fd
+        }
+        let first = try open(joinFirst: false) { fd in address.withSockAddr { Glibc.bind(fd, $0, socklen_t($1)) } }
+        var sockets = [first]
+        // The others bind to the address the first got (the kernel's port for port 0). One
+        // that cannot is left out: fewer acceptors, the same service.
+        var bound = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let named = withUnsafeMutablePointer(to: &bound) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(first, $0, &length) }
+        }
+        guard named == 0 else { return sockets }
+        while sockets.count < count {
+            let member = try? open(joinFirst: true) { fd in
+                withUnsafePointer(to: &bound) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, length) } }
+            }
+            guard let member else { break }
+            sockets.append(member)
+        }
+        return sockets
     }
 
     private func accept(
-        on server: NIOAsyncChannel<ChannelInbox<SMTPFrame>, Never>, listener: ListenerConfig
+        on server: ServerChannel, listener: ListenerConfig
     ) async throws {
         try await withThrowingDiscardingTaskGroup { group in
             try await server.executeThenClose { connections in

@@ -25,7 +25,7 @@ enum Prestart {
         var config: TernConfig
         var resources: LoadedResources
         var filters: FilterChain
-        var sockets: [String: CInt]
+        var sockets: [String: [CInt]]
         var localSocket: CInt
         var privileges: PrivilegeDrop
     }
@@ -60,10 +60,10 @@ enum Prestart {
                 printError("tern: \(path): filters: \(error)")
                 exit(78)
             }
-            var sockets: [String: CInt] = [:]
+            var sockets: [String: [CInt]] = [:]
             for listener in config.listeners {
                 do {
-                    sockets[listener.name] = try SMTPServer.listeningSocket(listener)
+                    sockets[listener.name] = try SMTPServer.listeningSockets(listener)
                 } catch {
                     printError("tern: \(error)")
                     exit(71)

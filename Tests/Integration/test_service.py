@@ -112,6 +112,24 @@ def test_a_port_in_use_is_named(tmp_path):
         s.close()
 
 
+def test_a_second_tern_on_a_port_tern_holds_is_refused(make_tern, tmp_path):
+    """Tern listens with one socket per event loop in a SO_REUSEPORT group; a second
+    instance (same user, its own spool) must not join that group and share the port."""
+    tern = make_tern()
+    port = tern.port("mx")
+    other = tmp_path / "other"
+    other.mkdir()
+    path = other / "tern.yaml"
+    path.write_text(f'spool: spool\nlisteners:\n  - {{ name: mx, kind: smtp, address: "127.0.0.1:{port}" }}\n'
+                    'delivery: { paused: true }\n')
+    out = subprocess.run([BINARY, "serve", "--config", str(path)], capture_output=True, text=True, cwd=other, timeout=20)
+    assert out.returncode == 71
+    assert f"cannot listen on 127.0.0.1:{port} (listeners: mx): address already in use" in out.stderr, out.stderr
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+        s.sendmail("a@client.test", ["u@example.org"], b"Subject: x\r\n\r\nbody\r\n")
+    assert len(tern.queue()) == 1
+
+
 def test_config_path_from_the_environment_and_version(tmp_path):
     path = tmp_path / "elsewhere.yaml"
     path.write_text('listeners:\n  - { name: mx, kind: smtp, address: "127.0.0.1:2525" }\n')
@@ -257,3 +275,41 @@ def test_the_disk_and_dns_threads_yield_their_wakeups_to_the_event_loops(make_te
     assert len(batch) == 24, threads
     loops = [(name, policy) for name, policy in threads if name.startswith("NIO-")]
     assert loops and all(policy == 0 for _, policy in loops), threads
+
+
+def event_loop_writes(pid):
+    """Write system calls made so far by the event loops' threads (`syscw` of /proc/PID/task/*/io)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if not (task / "comm").read_text().startswith("NIO-"):
+                continue
+            io = dict(line.split(": ") for line in (task / "io").read_text().splitlines())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(io["syscw"])
+    return total
+
+
+def test_a_new_connection_is_served_by_the_loop_that_accepted_it(make_tern):
+    """Each event loop accepts for itself, so a connection is greeted without a hand-over
+    between loops: a banner and a QUIT cost the loops their two replies and the two log
+    lines (connect, disconnect), and no wake-up of another loop (each an eventfd write)."""
+    tern = make_tern()
+    port = tern.port("mx")
+
+    def greet_and_quit():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            s.sendall(b"QUIT\r\n")
+            assert f.readline().startswith(b"221 ")
+            assert f.readline() == b""  # closed by the server: its work for this one is done
+
+    greet_and_quit()
+    before = event_loop_writes(tern.proc.pid)
+    count = 40
+    for _ in range(count):
+        greet_and_quit()
+    per_connection = (event_loop_writes(tern.proc.pid) - before) / count
+    assert per_connection <= 4.5, per_connection
