@@ -53,5 +53,18 @@ tern_binary() {
     echo "$PWD/.build/release/tern"
 }
 
-# Messages in a Tern spool's queue/: its slots that hold anything (an empty slot is free).
-tern_queued() { find "$1" -type f -size +0c | wc -l; }
+# Messages in a Tern spool's queue/: its slots that end in a trailer (a free slot is empty
+# or zeros).
+tern_queued() {
+    python3 - "$1" <<'PY'
+import os, sys
+d = sys.argv[1]
+count = 0
+for name in os.listdir(d) if os.path.isdir(d) else []:
+    with open(os.path.join(d, name), "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - 81))
+        count += f.read().startswith(b"TERN-SPOOL-")
+print(count)
+PY
+}

@@ -18,12 +18,13 @@ import TernCore
 /// in `README.md` beside this file.
 ///
 /// `queue/` holds slots: files whose names never change once made. A message is written
-/// into a free slot, its fixed-length trailer (naming its queue id) last, and the slot is
-/// `fdatasync`'d; only then does the client hear 250. No name is created or renamed for a
-/// message, so no directory sync waits in front of the 250: only a slot made new (when none
-/// is free) costs one, grouped with others. A finished message's slot is truncated to
-/// nothing and taken again. A slot without a valid trailer holds no message; recovery
-/// empties it.
+/// into a free slot, its fixed-length trailer (naming its queue id, with a checksum of what
+/// comes before it) last, and the slot is `fdatasync`'d; only then does the client hear 250.
+/// No name is created or renamed for a message, so no directory sync waits in front of the
+/// 250: only a slot made new (when none is free) costs one, grouped with others. A finished
+/// message's slot is overwritten with zeros (a large one is truncated) and taken again, at
+/// the same size, so the next commit into it writes data blocks only. A slot without a
+/// valid trailer holds no message; recovery frees it.
 public final class Spool: Sendable {
     public let root: String
     let queue: String
@@ -46,10 +47,52 @@ public final class Spool: Sendable {
     /// Slots by number (`s000000042` is 42). Which slot holds which message is the
     /// scheduler's to know (4 bytes in its entry for the message), not a second index here.
     struct Slots {
-        /// Empty slots, ready for a new message.
-        var free: [UInt32] = []
+        /// Free slots by size: [0] empty, [1] up to 4 KB, [2] up to 8 KB, … [5] up to 64 KB.
+        var free: [[FreeSlot]] = Array(repeating: [], count: 6)
+        var freeCount = 0
         /// The number of the next slot to make.
         var next: UInt32 = 0
+
+        static func bucket(_ size: Int) -> Int {
+            var bucket = 0
+            var limit = 0
+            while size > limit, bucket < 5 {
+                bucket += 1
+                limit = limit == 0 ? 4096 : limit * 2
+            }
+            return bucket
+        }
+
+        mutating func put(_ slot: FreeSlot) {
+            free[Self.bucket(slot.size)].append(slot)
+            freeCount += 1
+        }
+
+        /// A free slot for a message of `needed` bytes (nil: one that streams in, so at least
+        /// `Spool.writeChunk`): one of its size when there is one, so the commit rewrites the
+        /// slot in place; else a smaller one (it grows), an empty one, a larger one.
+        mutating func take(needed: Int?) -> FreeSlot? {
+            let order: [Int]
+            if let needed, needed <= SpoolFiles.inPlaceLimit {
+                let fit = Self.bucket(needed)
+                order = Array((1...fit).reversed()) + [0] + Array((fit + 1)..<6)
+            } else {
+                order = [0, 5, 4, 3, 2, 1]
+            }
+            for bucket in order {
+                if let slot = free[bucket].popLast() {
+                    freeCount -= 1
+                    return slot
+                }
+            }
+            return nil
+        }
+    }
+
+    struct FreeSlot {
+        var number: UInt32
+        /// Its size on disk: a slot rewritten in place keeps it.
+        var size: Int
     }
 
     /// Data is written to disk in pieces of this size while a message streams in.
@@ -133,7 +176,7 @@ public final class Spool: Sendable {
         for name in names {
             let path = queue + "/" + name
             let number = Self.slotNumber(name)
-            switch Self.isSlot(name) ? SpoolFiles.check(path) : .corrupt {
+            switch Self.isSlot(name) ? SpoolFiles.check(path) : .corrupt(checksum: false) {
             case .complete(let id):
                 report.queued += 1
                 held.insert(id.rawValue)
@@ -145,17 +188,28 @@ public final class Spool: Sendable {
                     guard rename(path, target) == 0 else { throw SpoolError("rename", path, errno: errno) }
                     renamed = true
                 }
-            case .empty:
-                if let number { release(number) } else { unlink(path) }
+            case .free(let size):
+                let kept = number.map { number in
+                    slots.withLockedValue { slots in
+                        guard slots.freeCount < Self.freeLimit else { return false }
+                        slots.put(FreeSlot(number: number, size: size))
+                        return true
+                    }
+                }
+                if kept != true { unlink(path) }
             case .incomplete:
                 // No trailer: the commit never finished, so the client never heard 250.
                 if let number { release(number) } else { unlink(path) }
                 report.removedIncomplete += 1
                 logger.notice("\(name): removed half-written message")
-            case .corrupt:
+            case .corrupt(let checksum):
                 rename(path, root + "/corrupt/" + name)
                 report.corrupt += 1
-                logger.error("\(name): not a valid spool file, moved to corrupt/")
+                if checksum {
+                    logger.error("\(name): its content does not match its checksum (a commit cut short by a power loss, or damage), moved to corrupt/")
+                } else {
+                    logger.error("\(name): not a valid spool file, moved to corrupt/")
+                }
             }
         }
         // Notes of messages that are gone, and replacements a crash interrupted.
@@ -172,33 +226,43 @@ public final class Spool: Sendable {
         return report
     }
 
-    /// A slot for a new message: a free one when there is one, else a new one (`made`: its
-    /// name must be made durable by a directory sync before a message in it is).
-    func openSlot() throws -> SpoolWriter.OpenSlot {
-        while let number = slots.withLockedValue({ $0.free.popLast() }) {
-            let fd = Glibc.open(path(of: number), O_WRONLY | O_CLOEXEC)
-            if fd >= 0 { return SpoolWriter.OpenSlot(fd: fd, number: number, made: false) }
+    /// A slot for a new message of `needed` bytes (nil: one that streams in): a free one
+    /// when there is one, else a new one (`made`: its name must be made durable by a
+    /// directory sync before a message in it is).
+    func openSlot(needed: Int?) throws -> SpoolWriter.OpenSlot {
+        while let free = slots.withLockedValue({ $0.take(needed: needed) }) {
+            let fd = Glibc.open(path(of: free.number), O_WRONLY | O_CLOEXEC)
+            if fd >= 0 { return SpoolWriter.OpenSlot(fd: fd, number: free.number, size: free.size, made: false) }
             // Gone from under us (an operator's hand): the next one.
         }
         while true {
             let number = newSlotNumber()
             do {
-                return SpoolWriter.OpenSlot(fd: try SpoolFiles.create(path(of: number)), number: number, made: true)
+                return SpoolWriter.OpenSlot(fd: try SpoolFiles.create(path(of: number)), number: number, size: 0, made: true)
             } catch let error as SpoolError where error.errno == EEXIST {
                 continue
             }
         }
     }
 
-    /// Empties a slot and keeps it for the next message (or deletes it when enough are
-    /// kept). Delivered, bounced and deleted mail gives its blocks back at once and leaves
-    /// nothing readable behind. Not synced: if a crash undoes the truncation, the message
-    /// is there again and is delivered again (a duplicate, never a loss).
+    /// Frees a slot and keeps it for the next message (or deletes it when enough are kept).
+    /// A slot of up to 64 KB is overwritten with zeros and keeps its size and its blocks, so
+    /// the next commit into it writes data only: no block is allocated, no inode changes,
+    /// nothing is discarded. A larger one (or one of the format before checksums) is
+    /// truncated. Either way delivered, bounced and deleted mail leaves nothing readable
+    /// behind. Not synced: if a crash undoes it, the message is there again and is delivered
+    /// again (a duplicate, never a loss).
     func release(_ number: UInt32) {
         let path = self.path(of: number)
-        let keep = slots.withLockedValue { $0.free.count < Self.freeLimit }
-        if keep, truncate(path, 0) == 0 {
-            slots.withLockedValue { $0.free.append(number) }
+        let keep = slots.withLockedValue { $0.freeCount < Self.freeLimit }
+        let fd = keep ? Glibc.open(path, O_RDWR | O_CLOEXEC) : -1
+        guard fd >= 0 else {
+            unlink(path)
+            return
+        }
+        defer { close(fd) }
+        if let size = SpoolFiles.free(fd, path: path) {
+            slots.withLockedValue { $0.put(FreeSlot(number: number, size: size)) }
         } else {
             unlink(path)
         }
@@ -231,12 +295,13 @@ public final class Spool: Sendable {
     public func list() throws -> [QueuedMessage] { try Self.list(root: root) }
 
     /// Reads the queue without opening the spool for writing (for `tern queue list`). Files
-    /// without a valid trailer (still arriving) are skipped.
+    /// without a valid trailer (still arriving, or free) are skipped, and so is one whose
+    /// checksum does not match (a torn commit that no recovery has moved aside yet).
     public static func list(root: String) throws -> [QueuedMessage] {
         // A spool that was never opened holds no mail.
         if access(root + "/queue", F_OK) != 0, errno == ENOENT { return [] }
         return try SpoolFiles.list(root + "/queue").compactMap { name -> QueuedMessage? in
-            guard isSlot(name), let record = try? SpoolFiles.readRecord(root + "/queue/" + name) else { return nil }
+            guard isSlot(name), let record = try? SpoolFiles.readRecord(root + "/queue/" + name, verify: true) else { return nil }
             return QueuedMessage(id: record.id, size: record.contentSize, envelope: record.envelope)
         }.sorted { $0.id < $1.id }
     }
@@ -280,10 +345,14 @@ public final class SpoolWriter: @unchecked Sendable {
     public private(set) var slot: UInt32 = 0
     /// This writer holds a share of the spool's hold budget.
     private var holding = false
+    /// Fed every byte that has gone to the disk.
+    private var checksum = ContentChecksum()
 
     struct OpenSlot {
         var fd: CInt
         var number: UInt32
+        /// Its size before this message.
+        var size: Int
         /// Made for this message: its name is not durable until the directory is synced.
         var made: Bool
     }
@@ -340,11 +409,12 @@ public final class SpoolWriter: @unchecked Sendable {
     private func write(_ data: [UInt8]) async throws {
         // The message is on its way to the disk: the rest of it goes in chunks.
         stopHolding()
+        checksum.update(data)
         let current = file
         let spool = self.spool
         file = nil
         file = try await spool.pool.runIfActive { () throws -> OpenSlot in
-            let slot = try current ?? spool.openSlot()
+            let slot = try current ?? spool.openSlot(needed: nil)
             do {
                 try SpoolFiles.writeAll(slot.fd, data, path: spool.path(of: slot.number))
             } catch {
@@ -357,26 +427,34 @@ public final class SpoolWriter: @unchecked Sendable {
         }
     }
 
-    /// Writes the envelope and the trailer and syncs the slot (and `queue/`, only when the
-    /// slot was made for this message). When this returns the message survives a crash.
+    /// Writes the envelope, the states and the trailer and syncs the slot (and `queue/`, only
+    /// when the slot was made for this message). When this returns the message survives a
+    /// crash.
     public func commit(_ envelope: Envelope) async throws {
         defer { stopHolding() }
         let contentSize = size
-        let record = SpoolFiles.envelopeRecord(envelope, contentSize: contentSize, id: id)
-        pending.append(contentsOf: record)
+        var sum = checksum
+        sum.update(pending)
+        let (records, trailer) = SpoolFiles.records(envelope, contentSize: contentSize, id: id, checksum: sum)
+        pending.append(contentsOf: records)
         let data = pending
         pending = []
+        let needed = contentSize + records.count + trailer.count
         let current = file
         file = nil
         let spool = self.spool
         let id = self.id
         slot = try await spool.pool.runIfActive {
-            let slot = try current ?? spool.openSlot()
+            let slot = try current ?? spool.openSlot(needed: needed)
             let path = spool.path(of: slot.number)
+            let end = SpoolFiles.slotEnd(needed: needed, previous: slot.size)
             do {
                 defer { close(slot.fd) }
                 try SpoolFiles.writeAll(slot.fd, data, path: path)
-                // The slot's size changes, so this writes its inode too, but not its name.
+                // The trailer ends the slot; what lies between is zeros from the release.
+                try SpoolFiles.pwriteAll(slot.fd, trailer, at: end - trailer.count, path: path)
+                // Into a free slot of its size, this writes data blocks only; a slot that
+                // grows gets new blocks and a new size in its inode, but never a new name.
                 guard fdatasync(slot.fd) == 0 else { throw SpoolError("fsync", path, errno: errno) }
                 if slot.made { try spool.queueSync.sync() }
             } catch {

@@ -66,19 +66,20 @@ extension Spool {
     var metaDirectory: String { root + "/meta" }
 
     /// Every complete message with its recipient states and delivery notes, oldest first.
-    /// Works on a spool that no daemon has open.
+    /// Works on a spool that no daemon has open (and that no recovery may have checked, so
+    /// each message's checksum is checked).
     public static func load(root: String) throws -> [SpooledMessage] {
         var out: [SpooledMessage] = []
-        try forEach(root: root) { out.append($0) }
+        try forEach(root: root, verify: true) { out.append($0) }
         return out.sorted { $0.id < $1.id }
     }
 
     /// Each complete message in turn, in directory order, without holding them all.
-    static func forEach(root: String, _ body: (SpooledMessage) -> Void) throws {
+    static func forEach(root: String, verify: Bool, _ body: (SpooledMessage) -> Void) throws {
         if access(root + "/queue", F_OK) != 0, errno == ENOENT { return }
         let decoder = JSONDecoder()
         for name in try SpoolFiles.list(root + "/queue") where isSlot(name) {
-            guard let record = try? SpoolFiles.readRecord(root + "/queue/" + name, decoder: decoder) else { continue }
+            guard let record = try? SpoolFiles.readRecord(root + "/queue/" + name, verify: verify, decoder: decoder) else { continue }
             let meta = SpoolFiles.readMeta(root + "/meta/" + record.id.rawValue) ?? DeliveryMeta()
             body(
                 SpooledMessage(
@@ -94,7 +95,8 @@ extension Spool {
         let root = self.root
         return try await pool.runIfActive {
             var out: [T] = []
-            try Self.forEach(root: root) { out.append(transform($0)) }
+            // Recovery has checked every checksum already.
+            try Self.forEach(root: root, verify: false) { out.append(transform($0)) }
             return out
         }
     }

@@ -14,6 +14,11 @@ public struct SpoolError: Error, CustomStringConvertible, Sendable {
     static let noTrailer = "no valid trailer in"
     var isMissingTrailer: Bool { operation == Self.noTrailer }
 
+    /// A trailer whose checksum does not match the content and envelope before it: a commit
+    /// torn by a power loss (the trailer reached the disk, some older blocks stayed), or damage.
+    static let badChecksum = "content does not match the checksum in"
+    var isBadChecksum: Bool { operation == Self.badChecksum }
+
     /// The file system is full (or the user's quota is).
     public var isOutOfSpace: Bool { errno == ENOSPC || errno == EDQUOT }
 

@@ -86,24 +86,29 @@ class Tern:
         return json.loads(self.run("queue", "list", "--json").stdout)
 
     def spool_files(self, state="queue"):
-        """The files in a spool directory that hold anything: in queue/, an empty file is a
-        free slot, not a message."""
+        """The files in a spool directory that hold anything: in queue/, a free slot is
+        empty or all zeros, not a message."""
         d = self.dir / "var/spool" / state
-        return sorted(f for f in d.iterdir() if f.stat().st_size > 0) if d.exists() else []
+        return sorted(f for f in d.iterdir() if holds_anything(f)) if d.exists() else []
 
     def message_path(self, queue_id):
         """The slot in queue/ whose trailer names the queue id."""
         for f in (self.dir / "var/spool/queue").iterdir():
-            data = f.read_bytes()[-64:]
-            if data.startswith(b"TERN-SPOOL-2 ") and data.split()[1].decode() == queue_id:
+            data = f.read_bytes()[-81:]
+            if data.startswith(b"TERN-SPOOL-3 ") and data.split()[1].decode() == queue_id:
                 return f
         raise KeyError(queue_id)
 
     def message_bytes(self, queue_id):
         """The message content of a queued message (without the envelope records)."""
         data = self.message_path(queue_id).read_bytes()
-        trailer = data[-64:].decode()
+        trailer = data[-81:].decode()
         return data[: int(trailer.split()[2], 16)]
+
+
+def holds_anything(path):
+    """A spool slot with any byte but zero in it: a free slot is empty or zeros."""
+    return any(path.read_bytes())
 
 
 @pytest.fixture(scope="session")

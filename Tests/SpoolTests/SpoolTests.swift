@@ -153,24 +153,58 @@ final class SpoolTests: XCTestCase {
 
     func testEnvelopeRecordTrailerIsFixedLength() throws {
         let id = QueueID("1K0W8MTXPC400000")!
-        let record = SpoolFiles.envelopeRecord(envelope(), contentSize: 1234, id: id)
-        let trailer = String(decoding: record.suffix(SpoolFiles.trailerLength), as: UTF8.self)
-        XCTAssertTrue(trailer.hasPrefix("TERN-SPOOL-2 1K0W8MTXPC400000 00000000000004d2 "), trailer)
+        let file = SpoolFiles.file(content: [UInt8](repeating: 0x78, count: 1234), envelope: envelope(), id: id)
+        let trailer = String(decoding: file.suffix(SpoolFiles.trailerLength), as: UTF8.self)
+        XCTAssertTrue(trailer.hasPrefix("TERN-SPOOL-3 1K0W8MTXPC400000 00000000000004d2 "), trailer)
         XCTAssertTrue(trailer.hasSuffix("\n"))
-        XCTAssertEqual(trailer.utf8.count, 64)
+        XCTAssertEqual(trailer.utf8.count, 81)
+        XCTAssertEqual(trailer.split(separator: " ").map(\.utf8.count), [12, 16, 16, 16, 17])
     }
 
+    /// A checksum fed in pieces is the one fed at once, and any one changed bit changes it.
+    func testTheChecksumIsTheSameInAnyPiecesAndSeesEveryBit() {
+        let bytes = (0..<300).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+        var whole = ContentChecksum()
+        whole.update(bytes)
+        for a in 0...bytes.count {
+            for b in stride(from: a, through: bytes.count, by: 7) {
+                var pieces = ContentChecksum()
+                pieces.update(bytes[..<a])
+                pieces.update(bytes[a..<b])
+                pieces.update(bytes[b...])
+                XCTAssertEqual(pieces.value, whole.value, "split at \(a) and \(b)")
+            }
+        }
+        var seen = Set([whole.value])
+        for bit in 0..<(bytes.count * 8) {
+            var changed = bytes
+            changed[bit / 8] ^= 1 << (bit % 8)
+            var sum = ContentChecksum()
+            sum.update(changed)
+            seen.insert(sum.value)
+        }
+        XCTAssertEqual(seen.count, bytes.count * 8 + 1)
+        var shorter = ContentChecksum(), zeroed = ContentChecksum()
+        shorter.update(bytes.dropLast())
+        zeroed.update(Array(bytes.dropLast()) + [0])
+        XCTAssertNotEqual(shorter.value, whole.value)
+        XCTAssertNotEqual(shorter.value, zeroed.value, "a trailing zero byte counts")
+    }
+
+    /// Slots that hold any byte other than zero: a free slot is empty or all zeros.
     private func filesWithContent() throws -> [String] {
         try SpoolFiles.list(root + "/queue").filter { name in
-            var st = stat()
-            return stat(root + "/queue/" + name, &st) == 0 && st.st_size > 0
+            (FileManagerLite.readBytes(root + "/queue/" + name) ?? []).contains { $0 != 0 }
         }
     }
 
-    private func slotSize(_ name: String) -> Int {
+    private func slotStat(_ name: String) -> stat {
         var st = stat()
-        return stat(root + "/queue/" + name, &st) == 0 ? Int(st.st_size) : -1
+        XCTAssertEqual(stat(root + "/queue/" + name, &st), 0)
+        return st
     }
+
+    private func slotSize(_ name: String) -> Int { Int(slotStat(name).st_size) }
 
     func testSlotsAreReusedWithoutADirectorySync() async throws {
         let (spool, _) = try await open()
@@ -204,6 +238,108 @@ final class SpoolTests: XCTestCase {
         try await b.commit(envelope())
         XCTAssertEqual(try SpoolFiles.list(root + "/queue").sorted(), ["s000000000", "s000000001", "s000000002"])
         XCTAssertEqual(spool.queueSync.count, 3)
+    }
+
+    /// A finished small message leaves its slot at its size, all zeros; the next message of
+    /// that size is written over it in place: same size, same blocks, so its commit allocates
+    /// nothing and changes no inode field but the times.
+    func testASmallSlotIsRewrittenInPlace() async throws {
+        let (spool, _) = try await open()
+        let first = spool.begin()
+        try await first.append(Array("Subject: one\r\n\r\nfirst\r\n".utf8))
+        try await first.commit(envelope())
+        XCTAssertEqual(slotSize("s000000000"), 4096, "a small message fills one page")
+        let blocks = slotStat("s000000000").st_blocks
+        let inode = slotStat("s000000000").st_ino
+        try await spool.removeNow(first.id, slot: first.slot)
+        XCTAssertEqual(slotSize("s000000000"), 4096, "the slot keeps its size")
+        XCTAssertEqual(try filesWithContent(), [], "and holds nothing but zeros")
+        XCTAssertEqual(try spool.list().count, 0)
+
+        let second = spool.begin()
+        let text = "Subject: two\r\n\r\n" + String(repeating: "second ", count: 200) + "\r\n"
+        try await second.append(Array(text.utf8))
+        try await second.commit(envelope(["a@example.org", "b@example.org"]))
+        XCTAssertEqual(second.slot, first.slot)
+        XCTAssertEqual(slotStat("s000000000").st_ino, inode)
+        XCTAssertEqual(slotSize("s000000000"), 4096)
+        XCTAssertEqual(slotStat("s000000000").st_blocks, blocks, "no block allocated")
+        XCTAssertEqual(spool.queueSync.count, 1, "only the slot's making synced queue/")
+        let listed = try spool.list()
+        XCTAssertEqual(listed.map(\.id), [second.id])
+        XCTAssertEqual(listed[0].size, text.utf8.count)
+        _ = spool.recent.withLockedValue { $0.take(second.id) }
+        var content: [UInt8] = []
+        try await spool.readContent(second.id, slot: second.slot, size: text.utf8.count) { content += $0 }
+        XCTAssertEqual(String(decoding: content, as: UTF8.self), text, "read back from the disk")
+        try await spool.mark(second.id, slot: second.slot, [1: .delivered])
+        let states = try await spool.load { $0.states }
+        XCTAssertEqual(states, [[.pending, .delivered]])
+
+        // A larger message takes a larger slot, which grows to a power of two of pages.
+        try await spool.removeNow(second.id, slot: second.slot)
+        let third = spool.begin()
+        try await third.append([UInt8](repeating: UInt8(ascii: "t"), count: 10_000))
+        try await third.commit(envelope())
+        XCTAssertEqual(third.slot, first.slot, "the one free slot, grown")
+        XCTAssertEqual(slotSize("s000000000"), 16384)
+        XCTAssertEqual(try spool.list().map(\.size), [10_000])
+        // A slot past 64 KB is truncated when its message is done.
+        try await spool.removeNow(third.id, slot: third.slot)
+        let big = spool.begin()
+        try await big.append([UInt8](repeating: UInt8(ascii: "b"), count: 100_000))
+        try await big.commit(envelope())
+        XCTAssertGreaterThan(slotSize("s000000000"), SpoolFiles.inPlaceLimit)
+        XCTAssertEqual(try spool.list().map(\.size), [100_000])
+        try await spool.removeNow(big.id, slot: big.slot)
+        XCTAssertEqual(slotSize("s000000000"), 0)
+    }
+
+    /// A power loss in the middle of a commit into a slot that held another message can leave
+    /// any mix of the two on disk: the new trailer over old content, or the old trailer over
+    /// new content. Recovery reads a message only where the content matches its trailer's
+    /// checksum: one message or the other, whole, never one's envelope with the other's body.
+    func testATornCommitInPlaceIsNeverReadAsAMixOfTwoMessages() async throws {
+        var files: [[UInt8]] = []
+        var contents: [QueueID: [UInt8]] = [:]
+        do {
+            let (spool, _) = try await open()
+            for text in ["Subject: old\r\n\r\nthe old message's body\r\n", "Subject: new\r\n\r\nthe new message, other words\r\n"] {
+                let w = spool.begin()
+                try await w.append(Array(text.utf8))
+                try await w.commit(envelope([text.contains("old") ? "old@example.org" : "new@example.org"]))
+                files.append(try XCTUnwrap(FileManagerLite.readBytes(root + "/queue/s000000000")))
+                contents[w.id] = Array(text.utf8)
+                try await spool.removeNow(w.id, slot: w.slot)
+            }
+        }
+        let (old, new) = (files[0], files[1])
+        XCTAssertEqual(old.count, new.count)
+        var outcomes: [String: Int] = [:]
+        for (first, second) in [(old, new), (new, old)] {
+            for cut in stride(from: 0, through: old.count, by: 8) {
+                let mixed = Array(first[..<cut] + second[cut...])
+                try FileManagerLite.writeBytes(root + "/queue/s000000000", mixed)
+                let (spool, report) = try await open()
+                let loaded = try await spool.load { $0 }
+                XCTAssertLessThanOrEqual(loaded.count, 1)
+                if let message = loaded.first {
+                    var read: [UInt8] = []
+                    try await spool.readContent(message.id, slot: message.slotNumber, size: message.contentSize) { read += $0 }
+                    XCTAssertEqual(read, contents[message.id], "cut at \(cut): the content is the trailer's own")
+                    XCTAssertEqual(message.envelope.recipients.map(\.address), [String(decoding: read, as: UTF8.self).contains("old") ? "old@example.org" : "new@example.org"])
+                    outcomes["whole", default: 0] += 1
+                } else {
+                    XCTAssertEqual(report.corrupt, 1, "cut at \(cut): a valid trailer over other content is moved aside")
+                    outcomes["corrupt", default: 0] += 1
+                }
+                for name in try SpoolFiles.list(root + "/corrupt") { unlink(root + "/corrupt/" + name) }
+                _ = try? FileManagerLite.removeTree(root + "/queue")
+                try SpoolFiles.makeDirectory(root + "/queue")
+            }
+        }
+        XCTAssertGreaterThan(outcomes["corrupt", default: 0], 0)
+        XCTAssertGreaterThan(outcomes["whole", default: 0], 0)
     }
 
     func testSlotNames() {
@@ -249,7 +385,7 @@ final class SpoolTests: XCTestCase {
         for dir in ["", "/queue", "/free"] { XCTAssertEqual(mkdir(root + dir, 0o700), 0) }
         FileManagerLite.write(
             root + "/queue/" + id.rawValue,
-            String(decoding: content + SpoolFiles.envelopeRecord(envelope(), contentSize: content.count, id: id), as: UTF8.self))
+            String(decoding: v2File(content: content, envelope: envelope(), id: id), as: UTF8.self))
         FileManagerLite.write(root + "/free/1K0W8MTXPC400001", "")
         let (spool, report) = try await open()
         XCTAssertEqual(report, .init(queued: 1, removedIncomplete: 0, corrupt: 0))
@@ -263,6 +399,16 @@ final class SpoolTests: XCTestCase {
         XCTAssertEqual(try SpoolFiles.list(root + "/queue"), ["s000000000"], "the message's file became a slot")
         try await spool.removeNow(id, slot: slot)
         XCTAssertEqual(try spool.list().count, 0)
+        XCTAssertEqual(slotSize("s000000000"), 0, "a slot of the format before is truncated, not rewritten in place")
+    }
+
+    /// A file as the format before checksums wrote it: no padding, a 64-byte trailer.
+    private func v2File(content: [UInt8], envelope: Envelope, id: QueueID) -> [UInt8] {
+        var out = content + envelope.jsonBytes + [0x0A]
+        let stateOffset = out.count
+        out += [UInt8](repeating: UInt8(ascii: "-"), count: envelope.recipients.count) + [0x0A]
+        out += Array(("TERN-SPOOL-2 " + id.rawValue + " " + SpoolFiles.hex16(content.count) + " " + SpoolFiles.hex16(stateOffset) + "\n").utf8)
+        return out
     }
 
     /// A crash at any point of a commit leaves a prefix of the file on disk (the slot was
@@ -272,7 +418,8 @@ final class SpoolTests: XCTestCase {
     func testRecoveryAtEveryOffsetOfACommitAndEveryDamagedByte() async throws {
         let content = Array("Subject: every offset\r\n\r\nbody\r\n".utf8)
         let id = QueueID("1K0W8MTXPC400000")!
-        let whole = content + SpoolFiles.envelopeRecord(envelope(["a@example.org", "b@example.org"]), contentSize: content.count, id: id)
+        let whole = SpoolFiles.file(content: content, envelope: envelope(["a@example.org", "b@example.org"]), id: id)
+        let stateOffset = whole.count - SpoolFiles.trailerLength - 3
         func recover(_ bytes: [UInt8]) async throws -> (Spool.RecoveryReport, [QueuedMessage], [String]) {
             _ = try? FileManagerLite.removeTree(root)
             try SpoolFiles.makeDirectory(root + "/queue")
@@ -293,12 +440,16 @@ final class SpoolTests: XCTestCase {
                 XCTAssertEqual(left, [], "the slot is emptied")
             }
         }
-        for offset in content.count..<whole.count {
+        for offset in 0..<whole.count {
             var damaged = whole
             damaged[offset] ^= 0x5A
             let (report, listed, _) = try await recover(damaged)
             XCTAssertEqual(report.queued + report.removedIncomplete + report.corrupt, 1, "offset \(offset)")
             XCTAssertEqual(listed.count, report.queued)
+            if offset < stateOffset || offset >= whole.count - 17 {
+                // The content, the envelope and the checksum itself are covered by the checksum.
+                XCTAssertEqual(report.queued, 0, "damage at \(offset) is never read as a message")
+            }
             if let message = listed.first {
                 // A damaged byte that still parses (a letter of an address, say) is read as written.
                 XCTAssertEqual(message.envelope.recipients.count, 2)
@@ -377,6 +528,21 @@ enum FileManagerLite {
         let f = fopen(path, "w")!
         fputs(text, f)
         fclose(f)
+    }
+
+    static func readBytes(_ path: String) -> [UInt8]? {
+        let fd = open(path, O_RDONLY)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return nil }
+        return try? SpoolFiles.pread(fd, count: Int(st.st_size), at: 0, path: path)
+    }
+
+    static func writeBytes(_ path: String, _ bytes: [UInt8]) throws {
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        defer { close(fd) }
+        try SpoolFiles.writeAll(fd, bytes, path: path)
     }
 
     static func removeTree(_ path: String) throws {
