@@ -72,20 +72,24 @@ public final class Spool: Sendable {
         /// `Spool.writeChunk`): one of its size when there is one, so the commit rewrites the
         /// slot in place; else a smaller one (it grows), an empty one, a larger one.
         mutating func take(needed: Int?) -> FreeSlot? {
-            let order: [Int]
-            if let needed, needed <= SpoolFiles.inPlaceLimit {
-                let fit = Self.bucket(needed)
-                order = Array((1...fit).reversed()) + [0] + Array((fit + 1)..<6)
-            } else {
-                order = [0, 5, 4, 3, 2, 1]
-            }
-            for bucket in order {
+            // Called under the lock for every message: no allocation here.
+            let fit = needed.map { $0 <= SpoolFiles.inPlaceLimit ? Self.bucket($0) : 0 } ?? 0
+            for step in 0..<free.count {
+                // fit, fit-1, …, 1, then 0, then fit+1, …, 5 (a large message: 0, 5, 4, …, 1).
+                let bucket = fit == 0 ? (step == 0 ? 0 : free.count - step) : (step < fit ? fit - step : (step == fit ? 0 : step))
                 if let slot = free[bucket].popLast() {
                     freeCount -= 1
                     return slot
                 }
             }
             return nil
+        }
+
+        /// Keeps a free slot, unless enough are kept already.
+        mutating func keep(_ slot: FreeSlot) -> Bool {
+            guard freeCount < Spool.freeLimit else { return false }
+            put(slot)
+            return true
         }
     }
 
@@ -189,13 +193,7 @@ public final class Spool: Sendable {
                     renamed = true
                 }
             case .free(let size):
-                let kept = number.map { number in
-                    slots.withLockedValue { slots in
-                        guard slots.freeCount < Self.freeLimit else { return false }
-                        slots.put(FreeSlot(number: number, size: size))
-                        return true
-                    }
-                }
+                let kept = number.map { number in slots.withLockedValue { $0.keep(FreeSlot(number: number, size: size)) } }
                 if kept != true { unlink(path) }
             case .incomplete:
                 // No trailer: the commit never finished, so the client never heard 250.

@@ -342,6 +342,26 @@ final class SpoolTests: XCTestCase {
         XCTAssertGreaterThan(outcomes["whole", default: 0], 0)
     }
 
+    /// A message takes a free slot of its own size first, then a smaller one (which grows),
+    /// an empty one, a larger one; a message that streams in takes an empty one first.
+    func testTheOrderInWhichFreeSlotsAreTaken() {
+        var slots = Spool.Slots()
+        for (number, size) in [(0, 0), (1, 4096), (2, 16384), (3, 65536), (4, 8192)] as [(UInt32, Int)] {
+            slots.put(Spool.FreeSlot(number: number, size: size))
+        }
+        XCTAssertEqual(slots.take(needed: 12_000)?.number, 2, "its own size")
+        XCTAssertEqual(slots.take(needed: 12_000)?.number, 4, "then the next smaller")
+        XCTAssertEqual(slots.take(needed: 12_000)?.number, 1)
+        XCTAssertEqual(slots.take(needed: 12_000)?.number, 0, "then an empty one")
+        XCTAssertEqual(slots.take(needed: 12_000)?.number, 3, "then a larger one")
+        XCTAssertNil(slots.take(needed: 12_000))
+        XCTAssertEqual(slots.freeCount, 0)
+        for (number, size) in [(0, 0), (1, 4096), (3, 65536)] as [(UInt32, Int)] {
+            slots.put(Spool.FreeSlot(number: number, size: size))
+        }
+        XCTAssertEqual([nil, nil, nil].map { (_: Int?) in slots.take(needed: nil)?.number }, [0, 3, 1], "streaming: empty, then largest")
+    }
+
     func testSlotNames() {
         XCTAssertEqual(Spool.slotName(42), "s000000042")
         XCTAssertEqual(Spool.slotNumber("s000000042"), 42)
